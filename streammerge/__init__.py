@@ -1,0 +1,1 @@
+"""streammerge: fold PEFT LoRA adapters into safetensors checkpoints, streaming."""
