@@ -118,7 +118,7 @@ class _Sampler(threading.Thread):
 GNU_TIME = "/usr/bin/time"
 
 
-def run_child(cmd: list[str], *, env: dict | None, log_path: Path) -> tuple[int, float, float, float, float]:
+def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | None = None) -> tuple[int, float, float, float, float]:
     """Run cmd; return (rc, wall_s, peak_rss_mb, peak_anon_mb, peak_file_mb) for that command only.
 
     Peak RSS: ``os.wait4`` on a child forked from this (big, torch-importing) Python process is NOT the
@@ -133,7 +133,7 @@ def run_child(cmd: list[str], *, env: dict | None, log_path: Path) -> tuple[int,
     full = [GNU_TIME, "-f", "%M %e %x", "-o", str(rusage_file), *cmd] if use_time else cmd
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         sampler = _Sampler(proc.pid, via_launcher=use_time)
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -215,7 +215,9 @@ def run_tool(tool: str, rnd: int, base: Path, adapter: Path, args: argparse.Name
         read_tree(base)
     cmd, env = tool_cmd(tool, base, adapter, out, args)
     log_path = Path(args.out_root) / f"{tool}-round{rnd}.log"
-    rc, wall, rss, anon, filemb = run_child(cmd, env=env, log_path=log_path)
+    # cwd = out_root: ``python -m`` puts the cwd first on sys.path, so running from a checkout would
+    # shadow --sm-pythonpath with that checkout's streammerge.
+    rc, wall, rss, anon, filemb = run_child(cmd, env=env, log_path=log_path, cwd=args.out_root)
     flush, nbytes = fsync_tree(out)
     log = log_path.read_text(errors="replace")
     extra = {}
