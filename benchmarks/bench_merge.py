@@ -61,6 +61,9 @@ class Run:
     peak_anon_mb: float  # sampled max of RssAnon (0 if the child ran too briefly to sample)
     peak_file_mb: float  # sampled max of RssFile (mmapped / read file pages counted in RSS)
     out_bytes: int
+    cpu_s: float  # user+sys of the command
+    other_cpu_s: float  # CPU used by everything else meanwhile (other jobs, kernel writeback)
+    load1: float  # 1-minute load average just before the command
     log: str
     extra: dict = field(default_factory=dict)
 
@@ -118,8 +121,9 @@ class _Sampler(threading.Thread):
 GNU_TIME = "/usr/bin/time"
 
 
-def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | None = None) -> tuple[int, float, float, float, float]:
-    """Run cmd; return (rc, wall_s, peak_rss_mb, peak_anon_mb, peak_file_mb) for that command only.
+def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | None = None) -> dict:
+    """Run cmd; return rc, wall_s, peak_rss_mb, peak_anon_mb, peak_file_mb, cpu_s (its user+sys) and
+    other_cpu_s (CPU seconds the rest of the machine, kernel writeback included, used meanwhile).
 
     Peak RSS: ``os.wait4`` on a child forked from this (big, torch-importing) Python process is NOT the
     child's own peak: Linux keeps the RSS high-water mark across exec, and with vfork/posix_spawn the
@@ -130,7 +134,8 @@ def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | No
     """
     use_time = os.access(GNU_TIME, os.X_OK)
     rusage_file = log_path.with_suffix(".rusage")
-    full = [GNU_TIME, "-f", "%M %e %x", "-o", str(rusage_file), *cmd] if use_time else cmd
+    full = [GNU_TIME, "-f", "%M %U %S %x", "-o", str(rusage_file), *cmd] if use_time else cmd
+    busy0 = _busy_cpu_s()
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -140,15 +145,30 @@ def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | No
         wall = time.perf_counter() - t0
         sampler.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
+    busy = _busy_cpu_s() - busy0
     rc = proc.returncode
     peak_kb = usage.ru_maxrss  # Linux: KiB
+    cpu = usage.ru_utime + usage.ru_stime
     if use_time:
         try:
             fields = rusage_file.read_text().split()
-            peak_kb = int(fields[-3])
+            peak_kb, cpu = int(fields[-4]), float(fields[-3]) + float(fields[-2])
         except (OSError, ValueError, IndexError):
             peak_kb = max(peak_kb, sampler.hwm_kb)  # time itself failed (e.g. command not found)
-    return rc, wall, peak_kb / 1024, sampler.anon_kb / 1024, sampler.file_kb / 1024
+    return {"rc": rc, "wall_s": wall, "peak_rss_mb": peak_kb / 1024, "peak_anon_mb": sampler.anon_kb / 1024,
+            "peak_file_mb": sampler.file_kb / 1024, "cpu_s": cpu, "other_cpu_s": max(0.0, busy - cpu)}
+
+
+def _busy_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    busy = sum(v[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def fsync_tree(root: Path) -> tuple[float, int]:
@@ -187,6 +207,21 @@ def read_tree(root: Path, bufsize: int = 16 << 20) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
+def wait_quiet(max_wait: float, busy_limit: float = 0.25) -> float:
+    """Wait (up to max_wait s) until the machine is idle: < busy_limit CPU-seconds used over 1 s.
+
+    Other jobs on the 2 shared cores (a test suite, a build) inflate CPU-bound timings; this keeps the
+    runs we time away from them when they are transient. Returns the seconds waited.
+    """
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        b0 = _busy_cpu_s()
+        time.sleep(1.0)
+        if _busy_cpu_s() - b0 < busy_limit:
+            break
+    return time.perf_counter() - t0
+
+
 def remove(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
@@ -213,27 +248,32 @@ def run_tool(tool: str, rnd: int, base: Path, adapter: Path, args: argparse.Name
     remove(out)
     if args.rewarm:
         read_tree(base)
+    waited = wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
     cmd, env = tool_cmd(tool, base, adapter, out, args)
     log_path = Path(args.out_root) / f"{tool}-round{rnd}.log"
     # cwd = out_root: ``python -m`` puts the cwd first on sys.path, so running from a checkout would
     # shadow --sm-pythonpath with that checkout's streammerge.
-    rc, wall, rss, anon, filemb = run_child(cmd, env=env, log_path=log_path, cwd=args.out_root)
+    load1 = os.getloadavg()[0]
+    res = run_child(cmd, env=env, log_path=log_path, cwd=args.out_root)
+    rc, wall, rss, anon, filemb = (res[k] for k in ("rc", "wall_s", "peak_rss_mb", "peak_anon_mb", "peak_file_mb"))
     flush, nbytes = fsync_tree(out)
     log = log_path.read_text(errors="replace")
-    extra = {}
+    extra: dict = {"waited_for_quiet_s": round(waited, 1)}
     if tool == "peft" and rc == 0:
         for line in reversed(log.splitlines()):
             if line.startswith("{"):
-                extra = json.loads(line)
+                extra |= json.loads(line)
                 break
-    run = Run(tool, rnd, rc, wall, flush, rss, anon, filemb, nbytes, log[-4000:], extra)
+    run = Run(tool, rnd, rc, wall, flush, rss, anon, filemb, nbytes, res["cpu_s"], res["other_cpu_s"], load1,
+              log[-4000:], extra)
     if rc == 0 and args.verify and tool != "cp" and rnd == -1:
         run.extra["verify"] = verify_output(base, adapter, out)
     if not args.keep_outputs:
         remove(out)
     tag = "warm-up" if rnd < 0 else f"round {rnd}"
     print(f"[{tag}] {tool:12s} rc={rc} wall={wall:7.2f}s flush={flush:6.2f}s rss={rss:8.0f}MB "
-          f"(anon {anon:.0f}, file {filemb:.0f}) out={nbytes / 1e9:.2f}GB", file=sys.stderr, flush=True)
+          f"(anon {anon:.0f}, file {filemb:.0f}) cpu={res['cpu_s']:.1f}s other_cpu={res['other_cpu_s']:.1f}s "
+          f"load1={load1:.1f} out={nbytes / 1e9:.2f}GB", file=sys.stderr, flush=True)
     if rc != 0:
         print(f"  {tool} failed: {shlex.join(cmd)}\n  log tail:\n{log[-2000:]}", file=sys.stderr)
     return run
@@ -355,6 +395,9 @@ def summarize(runs: list[Run], total_bytes: int, metric: str) -> dict:
             "peak_anon_mb_max": round(max(r.peak_anon_mb for r in ok), 1),
             "peak_file_mb_max": round(max(r.peak_file_mb for r in ok), 1),
             "gb_per_s": round(total_bytes / 1e9 / med, 3),
+            "cpu_s_median": round(statistics.median(r.cpu_s for r in ok), 2),
+            "other_cpu_s_median": round(statistics.median(r.other_cpu_s for r in ok), 2),
+            "other_cpu_s_max": round(max(r.other_cpu_s for r in ok), 2),
             "all": [round(x, 3) for x in t],
         }
         pairs = [getattr(r, metric) / getattr(cp[i], metric) for i, r in rr.items()
@@ -385,14 +428,14 @@ def summarize(runs: list[Run], total_bytes: int, metric: str) -> dict:
 
 def markdown(summary: dict, metric: str, total_bytes: int) -> str:
     head = (f"| tool | reps | {metric} median | min–max | wall_s median | flush_s | GB/s | ratio to cp "
-            f"(median [min–max] of pairs) | peak RSS MB | of which anon / file MB |")
-    lines = [head, "|" + "---|" * 10]
+            f"(median [min–max] of pairs) | peak RSS MB | of which anon / file MB | CPU s | other CPU s (max) |")
+    lines = [head, "|" + "---|" * 12]
     for tool in TOOLS:
         s = summary.get(tool)
         if not s:
             continue
         if not s.get("reps"):
-            lines.append(f"| {tool} | 0 ({s.get('failed')} failed) | | | | | | | | |")
+            lines.append(f"| {tool} | 0 ({s.get('failed')} failed) | | | | | | | | | | |")
             continue
         ratio = (f"{s['ratio_cp_median']:.2f}x [{s['ratio_cp_min']:.2f}–{s['ratio_cp_max']:.2f}]"
                  if "ratio_cp_median" in s else "–")
@@ -400,7 +443,8 @@ def markdown(summary: dict, metric: str, total_bytes: int) -> str:
             f"| {tool} | {s['reps']} | {s[f'{metric}_median']:.2f} | {s[f'{metric}_min']:.2f}–"
             f"{s[f'{metric}_max']:.2f} | {s['wall_s_median']:.2f} | {s['flush_s_median']:.2f} | "
             f"{s['gb_per_s']:.2f} | {ratio} | {s['peak_rss_mb_max']:.0f} | "
-            f"{s['peak_anon_mb_max']:.0f} / {s['peak_file_mb_max']:.0f} |")
+            f"{s['peak_anon_mb_max']:.0f} / {s['peak_file_mb_max']:.0f} | {s['cpu_s_median']:.1f} | "
+            f"{s['other_cpu_s_median']:.1f} ({s['other_cpu_s_max']:.1f}) |")
     sm = summary.get("streammerge", {})
     if "speedup_vs_peft_of_medians" in sm:
         lines.append("")
@@ -428,6 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-peft-warmup", action="store_true", help="skip only PEFT's warm-up (slow on big cases)")
     ap.add_argument("--no-rewarm", dest="rewarm", action="store_false",
                     help="do not re-read the base before each command")
+    ap.add_argument("--quiet-wait", type=float, default=90.0,
+                    help="before each command wait up to this many seconds for an idle CPU (0 = never)")
     ap.add_argument("--sm-args", default="", help='extra streammerge flags, e.g. "--workers 2"')
     ap.add_argument("--sm-pythonpath", default=str(REPO),
                     help="PYTHONPATH for the streammerge child (default: this checkout; e.g. /work/main)")
@@ -438,6 +484,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--results", help="append the JSON line to this file")
     ap.add_argument("--label", default="", help="free text stored in the JSON line")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # let `--sm-args "--workers 2"` through (argparse sees an option)
+        if a == "--sm-args":
+            argv[i : i + 2] = [f"--sm-args={argv[i + 1]}"]
+            break
     args = ap.parse_args(argv)
     if not args.case and not (args.base and args.adapter_dir):
         ap.error("give --case, or --base and --adapter-dir")
