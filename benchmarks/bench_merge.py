@@ -357,9 +357,31 @@ def machine_info() -> dict:
     }
 
 
+def snapshot(repo: str, rev: str, root: Path) -> Path:
+    """``git archive`` of streammerge at ``rev`` into ROOT/sm-<sha>/ (read-only use; repo untouched).
+
+    Benchmarking a pinned commit, not a working tree someone is editing, keeps the figures attributable.
+    """
+    sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short=9", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = root / f"sm-{sha}"
+    if not (dest / "streammerge" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", repo, "archive", sha, "streammerge"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        subject = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h %s", sha], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        (dest / "REV").write_text(subject + "\n")
+    return dest
+
+
 def sm_version(path: str) -> str:
     if not path:
         return ""
+    rev = Path(path) / "REV"
+    if rev.exists():
+        return rev.read_text().strip()
     try:
         return subprocess.run(["git", "-C", path, "log", "-1", "--format=%h %s"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -477,6 +499,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sm-args", default="", help='extra streammerge flags, e.g. "--workers 2"')
     ap.add_argument("--sm-pythonpath", default=str(REPO),
                     help="PYTHONPATH for the streammerge child (default: this checkout; e.g. /work/main)")
+    ap.add_argument("--sm-rev", help="benchmark this commit of --sm-repo (git archive snapshot under ROOT); "
+                    "overrides --sm-pythonpath")
+    ap.add_argument("--sm-repo", default="/work/main")
     ap.add_argument("--metric", default="durable_s", choices=["durable_s", "wall_s"],
                     help="time used for medians and ratios (default: wall + fsync of outputs)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
@@ -494,6 +519,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give --case, or --base and --adapter-dir")
     if args.out_root is None:
         args.out_root = str(Path(args.root) / "out")
+    if args.sm_rev:
+        args.sm_pythonpath = str(snapshot(args.sm_repo, args.sm_rev, Path(args.root)))
     return args
 
 
