@@ -27,6 +27,7 @@ Prints a markdown table and one JSON line (also appended to ``--results`` if giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -64,6 +65,7 @@ class Run:
     cpu_s: float  # user+sys of the command
     other_cpu_s: float  # CPU used by everything else meanwhile (other jobs, kernel writeback)
     load1: float  # 1-minute load average just before the command
+    noisy: bool  # other_cpu_s / wall_s above --noisy-cores: someone else was using the CPUs
     log: str
     extra: dict = field(default_factory=dict)
 
@@ -141,7 +143,12 @@ def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | No
         proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         sampler = _Sampler(proc.pid, via_launcher=use_time)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C / SIGTERM of the bench: take the measured command down with us
+            _kill_tree(proc.pid)
+            sampler.stop()
+            raise
         wall = time.perf_counter() - t0
         sampler.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
@@ -157,6 +164,21 @@ def run_child(cmd: list[str], *, env: dict | None, log_path: Path, cwd: str | No
             peak_kb = max(peak_kb, sampler.hwm_kb)  # time itself failed (e.g. command not found)
     return {"rc": rc, "wall_s": wall, "peak_rss_mb": peak_kb / 1024, "peak_anon_mb": sampler.anon_kb / 1024,
             "peak_file_mb": sampler.file_kb / 1024, "cpu_s": cpu, "other_cpu_s": max(0.0, busy - cpu)}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGTERM pid's children (the command under /usr/bin/time), then pid; reap it."""
+    import signal
+
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        kids = []
+    for k in [*kids, pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(k, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _busy_cpu_s() -> float:
@@ -264,8 +286,9 @@ def run_tool(tool: str, rnd: int, base: Path, adapter: Path, args: argparse.Name
             if line.startswith("{"):
                 extra |= json.loads(line)
                 break
+    noisy = res["other_cpu_s"] / max(wall, 1e-3) > args.noisy_cores
     run = Run(tool, rnd, rc, wall, flush, rss, anon, filemb, nbytes, res["cpu_s"], res["other_cpu_s"], load1,
-              log[-4000:], extra)
+              noisy, log[-4000:], extra)
     if rc == 0 and args.verify and tool != "cp" and rnd == -1:
         run.extra["verify"] = verify_output(base, adapter, out)
     if not args.keep_outputs:
@@ -273,7 +296,7 @@ def run_tool(tool: str, rnd: int, base: Path, adapter: Path, args: argparse.Name
     tag = "warm-up" if rnd < 0 else f"round {rnd}"
     print(f"[{tag}] {tool:12s} rc={rc} wall={wall:7.2f}s flush={flush:6.2f}s rss={rss:8.0f}MB "
           f"(anon {anon:.0f}, file {filemb:.0f}) cpu={res['cpu_s']:.1f}s other_cpu={res['other_cpu_s']:.1f}s "
-          f"load1={load1:.1f} out={nbytes / 1e9:.2f}GB", file=sys.stderr, flush=True)
+          f"load1={load1:.1f} out={nbytes / 1e9:.2f}GB{' NOISY' if noisy else ''}", file=sys.stderr, flush=True)
     if rc != 0:
         print(f"  {tool} failed: {shlex.join(cmd)}\n  log tail:\n{log[-2000:]}", file=sys.stderr)
     return run
@@ -389,9 +412,15 @@ def sm_version(path: str) -> str:
         return ""
 
 
-def summarize(runs: list[Run], total_bytes: int, metric: str) -> dict:
+def summarize(runs: list[Run], total_bytes: int, metric: str, drop_noisy: bool = True) -> dict:
+    """Per-tool stats over the timed rounds; rounds in which any run was noisy are left out when
+    drop_noisy and at least one clean round exists (``rounds_used`` says which rounds count)."""
     timed = [r for r in runs if r.round >= 0]
-    out: dict[str, dict] = {}
+    noisy_rounds = {r.round for r in timed if r.noisy}
+    if drop_noisy and {r.round for r in timed} - noisy_rounds:
+        timed = [r for r in timed if r.round not in noisy_rounds]
+    out: dict[str, dict] = {"rounds_used": sorted({r.round for r in timed}),
+                            "noisy_rounds": sorted(noisy_rounds)}
     by_tool: dict[str, dict[int, Run]] = {}
     for r in timed:
         by_tool.setdefault(r.tool, {})[r.round] = r
@@ -473,7 +502,8 @@ def markdown(summary: dict, metric: str, total_bytes: int) -> str:
         lines.append(f"streammerge vs PEFT: {sm['speedup_vs_peft_of_medians']:.2f}x faster (ratio of medians)"
                      + (f"; per-pair min/median/max {sm['speedup_vs_peft_pairs']}"
                         if "speedup_vs_peft_pairs" in sm else ""))
-    lines.append(f"checkpoint bytes (index total_size): {total_bytes:,d} ({total_bytes / 1e9:.3f} GB)")
+    lines.append(f"checkpoint bytes (index total_size): {total_bytes:,d} ({total_bytes / 1e9:.3f} GB); "
+                 f"rounds used {summary.get('rounds_used')}, noisy rounds {summary.get('noisy_rounds')}")
     return "\n".join(lines)
 
 
@@ -496,6 +526,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="do not re-read the base before each command")
     ap.add_argument("--quiet-wait", type=float, default=90.0,
                     help="before each command wait up to this many seconds for an idle CPU (0 = never)")
+    ap.add_argument("--noisy-cores", type=float, default=0.5,
+                    help="a run is noisy when other processes used more than this many cores on average")
+    ap.add_argument("--retry-noisy", type=int, default=3, help="extra rounds allowed to replace noisy ones")
+    ap.add_argument("--keep-noisy", action="store_true", help="count noisy rounds in the summary too")
     ap.add_argument("--sm-args", default="", help='extra streammerge flags, e.g. "--workers 2"')
     ap.add_argument("--sm-pythonpath", default=str(REPO),
                     help="PYTHONPATH for the streammerge child (default: this checkout; e.g. /work/main)")
@@ -524,7 +558,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _sigterm_to_exit(signum, frame):  # noqa: ARG001
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm_to_exit)
     args = parse_args(argv)
     if args.case:
         paths = synth.make_case(args.case, args.root)
@@ -552,14 +593,20 @@ def main(argv: list[str] | None = None) -> int:
             if tool == "peft" and args.no_peft_warmup:
                 continue
             runs.append(run_tool(tool, -1, base, adapter, args))
-    for rnd in range(args.reps):
+    clean = clean_peft = rnd = 0
+    while clean < args.reps and rnd < args.reps + args.retry_noisy:
         order = tools if rnd % 2 == 0 else list(reversed(tools))
-        for tool in order:
-            if tool == "peft" and rnd >= peft_reps:
-                continue
-            runs.append(run_tool(tool, rnd, base, adapter, args))
+        this = [run_tool(t, rnd, base, adapter, args) for t in order if t != "peft" or clean_peft < peft_reps]
+        runs += this
+        if not any(r.noisy for r in this):
+            clean += 1
+            clean_peft += any(r.tool == "peft" for r in this)
+        elif rnd + 1 < args.reps + args.retry_noisy:
+            print(f"[round {rnd}] noisy (other CPU load > {args.noisy_cores} cores): one more round",
+                  file=sys.stderr)
+        rnd += 1
 
-    summary = summarize(runs, total_bytes, args.metric)
+    summary = summarize(runs, total_bytes, args.metric, drop_noisy=not args.keep_noisy)
     verify = {r.tool: r.extra["verify"] for r in runs if "verify" in r.extra}
     record = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
