@@ -413,27 +413,32 @@ def sm_version(path: str) -> str:
 
 
 def summarize(runs: list[Run], total_bytes: int, metric: str, drop_noisy: bool = True) -> dict:
-    """Per-tool stats over the timed rounds; rounds in which any run was noisy are left out when
-    drop_noisy and at least one clean round exists (``rounds_used`` says which rounds count)."""
+    """Per-tool stats over the timed rounds.
+
+    With drop_noisy, a tool's noisy runs are left out when it has at least one clean run (otherwise all
+    its runs are kept and ``noisy_included`` says so); ratios use only rounds where both runs were kept.
+    """
     timed = [r for r in runs if r.round >= 0]
-    noisy_rounds = {r.round for r in timed if r.noisy}
-    if drop_noisy and {r.round for r in timed} - noisy_rounds:
-        timed = [r for r in timed if r.round not in noisy_rounds]
-    out: dict[str, dict] = {"rounds_used": sorted({r.round for r in timed}),
-                            "noisy_rounds": sorted(noisy_rounds)}
+    out: dict[str, dict] = {}
     by_tool: dict[str, dict[int, Run]] = {}
-    for r in timed:
-        by_tool.setdefault(r.tool, {})[r.round] = r
+    for tool in dict.fromkeys(r.tool for r in timed):
+        mine = [r for r in timed if r.tool == tool]
+        clean = [r for r in mine if not r.noisy]
+        keep = clean if (drop_noisy and clean) else mine
+        by_tool[tool] = {r.round: r for r in keep}
+        out[tool] = {"rounds_used": sorted(r.round for r in keep),
+                     "noisy_runs_dropped": len(mine) - len(keep),
+                     "noisy_included": sum(r.noisy for r in keep)}
     cp = by_tool.get("cp", {})
     for tool, rr in by_tool.items():
         ok = [r for r in rr.values() if r.rc == 0]
         if not ok:
-            out[tool] = {"reps": 0, "failed": len(rr)}
+            out[tool] |= {"reps": 0, "failed": len(rr)}
             continue
         t = [getattr(r, metric) for r in ok]
         walls = [r.wall_s for r in ok]
         med = statistics.median(t)
-        s = {
+        s = out[tool] | {
             "reps": len(ok),
             "failed": len(rr) - len(ok),
             f"{metric}_median": round(med, 3),
@@ -502,8 +507,10 @@ def markdown(summary: dict, metric: str, total_bytes: int) -> str:
         lines.append(f"streammerge vs PEFT: {sm['speedup_vs_peft_of_medians']:.2f}x faster (ratio of medians)"
                      + (f"; per-pair min/median/max {sm['speedup_vs_peft_pairs']}"
                         if "speedup_vs_peft_pairs" in sm else ""))
-    lines.append(f"checkpoint bytes (index total_size): {total_bytes:,d} ({total_bytes / 1e9:.3f} GB); "
-                 f"rounds used {summary.get('rounds_used')}, noisy rounds {summary.get('noisy_rounds')}")
+    lines.append(f"checkpoint bytes (index total_size): {total_bytes:,d} ({total_bytes / 1e9:.3f} GB)")
+    used = "; ".join(f"{t} rounds {summary[t]['rounds_used']} (noisy dropped {summary[t]['noisy_runs_dropped']}, "
+                     f"noisy kept {summary[t]['noisy_included']})" for t in TOOLS if t in summary)
+    lines.append(f"runs used: {used}")
     return "\n".join(lines)
 
 
@@ -593,14 +600,15 @@ def main(argv: list[str] | None = None) -> int:
             if tool == "peft" and args.no_peft_warmup:
                 continue
             runs.append(run_tool(tool, -1, base, adapter, args))
-    clean = clean_peft = rnd = 0
+    clean = peft_done = rnd = 0
     while clean < args.reps and rnd < args.reps + args.retry_noisy:
         order = tools if rnd % 2 == 0 else list(reversed(tools))
-        this = [run_tool(t, rnd, base, adapter, args) for t in order if t != "peft" or clean_peft < peft_reps]
+        this = [run_tool(t, rnd, base, adapter, args) for t in order if t != "peft" or peft_done < peft_reps]
         runs += this
-        if not any(r.noisy for r in this):
+        peft_done += any(r.tool == "peft" for r in this)
+        # PEFT runs are too long to ever be quiet here; they are not redone (their noise is reported).
+        if not any(r.noisy for r in this if r.tool != "peft"):
             clean += 1
-            clean_peft += any(r.tool == "peft" for r in this)
         elif rnd + 1 < args.reps + args.retry_noisy:
             print(f"[round {rnd}] noisy (other CPU load > {args.noisy_cores} cores): one more round",
                   file=sys.stderr)
