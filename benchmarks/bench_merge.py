@@ -549,20 +549,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip checking the warm-up outputs of streammerge/PEFT against W + s*B@A")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--results", help="append the JSON line to this file")
-    ap.add_argument("--label", default="", help="free text stored in the JSON line")
+    ap.add_argument("--label", default="", help="free text stored in the JSON line (a filter with --resummarize)")
+    ap.add_argument("--resummarize", metavar="RESULTS", help="re-print tables from a --results file and exit")
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(argv[:-1]):  # let `--sm-args "--workers 2"` through (argparse sees an option)
         if a == "--sm-args":
             argv[i : i + 2] = [f"--sm-args={argv[i + 1]}"]
             break
     args = ap.parse_args(argv)
-    if not args.case and not (args.base and args.adapter_dir):
+    if not args.case and not (args.base and args.adapter_dir) and not args.resummarize:
         ap.error("give --case, or --base and --adapter-dir")
     if args.out_root is None:
         args.out_root = str(Path(args.root) / "out")
     if args.sm_rev:
         args.sm_pythonpath = str(snapshot(args.sm_repo, args.sm_rev, Path(args.root)))
     return args
+
+
+def resummarize(path: str, select: str | None, keep_noisy: bool) -> int:
+    """Print the tables of stored JSON lines again (optionally those whose label contains ``select``)."""
+    fields = {f.name for f in Run.__dataclass_fields__.values()}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if select and select not in rec.get("label", ""):
+            continue
+        # Older records lack the CPU/noise fields: they count as clean with unknown CPU.
+        dflt = {"cpu_s": 0.0, "other_cpu_s": 0.0, "load1": 0.0, "noisy": False, "log": ""}
+        runs = [Run(**(dflt | {k: v for k, v in r.items() if k in fields})) for r in rec["runs"]]
+        if not runs:
+            continue
+        summary = summarize(runs, rec["total_bytes"], rec["metric"], drop_noisy=not keep_noisy)
+        print(f"### {rec['case']} + {rec['adapter']} ({rec['date']}, {rec.get('streammerge_rev', '')}, "
+              f"label {rec.get('label', '')!r}, sm_args {rec.get('sm_args', '')!r})\n")
+        print(markdown(summary, rec["metric"], rec["total_bytes"]))
+        print()
+    return 0
 
 
 def _sigterm_to_exit(signum, frame):  # noqa: ARG001
@@ -574,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
     args = parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, args.label or None, args.keep_noisy)
     if args.case:
         paths = synth.make_case(args.case, args.root)
         base, adapter = paths["base"], paths[args.adapter]
