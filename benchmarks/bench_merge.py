@@ -522,7 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--root", default="/tmp/smbench")
     ap.add_argument("--base", help="explicit base dir (instead of --case)")
     ap.add_argument("--adapter-dir", help="explicit adapter dir (with --base)")
-    ap.add_argument("--out-root", default=None, help="where outputs and logs go (default ROOT/out)")
+    ap.add_argument("--out-root", default=None,
+                    help="where outputs and logs go (default ROOT/out/run-PID: concurrent benches must not share it)")
     ap.add_argument("--tools", default="cp,streammerge,peft")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peft-reps", type=int, default=None,
@@ -560,7 +561,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.case and not (args.base and args.adapter_dir) and not args.resummarize:
         ap.error("give --case, or --base and --adapter-dir")
     if args.out_root is None:
-        args.out_root = str(Path(args.root) / "out")
+        args.out_root = str(Path(args.root) / "out" / f"run-{os.getpid()}")
     if args.sm_rev:
         args.sm_pythonpath = str(snapshot(args.sm_repo, args.sm_rev, Path(args.root)))
     return args
@@ -645,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "case": args.case,
         "adapter": args.adapter if args.case else str(adapter),
         "base": str(base),
+        "out_root": args.out_root,
         "total_bytes": total_bytes,
         "metric": args.metric,
         "reps": args.reps,
