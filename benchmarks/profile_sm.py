@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["workers"] = args.workers
     if args.max_memory:
         kwargs["max_memory"] = args.max_memory
-    from bench_merge import _busy_cpu_s, wait_quiet
+    from bench_merge import _busy_cpu_s, read_tree, wait_quiet
 
+    read_tree(Path(paths["base"]))  # warm page cache, as the bench does
     wait_quiet(args.quiet_wait)
     b1 = _busy_cpu_s()
     t1, c1 = time.perf_counter(), time.process_time()
