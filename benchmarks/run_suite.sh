@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full suite behind RESULTS.md. Usage: benchmarks/run_suite.sh SHA [RESULTS_FILE [NAME...]]
-# (NAMEs pick a subset: l1b-all l1b-qv l1b-all-nonfinite s2-all s4-all)
+# (NAMEs pick a subset: l1b-all l1b-qv l1b-all-nonfinite s2-all s4-all s2-all-nopeft s4-all-nopeft)
 # Needs ~25 GB under /tmp/smbench for the cases and up to ~22 GB more for outputs (70b-slice-4 PEFT).
 set -u
 SHA=${1:?usage: run_suite.sh SHA [RESULTS_FILE]}
@@ -16,3 +16,6 @@ run l1b-qv    --case llama-1b --adapter qv --reps 3
 run l1b-all-nonfinite --case llama-1b --adapter all-linear --reps 3 --tools cp,streammerge --sm-args "--allow-nonfinite"
 run s2-all    --case 70b-slice-2 --adapter all-linear --reps 3 --peft-reps 1 --no-peft-warmup
 run s4-all    --case 70b-slice-4 --adapter all-linear --reps 3 --peft-reps 1 --no-peft-warmup
+# streammerge/cp only (PEFT does not depend on the streammerge commit)
+run s2-all-nopeft --case 70b-slice-2 --adapter all-linear --reps 3 --peft-reps 0
+run s4-all-nopeft --case 70b-slice-4 --adapter all-linear --reps 3 --peft-reps 0
