@@ -286,7 +286,8 @@ def run_tool(tool: str, rnd: int, base: Path, adapter: Path, args: argparse.Name
             if line.startswith("{"):
                 extra |= json.loads(line)
                 break
-    noisy = res["other_cpu_s"] / max(wall, 1e-3) > args.noisy_cores
+    # /proc/stat counts in 10 ms ticks: ignore less than 0.1 CPU-s of other load, whatever the wall time.
+    noisy = res["other_cpu_s"] > max(args.noisy_cores * wall, 0.1)
     run = Run(tool, rnd, rc, wall, flush, rss, anon, filemb, nbytes, res["cpu_s"], res["other_cpu_s"], load1,
               noisy, log[-4000:], extra)
     if rc == 0 and args.verify and tool != "cp" and rnd == -1:
@@ -467,8 +468,8 @@ def summarize(runs: list[Run], total_bytes: int, metric: str, drop_noisy: bool =
             s["wall_ratio_cp_median"] = round(statistics.median(wpairs), 3)
         extras = [r.extra for r in ok if r.extra and "load_s" in r.extra]
         if extras:
-            s["stages_median"] = {k: round(statistics.median(e[k] for e in extras), 2)
-                                  for k in extras[0] if isinstance(extras[0][k], (int, float))}
+            stages = [k for k, v in extras[0].items() if isinstance(v, (int, float)) and k != "waited_for_quiet_s"]
+            s["stages_median"] = {k: round(statistics.median(e[k] for e in extras), 2) for k in stages}
         out[tool] = s
     sm, pf = by_tool.get("streammerge", {}), by_tool.get("peft", {})
     if "streammerge" in out and "peft" in out and out["streammerge"].get("reps") and out["peft"].get("reps"):
@@ -587,7 +588,31 @@ def resummarize(path: str, select: str | None, keep_noisy: bool) -> int:
     return 0
 
 
-def _sigterm_to_exit(signum, frame):  # noqa: ARG001
+def run_rounds(tools: list[str], base: Path, adapter: Path, args: argparse.Namespace, peft_reps: int) -> list[Run]:
+    """Warm-up runs, then alternating rounds until ``args.reps`` clean ones (or the retry allowance is spent)."""
+    runs: list[Run] = []
+    if not args.no_warmup:
+        for tool in tools:
+            if tool == "peft" and args.no_peft_warmup:
+                continue
+            runs.append(run_tool(tool, -1, base, adapter, args))
+    clean = peft_done = rnd = 0
+    while clean < args.reps and rnd < args.reps + args.retry_noisy:
+        order = tools if rnd % 2 == 0 else list(reversed(tools))
+        this = [run_tool(t, rnd, base, adapter, args) for t in order if t != "peft" or peft_done < peft_reps]
+        runs += this
+        peft_done += any(r.tool == "peft" for r in this)
+        # PEFT runs are too long to ever be quiet here; they are not redone (their noise is reported).
+        if not any(r.noisy for r in this if r.tool != "peft"):
+            clean += 1
+        elif rnd + 1 < args.reps + args.retry_noisy:
+            print(f"[round {rnd}] noisy (other CPU load > {args.noisy_cores} cores): one more round",
+                  file=sys.stderr)
+        rnd += 1
+    return runs
+
+
+def _sigterm_to_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
@@ -618,25 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     secs, nbytes = read_tree(base)
     print(f"warm-up read of base: {nbytes / 1e9:.2f} GB in {secs:.1f}s", file=sys.stderr)
 
-    runs: list[Run] = []
-    if not args.no_warmup:
-        for tool in tools:
-            if tool == "peft" and args.no_peft_warmup:
-                continue
-            runs.append(run_tool(tool, -1, base, adapter, args))
-    clean = peft_done = rnd = 0
-    while clean < args.reps and rnd < args.reps + args.retry_noisy:
-        order = tools if rnd % 2 == 0 else list(reversed(tools))
-        this = [run_tool(t, rnd, base, adapter, args) for t in order if t != "peft" or peft_done < peft_reps]
-        runs += this
-        peft_done += any(r.tool == "peft" for r in this)
-        # PEFT runs are too long to ever be quiet here; they are not redone (their noise is reported).
-        if not any(r.noisy for r in this if r.tool != "peft"):
-            clean += 1
-        elif rnd + 1 < args.reps + args.retry_noisy:
-            print(f"[round {rnd}] noisy (other CPU load > {args.noisy_cores} cores): one more round",
-                  file=sys.stderr)
-        rnd += 1
+    runs = run_rounds(tools, base, adapter, args, peft_reps)
 
     summary = summarize(runs, total_bytes, args.metric, drop_noisy=not args.keep_noisy)
     verify = {r.tool: r.extra["verify"] for r in runs if "verify" in r.extra}

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for (label, kind), (calls, wall, cpu) in sorted(STATS.items(), key=lambda kv: -kv[1][1]):
         rows.append({"stage": label, "thread": kind, "calls": calls, "wall_s": round(wall, 3),
                      "cpu_s": round(cpu, 3)})
-    print(f"| stage | thread | calls | wall s (summed over threads) | thread CPU s |\n|---|---|---|---|---|")
+    print("| stage | thread | calls | wall s (summed over threads) | thread CPU s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['thread']} | {r['calls']} | {r['wall_s']:.2f} | "
               f"{r['cpu_s']:.2f} |" if "cpu_s" in r else
