@@ -50,6 +50,7 @@ TARGETS = [
     ("streammerge.writer", "ShardWriter.write"),
     ("streammerge.writer", "ShardWriter.copy_range"),
     ("streammerge.writer", "ShardWriter._commit"),
+    ("streammerge.writer", "ShardWriter._hash_source"),  # sha256 of raw-copied bytes (read back), if present
     ("concurrent.futures", "Future.result"),
 ]
 
