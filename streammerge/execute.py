@@ -79,7 +79,7 @@ def check_budget(plan: Plan, max_memory: int) -> None:
         raise BudgetError(
             f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
             f"{need / 2**20:.0f} MiB (one {ROW_ALIGN}-row block of its widest merged tensor); "
-            f"pass --max-memory {-(-need // 2**20)}MB or more"
+            f"pass --max-memory {-(-need // 2**20)}MiB or more"
         )
 
 
