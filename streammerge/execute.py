@@ -5,7 +5,7 @@ on a thread pool ahead of the consumer, and yields them in output order. Two con
 ``write_shards`` (bytes to atomic shard files; untouched tensors are copied as raw bytes by the
 kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use).
 
-Memory bound (where it is enforced: ``_Budget`` in ``pieces``): the blocks computed but not yet
+Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
 ``plan.block_bytes`` (16 bytes per element of a block plus its fp32 factors). Block heights are
 multiples of ``plan.ROW_ALIGN`` rows chosen so that ``workers + 1`` blocks fit the budget; raw copies
@@ -32,7 +32,7 @@ import torch
 
 from streammerge import kernel
 from streammerge.errors import BudgetError, NonFiniteError
-from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes
+from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, row_blocks
 from streammerge.reader import TensorReader
 from streammerge.writer import ShardWriter
 
@@ -90,9 +90,7 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
         if task.is_raw_copy:
             units.append((task, 0, task.rows, 0))
             continue
-        step = block_rows(task, opts)
-        for r0 in range(0, max(task.rows, 1), step):
-            r1 = min(r0 + step, task.rows)
+        for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
             units.append((task, r0, r1, block_bytes(task, r1 - r0)))
     if not units:
         return

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streammerge.kernel import Factors, merge_block
+from streammerge.plan import row_blocks
 
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -64,15 +65,33 @@ def test_merge_is_within_one_ulp_of_float64_reference(case):
         assert bool(((ours.double() - reference(w, a, b, scale, transpose).double()).abs() <= bound).all())
 
 
-@given(lora_case(), st.data())
-def test_row_blocks_equal_whole_tensor(case, data):
-    dtype, w, a, b, scale, transpose = case
-    layout = "linear_t" if transpose else "linear"
-    steps = [("once", [Factors(layout, a, b, scale)])]
-    whole = merge_block(w, dtype, steps, 0, w.shape[0])
-    cut = data.draw(st.integers(0, w.shape[0]))
-    parts = [merge_block(w[r0:r1], dtype, steps, r0, r1) for r0, r1 in ((0, cut), (cut, w.shape[0])) if r1 > r0]
-    assert torch.equal(torch.cat(parts), whole)
+@given(
+    st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    st.integers(1, 3), st.integers(0, 63), st.integers(1, 40), st.integers(1, 16), st.booleans(),
+    st.integers(0, 2**31 - 1), st.data(),
+)
+def test_row_blocks_cut_at_multiples_of_64_equal_whole_tensor(dtype, k, tail, cols, r, transpose, seed, data):
+    """The executor cuts only where ``row_blocks`` says; cutting anywhere else can change MKL's fp32
+    sums (seen: a 4-row fp32 matrix cut after row 1, and 65 rows cut 64 + 1)."""
+    rows = 64 * k + tail
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    out_f, in_f = (cols, rows) if transpose else (rows, cols)
+    a, b = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen) * 0.1
+    steps = [("once", [Factors("linear_t" if transpose else "linear", a, b, 0.5)])]
+    whole = merge_block(w, dtype, steps, 0, rows)
+    step = 64 * data.draw(st.integers(1, k))
+    blocks = row_blocks(rows, step)
+    parts = [merge_block(w[r0:r1], dtype, steps, r0, r1) for r0, r1 in blocks]
+    assert torch.equal(torch.cat(parts), whole), blocks
+
+
+@given(st.integers(0, 5000), st.integers(1, 40))
+def test_row_blocks_cover_rows_once_with_no_short_tail(rows, k):
+    blocks = row_blocks(rows, 64 * k)
+    assert [r for r0, r1 in blocks for r in range(r0, r1)] == list(range(rows))
+    assert all(r0 % 64 == 0 for r0, _ in blocks)
+    assert len(blocks) == 1 or all(r1 - r0 >= 64 for r0, r1 in blocks)
 
 
 @given(lora_case())
