@@ -35,7 +35,6 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -212,7 +211,7 @@ def alpha_pattern_in_order(order: list[str]) -> Callable[[Path], None]:
 
 
 def fan_in_fan_out_false(adapter_dir: Path) -> None:
-    """PEFT saves fan_in_fan_out=True for GPT-2 after forcing it; put back the user's False (PEFT re-forces)."""
+    """PEFT saves fan_in_fan_out=True for GPT-2 (it forced it); write back the user's False."""
 
     def edit(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["fan_in_fan_out"] = False
@@ -329,21 +328,39 @@ _SPECS: dict[str, _Spec] = {
     "llama_lora_bias": _Spec(
         make_base=llama(attention_bias=True),
         lora={"r": 8, "lora_alpha": 16, "target_modules": QKVO, "lora_bias": True},
-        must_change=(L0 + "self_attn.q_proj.bias", L0 + "self_attn.o_proj.bias", L0 + "self_attn.q_proj.weight"),
+        must_change=(
+            L0 + "self_attn.q_proj.bias",
+            L0 + "self_attn.o_proj.bias",
+            L0 + "self_attn.q_proj.weight",
+        ),
     ),
     # f2: bias="all": saved (trained) biases replace the base biases, targeted or not
     "llama_bias_all": _Spec(
         make_base=llama(attention_bias=True),
         lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "all"},
         train=perturb_biases,
-        must_change=(L0 + "self_attn.q_proj.bias", L0 + "self_attn.k_proj.bias", L0 + "self_attn.o_proj.bias"),
+        must_change=(
+            L0 + "self_attn.q_proj.bias",
+            L0 + "self_attn.k_proj.bias",
+            L0 + "self_attn.o_proj.bias",
+        ),
     ),
     # f3: both: replace the bias from the adapter, then add s * lora_B.bias
     "llama_bias_all_lora_bias": _Spec(
         make_base=llama(attention_bias=True),
-        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "all", "lora_bias": True},
+        lora={
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "v_proj"],
+            "bias": "all",
+            "lora_bias": True,
+        },
         train=perturb_biases,
-        must_change=(L0 + "self_attn.q_proj.bias", L0 + "self_attn.k_proj.bias", L0 + "self_attn.v_proj.bias"),
+        must_change=(
+            L0 + "self_attn.q_proj.bias",
+            L0 + "self_attn.k_proj.bias",
+            L0 + "self_attn.v_proj.bias",
+        ),
     ),
     # g: tied Llama, LoRA on lm_head (+ q_proj): the shared embedding changes, no lm_head.weight, still tied
     "llama_tied_lm_head_lora": _Spec(
@@ -506,6 +523,17 @@ def build_case(name: str, root: Path) -> Case:
     )
 
 
+_BUILT: dict[tuple[str, Path], Case] = {}
+
+
+def cached_case(name: str, root: Path) -> Case:
+    """``build_case`` once per (name, root) per process; test modules share builds through this."""
+    key = (name, Path(root))
+    if key not in _BUILT:
+        _BUILT[key] = build_case(name, Path(root))
+    return _BUILT[key]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading checkpoints and comparing
 
@@ -576,7 +604,11 @@ def _summarize(case: Case) -> str:
     removed = sorted(set(base) - set(ref))
     base_cfg = json.loads((case.base_dir / "config.json").read_text())
     ref_cfg = json.loads((case.ref_dir / "config.json").read_text())
-    cfg_diff = {k: (base_cfg.get(k), ref_cfg.get(k)) for k in set(base_cfg) | set(ref_cfg) if base_cfg.get(k) != ref_cfg.get(k)}
+    cfg_diff = {
+        k: (base_cfg.get(k), ref_cfg.get(k))
+        for k in set(base_cfg) | set(ref_cfg)
+        if base_cfg.get(k) != ref_cfg.get(k)
+    }
     adapter_keys = sorted(load_file(case.adapter_dir / "adapter_model.safetensors"))
     non_lora = [k for k in adapter_keys if ".lora_" not in k]
     logit_diff = _max_abs_diff(case.ref_logits.float(), case.base_logits.float())
