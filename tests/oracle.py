@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +413,10 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
+# Sharded variants of the cases that add or drop a tensor: the index must follow.
+for _name in ("llama_tied_mts_lm_head", "llama_seq_cls"):
+    _SPECS[_name + "_sharded"] = replace(_SPECS[_name], max_shard_size=MULTI_SHARD_SIZE, min_shards=3)
+
 CASES: tuple[str, ...] = tuple(_SPECS)
 # Cases whose merged model is reloaded and compared on logits.
 LOGITS_CASES: tuple[str, ...] = (
@@ -425,6 +429,7 @@ LOGITS_CASES: tuple[str, ...] = (
     "llama_tied_mts_lm_head",
     "llama_tied_mts_embed",
     "llama_seq_cls",
+    "llama_seq_cls_sharded",
 )
 
 
