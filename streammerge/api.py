@@ -1,0 +1,204 @@
+"""The library façade: ``plan_merge``, ``merge`` and ``iter_merged``.
+
+Each is a straight line: read headers → build the plan → execute. Errors are typed
+(``streammerge.errors``); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge import execute
+from streammerge.adapter import Adapter, read_adapter
+from streammerge.checkpoint import Checkpoint, read_checkpoint
+from streammerge.errors import StreamMergeError
+from streammerge.execute import ExecOptions
+from streammerge.locate import find_base
+from streammerge.output import check_output, prepare_output, write_index, write_side_files
+from streammerge.plan import Plan, PlanOptions, build_plan
+from streammerge.reader import TensorReader
+
+LOG = logging.getLogger(__name__)
+
+#: Default working-memory budget for merge blocks (see ``execute``): with the interpreter and
+#: torch (~250 MB) a merge stays under 1 GB of RSS whatever the model size.
+DEFAULT_MAX_MEMORY = 512 * 2**20
+
+PathLike = str | Path
+
+
+@dataclass(frozen=True, slots=True)
+class MergeReport:
+    """What a merge did. ``dry_run`` reports carry the plan and wrote nothing."""
+
+    out: str
+    tensors_merged: int
+    tensors_replaced: int
+    tensors_added: int
+    tensors_copied: int
+    tensors_dropped: int
+    bytes_written: int
+    seconds: float
+    device: str
+    shards: int
+    warnings: tuple[str, ...]
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        return (
+            f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
+            f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
+            f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
+        )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StreamMergeError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def _load(
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None
+) -> tuple[Checkpoint, list[Adapter]]:
+    if not adapters:
+        raise StreamMergeError("no adapter given; pass --adapter DIR")
+    loaded = [read_adapter(a, adapter_name) for a in adapters]
+    base_path = Path(base) if base is not None else find_base(loaded[0])
+    return read_checkpoint(base_path), loaded
+
+
+def plan_merge(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    *,
+    adapters: Sequence[PathLike] = (),
+    adapter_name: str | None = None,
+    max_shard_size: int | None = None,
+) -> Plan:
+    """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
+    ckpt, loaded = _load(base, _adapter_list(adapter, adapters), adapter_name)
+    return build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size))
+
+
+def _adapter_list(adapter: PathLike | None, adapters: Sequence[PathLike]) -> list[PathLike]:
+    return ([adapter] if adapter is not None else []) + list(adapters)
+
+
+def merge(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    out: PathLike | None = None,
+    *,
+    adapters: Sequence[PathLike] = (),
+    adapter_name: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    max_shard_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> MergeReport:
+    """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
+
+    Args:
+        base: base checkpoint directory (or one ``.safetensors`` file); None resolves
+            ``base_model_name_or_path`` from the adapter config (local directory or HF cache).
+        adapter: PEFT adapter directory (``adapters`` may list more, merged in order).
+        out: output directory; must not exist or be empty (unless ``overwrite``), and may not
+            alias an input.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        workers: compute threads (default: up to 4, by core count).
+        max_shard_size: re-shard the output to at most this many bytes per file.
+        max_memory: working-memory budget in bytes for merge blocks (see ``execute``).
+        dry_run: plan only; report what would be written.
+        on_progress: called with a byte count as output bytes are produced.
+        on_plan: called with the plan once it is built (the CLI prints it for --dry-run).
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        StreamMergeError: any bad input or output problem, with a one-line message.
+    """
+    if out is None:
+        raise StreamMergeError("no output directory given; pass --out DIR")
+    started = time.monotonic()
+    out = Path(out)
+    ckpt, loaded = _load(base, _adapter_list(adapter, adapters), adapter_name)
+    plan = build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size))
+    if on_plan is not None:
+        on_plan(plan)
+    dev = resolve_device(device)
+    execute.check_budget(plan, max_memory)
+    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=overwrite)
+    for warning in plan.warnings:
+        LOG.warning("%s", warning)
+    written = 0
+    if not dry_run:
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        created = prepare_output(out, overwrite=overwrite)
+        try:
+            with TensorReader() as reader:
+                written = execute.write_shards(plan, plan.shards, out, reader, opts, on_progress)
+            write_side_files(out, ckpt.root, [a.root for a in loaded], ckpt.config, plan.config_updates)
+            if plan.write_index:
+                write_index(out, plan.index_json())
+        except BaseException:
+            _cleanup(out, created)
+            raise
+    c = plan.counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
+        dry_run=dry_run,
+    )
+
+
+def _cleanup(out: Path, created: bool) -> None:
+    """After a failure, leave nothing behind in a directory this run created."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def iter_merged(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    *,
+    adapters: Sequence[PathLike] = (),
+    adapter_name: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    allow_nonfinite: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
+
+    Nothing is written to disk. Each yielded tensor is a fresh CPU tensor the caller owns; apart
+    from it, memory stays within ``max_memory`` (the same pipeline as ``merge``). This is the
+    in-process path for pushing merged weights into an inference engine, e.g.
+    ``llm.load_weights(streammerge.iter_merged(base=..., adapter=...))``.
+    """
+    ckpt, loaded = _load(base, _adapter_list(adapter, adapters), adapter_name)
+    plan = build_plan(ckpt, loaded)
+    execute.check_budget(plan, max_memory)
+    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
+                       check_finite=not allow_nonfinite)
+    with TensorReader() as reader:
+        yield from execute.whole_tensors(plan.tasks(), reader, opts)
