@@ -65,7 +65,7 @@ class Piece:
 
 def block_rows(task: TensorTask, opts: ExecOptions) -> int:
     """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN:
+    if task.rows <= ROW_ALIGN or task.whole:
         return task.rows
     target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
     per_row = block_bytes(task, 1) - block_bytes(task, 0)
@@ -141,7 +141,8 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
     # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32)
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight)
+    m = reader.tensor(term.magnitude).to(device=device, dtype=torch.float32) if term.magnitude is not None else None
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 #: safetensors dtype code -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -55,6 +56,12 @@ class Factors:
     b: torch.Tensor  # (out, r) | (d, r) | (out,) for "bias"
     scale: float
     weight: float = 1.0
+    magnitude: torch.Tensor | None = None  # DoRA m: (out,) | (d,) for an embedding | (1, out, 1, …) for a conv
+    indices: tuple[int, ...] = ()  # "rows": the row numbers that b's rows replace
+
+
+#: Convolution of the LoRA factors by kernel rank (``_ConvNd.conv_fn``).
+_CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
@@ -69,11 +76,74 @@ def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
     elif f.layout == "bias":
         # b (out,): (rows,)
         delta = f.b[r0:r1] * f.scale
+    elif f.layout == "conv":
+        delta = conv_delta(f)[r0:r1]
     else:  # pragma: no cover - the planner only emits the layouts above
         raise AssertionError(f"unknown LoRA layout {f.layout!r}")
     if f.weight != 1.0:
         delta = delta * f.weight
     return delta
+
+
+def conv_delta(f: Factors) -> torch.Tensor:
+    """The whole ΔW of a Conv1d/2d/3d LoRA, PEFT's ``_ConvNd.get_delta_weight`` op for op.
+
+    W (out, in, *k); A (r, in, *k); B (out, r, 1, …). A 1×1 kernel (``W.shape[2:4] == (1, 1)``, the
+    same test PEFT makes, and A has W's kernel) is a matrix product; any other kernel convolves A
+    with B: ``conv(Aᵀ (in, r, *k), B) -> (in, out, *k)``, transposed back to (out, in, *k).
+    """
+    assert f.a is not None
+    if f.a.shape[2:4] == (1, 1):
+        # (out, r) @ (r, in) -> (out, in) -> (out, in, 1, 1)
+        return (f.b.squeeze(3).squeeze(2) @ f.a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * f.scale
+    return _CONV_FN[f.a.dim()](f.a.transpose(0, 1), f.b).transpose(0, 1) * f.scale
+
+
+def dora_block(w: torch.Tensor, out_dtype: torch.dtype, f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """DoRA merge of rows ``[r0, r1)`` (whole tensor unless ``linear``): ``rnd((m / ‖W + ΔW‖) · (W + ΔW))``.
+
+    PEFT 0.21 ``DoraLinearVariant.merge_unsafe`` / ``DoraEmbeddingVariant`` / ``_DoraConvNdVariant`` with
+    ``DoraLinearLayer.get_weight_norm`` (scaling 1, ΔW already scaled), replayed op for op so the norm's
+    fp32 reduction order is PEFT's:
+
+    * ``linear``    W (out, in): n = ‖W + ΔW‖ over dim 1, one per output row (rows are independent,
+      so row blocks are exact); W ← (m / n)[:, None] · (W + ΔW)
+    * ``linear_t``  W (in, out) (HF Conv1D): n over the rows of (W + ΔW)ᵀ; the factor is (1, out)
+    * ``embedding`` W (V, d): n = ‖(W + ΔW)ᵀ‖ over dim 1, one per embedding dim across the vocabulary
+    * ``conv``      W (out, in, *k): n over every dim but the output, (1, out, 1, …) like m
+    """
+    assert f.magnitude is not None
+    delta = lora_delta(f, r0, r1).reshape(w.shape)  # fp32; w is in the output dtype
+    m = f.magnitude
+    if f.layout == "linear":
+        norm = torch.linalg.norm(w + 1 * delta, dim=1).to(torch.float32)  # (rows,)
+        factor = (m[r0:r1] / norm).view(-1, 1)
+    elif f.layout == "linear_t":
+        norm = torch.linalg.norm(w.T + 1 * delta.T, dim=1).to(torch.float32)  # (out,)
+        factor = (m / norm).view(-1, 1).T  # (1, out)
+    elif f.layout == "embedding":
+        norm = torch.linalg.norm(w.T + 1 * delta.T, dim=1).to(torch.float32)  # (d,)
+        factor = (m / norm).view(1, -1)
+    elif f.layout == "conv":
+        v = w + 1 * delta
+        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)  # (1, out, 1, …)
+        factor = (m / norm).view(-1, *(1,) * (w.dim() - 1))  # (out, 1, …)
+    else:  # pragma: no cover - the planner only makes DoRA steps for the layouts above
+        raise AssertionError(f"DoRA on layout {f.layout!r}")
+    return (factor * (w + delta)).to(out_dtype)
+
+
+def replace_rows(w: torch.Tensor, f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """Trainable tokens: rows ``f.indices`` of W take the values of ``f.b`` (n, d), cast to W's dtype.
+
+    PEFT ``TrainableTokensLayer.merge``: ``W.index_copy(0, idx, delta.to(W))``, a replacement, not an
+    addition. ``w`` holds rows ``[r0, r1)``; only the indices inside the block are written.
+    """
+    pick = [(j, i - r0) for j, i in enumerate(f.indices) if r0 <= i < r1]
+    if not pick:
+        return w
+    src = f.b[torch.tensor([j for j, _ in pick], device=f.b.device)].to(w.dtype)
+    return w.index_copy(0, torch.tensor([i for _, i in pick], device=w.device), src)
 
 
 def merge_block(
@@ -86,11 +156,18 @@ def merge_block(
     """Merge rows ``[r0, r1)``: start from ``w`` (those rows, any dtype), apply ``steps`` in order.
 
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
-    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``. The result has
+    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``; ``dora`` → ``dora_block``;
+    ``rows`` → ``replace_rows``. The result has
     ``out_dtype`` and lives on ``w``'s device.
     """
     out = w.to(out_dtype)  # a replacement from the adapter is cast first, as load_state_dict does
     for rounding, terms in steps:
+        if rounding == "dora":  # one term: PEFT merges one DoRA adapter per module at a time
+            out = dora_block(out, out_dtype, terms[0], r0, r1)
+            continue
+        if rounding == "rows":
+            out = replace_rows(out, terms[0], r0, r1)
+            continue
         delta = lora_delta(terms[0], r0, r1)
         for f in terms[1:]:
             delta = delta + lora_delta(f, r0, r1)
