@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from streammerge import naming
 from streammerge.adapter import Adapter
-from streammerge.checkpoint import INDEX_NAME, Checkpoint
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, output_name
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.header import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, encode_header
 
@@ -762,7 +762,8 @@ def _layout(ckpt: Checkpoint, tasks: Mapping[str, TensorTask], added: Mapping[st
     for i, (header, filename) in enumerate(zip(ckpt.shards, ckpt.shard_names, strict=True)):
         own = [tasks[t.name] for t in header.tensors if t.name in tasks]
         extra = [tasks[n] for n in added] if i == last else []
-        unchanged = not extra and len(own) == len(header.tensors) and all(
+        filename = output_name(filename)
+        unchanged = header.raw and not extra and len(own) == len(header.tensors) and all(
             t.dtype == info.dtype and t.shape == info.shape for t, info in zip(own, header.tensors, strict=False)
         )
         if unchanged:

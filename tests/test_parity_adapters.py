@@ -236,3 +236,49 @@ def test_llama_dora_loads_with_transformers(tmp_path_factory: pytest.TempPathFac
                                             adapter_cases: dict[str, Merged]) -> None:
     case = cached_case("llama_dora", tmp_path_factory.getbasetemp() / "adapter-cases")
     assert load_merged(case.auto_class, case.ref_dir).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A pickled base (pytorch_model*.bin): read with torch.load(mmap=True, weights_only=True), written as safetensors
+
+
+def _to_bin_base(src: Path, dst: Path, shards: int) -> None:
+    """The same base as ``src`` (safetensors) saved as torch pickles, single file or sharded with an index."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    tensors = load_checkpoint(src)
+    names = sorted(tensors)
+    if shards == 1:
+        torch.save(tensors, dst / "pytorch_model.bin")
+        return
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
+        torch.save(part, dst / fname)
+        weight_map |= dict.fromkeys(part, fname)
+    doc = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("shards", [1, 2], ids=["single", "sharded"])
+def test_bin_base_bit_identical_to_peft(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                        shards: int) -> None:
+    case = cached_case("llama_dora", tmp_path_factory.getbasetemp() / "adapter-cases")
+    base = tmp_path / "bin-base"
+    _to_bin_base(case.base_dir, base, shards)
+    out = tmp_path / "out"
+    streammerge.merge(base=base, adapter=case.adapter_dir, out=out)
+    names = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    if shards == 1:
+        assert [n for n in names if n != "config.json" and n != "generation_config.json"
+                and not n.startswith("tokenizer")] == ["model.safetensors"]
+    else:
+        assert "model-00001-of-00002.safetensors" in names and "model.safetensors.index.json" in names
+        assert not any(n.endswith(".bin") or n.startswith("pytorch_model") for n in names)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors",
+                                                     "model-00002-of-00002.safetensors"}
+    assert diff_checkpoints(load_checkpoint(out), load_checkpoint(case.ref_dir)) == []
