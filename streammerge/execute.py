@@ -7,7 +7,8 @@ kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use
 
 Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
-``plan.block_bytes`` (16 bytes per element of a block plus its fp32 factors). Block heights are
+``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
+the fp32 factors). Block heights are
 multiples of ``plan.ROW_ALIGN`` rows chosen so that ``workers + 1`` blocks fit the budget; raw copies
 take no budget (the kernel moves those bytes). A budget below the plan's minimum (one 64-row block
 of its widest merged tensor) is refused up front with the budget needed. The interpreter, torch
@@ -32,7 +33,7 @@ import torch
 
 from streammerge import kernel
 from streammerge.errors import BudgetError, NonFiniteError
-from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
 from streammerge.reader import TensorReader
 from streammerge.writer import ShardWriter
 
@@ -123,7 +124,8 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
         (step.rounding, [_factors(term, reader, device) for term in step.terms])
         for step in task.steps
     ]
-    out = kernel.merge_block(w.to(device, non_blocking=True), kernel.TORCH_DTYPES[task.dtype], steps, r0, r1)
+    chunk = chunk_rows(task.row_numel) if device.type == "cpu" else None  # a GPU wants one big launch
+    out = kernel.merge_block(w.to(device, non_blocking=True), kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
