@@ -90,7 +90,9 @@ def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> dict[s
     emb = input_embedding(names)
     if not tie or emb is None:
         return {}
-    return {head: emb for head in ("lm_head.weight", "language_model.lm_head.weight") if head not in names}
+    # The head sits beside the backbone: Llava-style checkpoints nest both under "language_model.".
+    head = "language_model.lm_head.weight" if emb.startswith("language_model.") else "lm_head.weight"
+    return {} if head in names else {head: emb}
 
 
 def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
