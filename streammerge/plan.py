@@ -259,6 +259,12 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
 
     for index, adapter in enumerate(adapters):
         _plan_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop, problems)
+    for head, emb in aliases.items():
+        if targets.get(emb) is not None and targets[emb].steps and config_updates.get("tie_word_embeddings", True):
+            warnings.append(
+                f"{emb!r} is tied to {head!r} (tie_word_embeddings): its LoRA delta changes the input embeddings "
+                "and the output head together, exactly as PEFT's merge does"
+            )
     if problems:
         more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
         raise PlanError(problems[0] + more)
