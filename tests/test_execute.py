@@ -124,3 +124,18 @@ def test_lora_on_a_tied_head_lands_on_the_embedding_with_a_warning(tmp_path):
     assert "lm_head.weight" not in out
     assert torch.equal(out["model.embed_tokens.weight"], (emb.float() + (b @ a) * 2.0).to(emb.dtype))
     assert any("tied to 'lm_head.weight'" in w for w in report.warnings)
+
+
+@pytest.mark.cuda
+def test_cuda_merge_matches_cpu_within_one_ulp(tmp_path, llama):
+    base, adapter = llama
+    streammerge.merge(base=base, adapter=adapter, out=tmp_path / "cpu", device="cpu")
+    report = streammerge.merge(base=base, adapter=adapter, out=tmp_path / "gpu", device="cuda", max_memory=1 << 20)
+    assert report.device.startswith("cuda")
+    cpu, gpu = testing.load_dir(tmp_path / "cpu"), testing.load_dir(tmp_path / "gpu")
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        a, b = cpu[name], gpu[name]
+        # cuBLAS and MKL may sum the r products in another order: at most one bf16 ulp apart.
+        ulps = (a.view(torch.int16).long() - b.view(torch.int16).long()).abs()
+        assert int(ulps.max()) <= 1, name
