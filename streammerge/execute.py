@@ -123,7 +123,8 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
         out = _compute_cuda(task, w, r0, r1, reader, opts.device)
     else:
         steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms]) for step in task.steps]
-        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk_rows(task.row_numel))
+        chunk = None if task.whole else chunk_rows(task.row_numel)
+        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):

@@ -167,15 +167,14 @@ def merge_block(
 
     ``chunk_rows`` walks the block in cache-sized chunks (cut by ``plan.row_blocks`` so the GEMM
     sums stay those of the whole matrix): the fp32 scratch then stays in L2, which measured 2-5×
-    faster on CPU than one pass over a large block. None processes the block in one piece; so does
-    a step that needs every row at once (a DoRA norm across rows, a convolution delta).
+    faster on CPU than one pass over a large block. None processes the block in one piece, as the
+    caller must for a task that ``plan.TensorTask.whole`` marks (a DoRA norm across rows, a
+    convolution delta, a narrow transposed product).
     """
     out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
     if not steps:
         out.copy_(w)  # a replacement from the adapter is cast, as load_state_dict does
         return out
-    if any(t[0].layout == "conv" or (r == "dora" and t[0].layout != "linear") for r, t in steps):
-        chunk_rows = None
     rows = r1 - r0
     for c0, c1 in _chunks(rows, chunk_rows):
         cur = w[c0:c1]

@@ -125,10 +125,18 @@ class TensorTask:
 
     @property
     def whole(self) -> bool:
-        """True when a step needs the whole tensor in one block: a convolution delta, or a DoRA norm
-        taken across rows (embedding columns, HF Conv1D outputs). Such a task is one unit of work."""
+        """True when the task must not be cut into row blocks (nor the kernel into chunks):
+
+        * a convolution delta, or a DoRA norm taken across rows (embedding columns, HF Conv1D
+          outputs): the step needs every row at once;
+        * a transposed layout (HF Conv1D, embedding) whose rows are narrower than ROW_ALIGN: blocks
+          slice A's columns, and MKL's fp32 sums then differ from the whole product for widths up to
+          11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small.
+        """
         return any(
-            term.layout == "conv" or (step.rounding == "dora" and term.layout != "linear")
+            term.layout == "conv"
+            or (step.rounding == "dora" and term.layout != "linear")
+            or (term.layout in ("linear_t", "embedding") and self.row_numel < ROW_ALIGN)
             for step in self.steps
             for term in step.terms
         )
