@@ -141,7 +141,7 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
     # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32)
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight)
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, term.expert)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

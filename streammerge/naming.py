@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from streammerge import renames
+
 PEFT_PREFIX = "base_model.model."
 
 # role -> suffix after the module path. Order matters: longer, more specific suffixes first.
@@ -106,7 +108,7 @@ def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> st
             return name[len(prefix) :]
         if prefix + name in names:
             return prefix + name
-    return None
+    return renames.to_disk(name, names, aliases)  # transformers v5 in-memory names (spec §2.4 step 4)
 
 
 def suggest(name: str, names: Collection[str]) -> str:

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from streammerge import naming
+from streammerge import experts, naming
 from streammerge.adapter import Adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint
 from streammerge.errors import PlanError, UnsupportedAdapterError
@@ -60,6 +60,9 @@ class LoraTerm:
     * ``linear_t``:  W (in, out) (HF Conv1D); same A, B;      ΔW = (B @ A)ᵀ · s
     * ``embedding``: W (V, d);  A_e (r, V), B_e (d, r);       ΔW = (B_e @ A_e)ᵀ · s
     * ``bias``:      b (out,);  b_B (out,) (``lora_B.bias``); Δb = b_B · s
+    * ``expert``:    W (out_e, in) one expert's disk tensor; A (r·E, in), B (out, r·E) of a fused 3-D
+      parameter (E, out, in); ΔW = rows ``expert.row0…`` of ΔP[e] (``kernel.expert_delta``)
+    * ``expert_t``:  same, the parameter read as (E, in, out) (peft 0.17–0.19.0)
     """
 
     layout: str
@@ -68,6 +71,7 @@ class LoraTerm:
     scale: float
     weight: float = 1.0  # the user's adapter weight (multi-adapter merges); 1.0 leaves PEFT's math untouched
     origin: str = ""  # adapter key stem, for messages
+    expert: experts.ExpertSlice | None = None  # layouts expert / expert_t only
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +328,9 @@ def _plan_adapter(
             by_module[k.module][k.role] = k
 
     model_type = ckpt.config.get("model_type")
+    if cfg.raw.get("target_parameters"):
+        _plan_param_wrappers(index, adapter, by_module, infos, located, aliases, targets, problems)
+    warnings.extend(experts.v4_warnings(where, cfg, model_type, by_module))
     for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
         order = naming.module_order(module)
         if "lora_A" in roles or "lora_B" in roles:
@@ -332,6 +339,18 @@ def _plan_adapter(
             _plan_embedding(index, adapter, module, roles, infos, located, aliases, targets, problems, order)
         if "lora_B_bias" in roles:
             _plan_bias(index, adapter, module, roles["lora_B_bias"], infos, located, aliases, targets, problems, order)
+
+
+def _plan_param_wrappers(index, adapter, by_module, infos, located, aliases, targets, problems):
+    """PEFT ``target_parameters`` (``ParamWrapper``): ``P + rnd(ΔP)``, fused experts de-fused per disk tensor."""
+    where = str(adapter.weights.path)
+    wrapped = experts.take_param_wrappers(where, by_module, adapter.config.raw["target_parameters"], problems)
+    for wp in wrapped:
+        for d in experts.plan_wrapped(where, adapter.config, wp, infos, located, aliases, problems):
+            term = LoraTerm(d.layout, _ref(adapter.weights, d.a), _ref(adapter.weights, d.b), d.scale,
+                            origin=d.origin, expert=d.expert)
+            _check_float(adapter, d.target, located[d.target][1], problems)
+            targets[d.target].steps.append((naming.module_order(wp.module), index, Step((term,), "delta_first")))
 
 
 def _pair(adapter: Adapter, module: str, roles: Mapping[str, naming.AdapterKey], a_role: str, b_role: str,
