@@ -98,7 +98,20 @@ def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> dict[s
 
 
 def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
-    """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4)."""
+    """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4).
+
+    Exact name, tied alias, ``base_model_prefix`` change; then the same for each transformers v5 rename of the
+    name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
+    """
+    found = _resolve_direct(name, names, aliases)
+    for cand in () if found is not None else renames.disk_candidates(name):
+        found = _resolve_direct(cand, names, aliases)
+        if found is not None:
+            break
+    return found
+
+
+def _resolve_direct(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
     if name in names:
         return name
     if name in aliases:
@@ -108,7 +121,7 @@ def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> st
             return name[len(prefix) :]
         if prefix + name in names:
             return prefix + name
-    return renames.to_disk(name, names, aliases)  # transformers v5 in-memory names (spec §2.4 step 4)
+    return None
 
 
 def suggest(name: str, names: Collection[str]) -> str:

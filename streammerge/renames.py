@@ -8,16 +8,15 @@ This table holds the one-to-one renames that matter for merging, each read from 
 direction we need: in-memory name → disk name. Fused MoE experts (one in-memory tensor ← many disk tensors)
 are not renames; ``streammerge.experts`` de-fuses them.
 
-A name is resolved by trying the rewrites one at a time and then in pairs (a Llava wrapping a Mixtral, a legacy
-``LayerNorm`` under a renamed prefix); the first candidate that exists on disk wins. The caller fails loudly when
-no candidate exists (``plan._resolve_target``).
+``disk_candidates`` applies the rewrites one at a time and then in pairs (a Llava wrapping a Mixtral, a legacy
+``LayerNorm`` under a renamed prefix); ``naming.resolve`` takes the first candidate found on disk (also through
+a tied alias or a ``base_model_prefix`` change), and the planner fails loudly, naming the tensor, when none is.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 
@@ -64,12 +63,3 @@ def disk_candidates(name: str, renames: tuple[Rename, ...] = RENAMES) -> tuple[s
                     out.append(cand)
     return tuple(out)
 
-
-def to_disk(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
-    """The checkpoint tensor that holds the in-memory ``name`` through a rename (or a tied alias of one)."""
-    for cand in disk_candidates(name):
-        if cand in names:
-            return cand
-        if cand in aliases:
-            return aliases[cand]
-    return None
