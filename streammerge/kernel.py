@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from streammerge.experts import ExpertSlice
+from streammerge.plan import row_blocks
 
 #: safetensors dtype code -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -68,7 +69,8 @@ WHOLE_DELTA_ELEMENTS = 1 << 18
 
 
 def expert_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``[row0 + r0, row0 + r1)`` of expert e's ΔP[e], in fp32 (PEFT ``ParamWrapper.get_delta_weight``).
+    """Rows ``[row0 + r0, row0 + r1)`` of expert e's ΔP[e] / s, in fp32 (PEFT ``ParamWrapper.get_delta_weight``;
+    ``lora_delta`` multiplies by s afterwards, the same elementwise op as PEFT's ``einsum(…) * scaling``).
 
     PEFT computes all experts at once: ``A3 = A.reshape(E, r, in)`` (A's rows are expert-major),
     ``B3 = B.reshape(out, r, E)`` (B's columns are rank-major: column k·E + e belongs to expert e), then
@@ -87,33 +89,34 @@ def expert_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
     spec = "o r e, e r i -> e o i" if f.layout == "expert" else "o r e, e r i -> e i o"
     if n * b3.shape[0] * a3.shape[2] <= WHOLE_DELTA_ELEMENTS:
         # (out, r, E) x (E, r, in) -> (E, out, in) | (E, in, out); then rows of expert e
-        return (torch.einsum(spec, b3, a3) * f.scale)[e, row0 + r0 : row0 + r1]
+        return torch.einsum(spec, b3, a3)[e, row0 + r0 : row0 + r1]
     if f.layout == "expert":
         # P (E, out, in): (rows, r, 1) x (1, r, in) -> (1, rows, in)
-        return torch.einsum(spec, b3[row0 + r0 : row0 + r1, :, e : e + 1], a3[e : e + 1])[0] * f.scale
+        return torch.einsum(spec, b3[row0 + r0 : row0 + r1, :, e : e + 1], a3[e : e + 1])[0]
     # "expert_t", P (E, in, out) (peft 0.17-0.19.0): rows of ΔP[e] are columns of A_e
     # (out, r, 1) x (1, r, rows) -> (1, rows, out)
-    return torch.einsum(spec, b3[:, :, e : e + 1], a3[e : e + 1, :, row0 + r0 : row0 + r1])[0] * f.scale
+    return torch.einsum(spec, b3[:, :, e : e + 1], a3[e : e + 1, :, row0 + r0 : row0 + r1])[0]
 
 
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of one term's ΔW, in fp32."""
+    """Rows ``[r0, r1)`` of one term's ΔW, in fp32 (a fresh tensor the caller may modify)."""
     if f.layout == "linear":
         # W (out, in): (rows, r) @ (r, in) -> (rows, in)
-        delta = (f.b[r0:r1] @ f.a) * f.scale
+        delta = f.b[r0:r1] @ f.a
     elif f.layout in ("linear_t", "embedding"):
         # W (in, out) for HF Conv1D, or (V, d) for an embedding: rows of W are columns of B @ A.
-        # (out|d, r) @ (r, rows) -> (out|d, rows) -> transpose -> (rows, out|d)
-        delta = (f.b @ f.a[:, r0:r1]).T * f.scale
+        # (out|d, r) @ (r, rows) -> (out|d, rows) -> transposed view (rows, out|d)
+        delta = (f.b @ f.a[:, r0:r1]).T
     elif f.layout == "bias":
         # b (out,): (rows,)
-        delta = f.b[r0:r1] * f.scale
+        delta = f.b[r0:r1].clone()
     elif f.layout in ("expert", "expert_t"):
         delta = expert_delta(f, r0, r1)
     else:  # pragma: no cover - the planner only emits the layouts above
         raise AssertionError(f"unknown LoRA layout {f.layout!r}")
+    delta.mul_(f.scale)  # PEFT: (B @ A) * scaling — the same elementwise op, in place
     if f.weight != 1.0:
-        delta = delta * f.weight
+        delta.mul_(f.weight)
     return delta
 
 
@@ -123,26 +126,44 @@ def merge_block(
     steps: Sequence[tuple[str, Sequence[Factors]]],
     r0: int,
     r1: int,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Merge rows ``[r0, r1)``: start from ``w`` (those rows, any dtype), apply ``steps`` in order.
 
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
-    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``. The result has
-    ``out_dtype`` and lives on ``w``'s device.
+    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``. Returns a new tensor of
+    ``out_dtype`` on ``w``'s device (``w`` is never written).
+
+    ``chunk_rows`` walks the block in cache-sized chunks (cut by ``plan.row_blocks`` so the GEMM
+    sums stay those of the whole matrix): the fp32 scratch then stays in L2, which measured 2-5×
+    faster on CPU than one pass over a large block. None processes the block in one piece.
     """
-    out = w.to(out_dtype)  # a replacement from the adapter is cast first, as load_state_dict does
-    for rounding, terms in steps:
-        delta = lora_delta(terms[0], r0, r1)
-        for f in terms[1:]:
-            delta = delta + lora_delta(f, r0, r1)
-        delta = delta.reshape(out.shape)
-        if rounding == "once":
-            out = (out.float() + delta).to(out_dtype)
-        elif rounding == "delta_first":
-            out = out + delta.to(out_dtype)
-        else:  # pragma: no cover
-            raise AssertionError(f"unknown rounding {rounding!r}")
+    out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
+    if not steps:
+        out.copy_(w)  # a replacement from the adapter is cast, as load_state_dict does
+        return out
+    rows = r1 - r0
+    for c0, c1 in _chunks(rows, chunk_rows):
+        cur = w[c0:c1]
+        for i, (rounding, terms) in enumerate(steps):
+            delta = lora_delta(terms[0], r0 + c0, r0 + c1)
+            for f in terms[1:]:
+                delta.add_(lora_delta(f, r0 + c0, r0 + c1))
+            delta = delta.reshape(cur.shape)
+            if rounding == "once":
+                cur = delta.add_(cur.to(out_dtype))  # fp32 add of W and ΔW, rounded once below
+            elif rounding == "delta_first":
+                cur = cur.to(out_dtype) + delta.to(out_dtype)
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown rounding {rounding!r}")
+            if i + 1 < len(steps):
+                cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next
+        out[c0:c1].copy_(cur)  # the cast to out_dtype: round to nearest even
     return out
+
+
+def _chunks(rows: int, chunk_rows: int | None) -> tuple[tuple[int, int], ...]:
+    return ((0, rows),) if chunk_rows is None or chunk_rows >= rows else row_blocks(rows, chunk_rows)
 
 
 def nonfinite_count(t: torch.Tensor) -> int:

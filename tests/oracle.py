@@ -152,9 +152,7 @@ def qwen2() -> PreTrainedModel:
 
 def gpt2() -> PreTrainedModel:
     # GPT-2 ties wte/lm_head by default; LoRA here only touches Conv1D layers.
-    cfg = GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2
-    )
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     return GPT2LMHeadModel(cfg)
 
 
@@ -775,9 +773,7 @@ def diff_checkpoints(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
             problems.append(f"{key}: ours {a.dtype}{tuple(a.shape)} vs ref {b.dtype}{tuple(b.shape)}")
         elif not torch.equal(a, b):
             n_diff = int((a != b).sum())
-            problems.append(
-                f"{key}: {n_diff}/{a.numel()} elements differ, max abs diff {_max_abs_diff(a, b):.3g}"
-            )
+            problems.append(f"{key}: {n_diff}/{a.numel()} elements differ, max abs diff {_max_abs_diff(a, b):.3g}")
     return problems
 
 
@@ -798,9 +794,7 @@ def _summarize(case: Case) -> str:
     base_cfg = json.loads((case.base_dir / "config.json").read_text())
     ref_cfg = json.loads((case.ref_dir / "config.json").read_text())
     cfg_diff = {
-        k: (base_cfg.get(k), ref_cfg.get(k))
-        for k in set(base_cfg) | set(ref_cfg)
-        if base_cfg.get(k) != ref_cfg.get(k)
+        k: (base_cfg.get(k), ref_cfg.get(k)) for k in set(base_cfg) | set(ref_cfg) if base_cfg.get(k) != ref_cfg.get(k)
     }
     adapter_keys = sorted(load_file(case.adapter_dir / "adapter_model.safetensors"))
     non_lora = [k for k in adapter_keys if ".lora_" not in k]

@@ -285,7 +285,7 @@ def test_expert_delta_is_peft_einsum(experts: int, rank: int, out: int, inn: int
         for row0, length in ((0, rows), (rows // 3, rows - rows // 3)):
             f = kernel.Factors(layout, a, b, 0.75, expert=ExpertSlice(e, experts, row0))
             blocks = [(r0, min(length, r0 + 64)) for r0 in range(0, length, 64)]
-            got = torch.cat([kernel.expert_delta(f, r0, r1) for r0, r1 in blocks])
+            got = torch.cat([kernel.lora_delta(f, r0, r1) for r0, r1 in blocks])
             assert torch.equal(got, ref[e, row0 : row0 + length])
 
 
@@ -312,7 +312,7 @@ def test_expert_delta_is_peft_einsum_on_real_shapes(layout: str, n: int, rank: i
             if len(starts) > 1 and length - starts[-1] < 64:
                 starts.pop()
             blocks = zip(starts, [*starts[1:], length], strict=True)
-            got = torch.cat([kernel.expert_delta(f, r0, r1) for r0, r1 in blocks])
+            got = torch.cat([kernel.lora_delta(f, r0, r1) for r0, r1 in blocks])
             assert torch.equal(got, ref[e, row0 : row0 + length])
 
 
