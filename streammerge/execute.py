@@ -163,7 +163,7 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32, non_blocking=True) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32, non_blocking=True)
     m = reader.tensor(term.magnitude).to(device=device, dtype=torch.float32) if term.magnitude is not None else None
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices)
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices, term.expert)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

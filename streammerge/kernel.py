@@ -7,6 +7,8 @@ Reference: PEFT 0.21 ``peft/tuners/lora/layer.py``:
 * ``Embedding.get_delta_weight``: ``transpose(B_e @ A_e, True) * scaling``
 * ``Embedding.merge``:            ``weight.data += delta.to(weight.dtype)``      (two roundings)
 * ``lora_bias``:                  ``bias.data += lora_B.bias * scaling``          (one rounding)
+* ``ParamWrapper.get_delta_weight`` (``target_parameters``): ``einsum(B3, A3) * scaling``, then
+  ``param.data += delta.to(param.dtype)`` (two roundings); see ``expert_delta``
 
 To be bit-identical with PEFT we use the same torch ops in the same order on the same dtypes:
 ``(B @ A) * s`` (not ``B @ (A * s)``), the transpose after the product, and the add in fp32
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from streammerge.experts import ExpertSlice
 from streammerge.plan import row_blocks
 
 #: safetensors dtype code -> torch dtype.
@@ -60,10 +63,46 @@ class Factors:
     weight: float = 1.0
     magnitude: torch.Tensor | None = None  # DoRA m: (out,) | (d,) for an embedding | (1, out, 1, …) for a conv
     indices: tuple[int, ...] = ()  # "rows": the row numbers that b's rows replace
+    expert: ExpertSlice | None = None  # layouts "expert" / "expert_t": which expert's rows of ΔP
 
 
 #: Convolution of the LoRA factors by kernel rank (``_ConvNd.conv_fn``).
 _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+#: Fused parameters whose ΔP has at most this many elements (1 MiB fp32) are computed whole, exactly as PEFT
+#: does, and the expert's rows sliced out (see ``expert_delta``).
+WHOLE_DELTA_ELEMENTS = 1 << 18
+
+
+def expert_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[row0 + r0, row0 + r1)`` of expert e's ΔP[e] / s, in fp32 (PEFT ``ParamWrapper.get_delta_weight``;
+    ``lora_delta`` multiplies by s afterwards, the same elementwise op as PEFT's ``einsum(…) * scaling``).
+
+    PEFT computes all experts at once: ``A3 = A.reshape(E, r, in)`` (A's rows are expert-major),
+    ``B3 = B.reshape(out, r, E)`` (B's columns are rank-major: column k·E + e belongs to expert e), then
+    ``einsum("o r e, e r i -> e o i", B3, A3) * s`` (``"… -> e i o"`` when P is (E, in, out)).
+
+    A small ΔP (≤ WHOLE_DELTA_ELEMENTS) is computed exactly that way and sliced: on tiny matrices torch's bmm
+    takes shape-dependent paths, and neither one expert's product nor a row block of it is reliably
+    bit-identical there. A real-sized ΔP is computed for expert e and the block's rows only, with the same
+    einsum; on real expert shapes that is bit-identical to PEFT's whole einsum (tests/test_parity_moe.py), at
+    1/E of the work per tensor.
+    """
+    assert f.expert is not None and f.a is not None
+    e, n, row0 = f.expert.index, f.expert.count, f.expert.row0
+    a3 = f.a.reshape(n, -1, f.a.shape[1])  # (r·E, in) -> (E, r, in)
+    b3 = f.b.reshape(f.b.shape[0], -1, n)  # (out, r·E) -> (out, r, E)
+    spec = "o r e, e r i -> e o i" if f.layout == "expert" else "o r e, e r i -> e i o"
+    if n * b3.shape[0] * a3.shape[2] <= WHOLE_DELTA_ELEMENTS:
+        # (out, r, E) x (E, r, in) -> (E, out, in) | (E, in, out); then rows of expert e
+        return torch.einsum(spec, b3, a3)[e, row0 + r0 : row0 + r1]
+    if f.layout == "expert":
+        # P (E, out, in): (rows, r, 1) x (1, r, in) -> (1, rows, in)
+        return torch.einsum(spec, b3[row0 + r0 : row0 + r1, :, e : e + 1], a3[e : e + 1])[0]
+    # "expert_t", P (E, in, out) (peft 0.17-0.19.0): rows of ΔP[e] are columns of A_e
+    # (out, r, 1) x (1, r, rows) -> (1, rows, out)
+    return torch.einsum(spec, b3[:, :, e : e + 1], a3[e : e + 1, :, row0 + r0 : row0 + r1])[0]
 
 
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
@@ -80,6 +119,8 @@ def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
         delta = f.b[r0:r1].clone()
     elif f.layout == "conv":
         delta = conv_delta(f)[r0:r1]
+    elif f.layout in ("expert", "expert_t"):
+        delta = expert_delta(f, r0, r1)
     else:  # pragma: no cover - the planner only emits the layouts above
         raise AssertionError(f"unknown LoRA layout {f.layout!r}")
     delta.mul_(f.scale)  # PEFT: (B @ A) * scaling — the same elementwise op, in place

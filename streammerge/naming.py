@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from streammerge import renames
+
 PEFT_PREFIX = "base_model.model."
 
 # role -> suffix after the module path. Order matters: longer, more specific suffixes first.
@@ -96,7 +98,20 @@ def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> dict[s
 
 
 def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
-    """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4)."""
+    """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4).
+
+    Exact name, tied alias, ``base_model_prefix`` change; then the same for each transformers v5 rename of the
+    name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
+    """
+    found = _resolve_direct(name, names, aliases)
+    for cand in () if found is not None else renames.disk_candidates(name):
+        found = _resolve_direct(cand, names, aliases)
+        if found is not None:
+            break
+    return found
+
+
+def _resolve_direct(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
     if name in names:
         return name
     if name in aliases:

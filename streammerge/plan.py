@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from streammerge import naming
+from streammerge import experts, naming
 from streammerge.adapter import Adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, output_name
 from streammerge.errors import PlanError, UnsupportedAdapterError
@@ -67,6 +68,9 @@ class LoraTerm:
     * ``bias``:      b (out,);  b_B (out,) (``lora_B.bias``); Δb = b_B · s
     * ``conv``:      W (out, in, *k); A (r, in, *k), B (out, r, 1, …); ΔW = conv(Aᵀ, B)ᵀ · s (whole tensor)
     * ``rows``:      W (V, d); b (n, d) replacement rows for ``indices`` (trainable tokens; a=None, scale 1)
+    * ``expert``:    W (out_e, in) one expert's disk tensor; A (r·E, in), B (out, r·E) of a fused 3-D
+      parameter (E, out, in); ΔW = rows ``expert.row0…`` of ΔP[e] (``kernel.expert_delta``)
+    * ``expert_t``:  same, the parameter read as (E, in, out) (peft 0.17–0.19.0)
 
     ``magnitude`` is DoRA's ``lora_magnitude_vector`` (its step has rounding ``dora``).
     """
@@ -79,6 +83,7 @@ class LoraTerm:
     origin: str = ""  # adapter key stem, for messages
     magnitude: TensorRef | None = None
     indices: tuple[int, ...] = ()
+    expert: experts.ExpertSlice | None = None  # layouts expert / expert_t only
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +134,14 @@ class TensorTask:
 
         * a convolution delta, or a DoRA norm taken across rows (embedding columns, HF Conv1D
           outputs): the step needs every row at once;
-        * a transposed layout (HF Conv1D, embedding) whose rows are narrower than ROW_ALIGN: blocks
+        * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than ROW_ALIGN: blocks
           slice A's columns, and MKL's fp32 sums then differ from the whole product for widths up to
           11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small.
         """
         return any(
             term.layout == "conv"
             or (step.rounding == "dora" and term.layout != "linear")
-            or (term.layout in ("linear_t", "embedding") and self.row_numel < ROW_ALIGN)
+            or (term.layout in ("linear_t", "embedding", "expert_t") and self.row_numel < ROW_ALIGN)
             for step in self.steps
             for term in step.terms
         )
@@ -357,6 +362,7 @@ def _plan_adapter(
     drop: set[str],
     problems: list[str],
 ) -> None:
+    cfg = adapter.config
     header = adapter.weights
     infos = header.by_name()
     keys = [naming.parse_key(k) for k in header.names()]
@@ -379,6 +385,9 @@ def _plan_adapter(
     check_targeting(adapter, by_module, located, aliases, problems)
 
     model_type = ckpt.config.get("model_type")
+    if cfg.raw.get("target_parameters"):
+        _plan_param_wrappers(index, adapter, by_module, infos, located, aliases, targets, problems)
+    warnings.extend(experts.v4_warnings(where, cfg, model_type, by_module))
     for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
         _plan_module(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems)
 
@@ -398,6 +407,18 @@ def _plan_module(index, adapter, module, roles, infos, located, aliases, model_t
             f"{adapter.weights.path}: {roles['magnitude'].key!r} is a DoRA magnitude without LoRA factors for "
             f"module {module!r}; the adapter file is incomplete: re-save it"
         )
+
+
+def _plan_param_wrappers(index, adapter, by_module, infos, located, aliases, targets, problems):
+    """PEFT ``target_parameters`` (``ParamWrapper``): ``P + rnd(ΔP)``, fused experts de-fused per disk tensor."""
+    where = str(adapter.weights.path)
+    wrapped = experts.take_param_wrappers(where, by_module, adapter.config.raw["target_parameters"], problems)
+    for wp in wrapped:
+        for d in experts.plan_wrapped(where, adapter.config, wp, infos, located, aliases, problems):
+            term = LoraTerm(d.layout, _ref(adapter.weights, d.a), _ref(adapter.weights, d.b), d.scale,
+                            origin=d.origin, expert=d.expert)
+            _check_float(adapter, d.target, located[d.target][1], problems)
+            targets[d.target].steps.append((naming.module_order(wp.module), index, Step((term,), "delta_first")))
 
 
 def _pair(adapter: Adapter, module: str, roles: Mapping[str, naming.AdapterKey], a_role: str, b_role: str,
@@ -628,7 +649,10 @@ def check_targeting(adapter: Adapter, by_module: Mapping[str, Mapping[str, namin
         info = located.get(aliases.get(name, name))
         shape = getattr(info[1], "shape", ()) if isinstance(info, tuple) else ()
         module = name.removesuffix(".weight")
+        # Per-expert disk modules (experts.N.gate_proj) are fused parameters in transformers v5, not
+        # modules PEFT wraps: a v5 adapter targeting "gate_proj" has no keys for them, correctly.
         if (name.endswith(".weight") and len(shape) >= 2 and cfg.targets_module(module)
+                and not _PER_EXPERT.search(module)
                 and naming.resolve(name, located.keys(), aliases) not in covered):
             problems.append(
                 f"{adapter.weights.path}: adapter_config.json targets module {module!r} with "
@@ -636,6 +660,9 @@ def check_targeting(adapter: Adapter, by_module: Mapping[str, Mapping[str, namin
                 "initial A and B: the adapter file is incomplete (or target_modules is wrong)"
             )
             return
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _param_target(cfg, module: str) -> bool:

@@ -584,6 +584,194 @@ LOGITS_CASES: tuple[str, ...] = (
 
 
 # ----------------------------------------------------------------------------------------------------------
+# MoE experts and transformers v5 names (issue 3: tests/test_parity_moe.py, tests/test_names.py)
+#
+# Kept apart from CASES: test_parity_peft.py expects bit-exact PEFT parity for every tensor of every case in
+# CASES, which these cases deliberately break where PEFT 0.21 is wrong (v4-format experts). They are built by
+# the same ``build_case`` / ``cached_case``.
+
+MOE_EXPERTS = 4
+MOE_INTER = 48  # 2·I = 96 != H = 64: the fused gate_up_proj is not square, so its LoRA layout is unambiguous
+MOE_HIDDEN = 64
+LLAVA_VOCAB = 130  # image_token_index 129 lies outside the ids _fixed_input draws (3..127)
+
+
+def mixtral(**overrides: Any) -> Callable[[], PreTrainedModel]:
+    def make() -> PreTrainedModel:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        kw: dict[str, Any] = {
+            "hidden_size": MOE_HIDDEN, "intermediate_size": MOE_INTER, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": MOE_EXPERTS,
+            "num_experts_per_tok": 2, "vocab_size": VOCAB, "max_position_embeddings": 64,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        }
+        kw.update(overrides)
+        return MixtralForCausalLM(MixtralConfig(**kw))
+
+    return make
+
+
+def qwen2_moe() -> PreTrainedModel:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        hidden_size=MOE_HIDDEN, intermediate_size=128, moe_intermediate_size=MOE_INTER,
+        shared_expert_intermediate_size=64, num_experts=MOE_EXPERTS, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = Qwen2MoeForCausalLM(cfg)
+    _randomize_biases(model)
+    return model
+
+
+def llava() -> PreTrainedModel:
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=_llama_config(vocab_size=LLAVA_VOCAB, num_hidden_layers=1),
+        image_token_index=LLAVA_VOCAB - 1, projector_hidden_act="gelu", tie_word_embeddings=False,
+    ))
+
+
+#: Per-expert module names of a transformers-4 (v4-format) expert adapter, by disk layout.
+V4_EXPERT_MODULES = {"mixtral": ("block_sparse_moe", ("w1", "w2", "w3")),
+                     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def add_v4_expert_lora(family: str, targets: tuple[str, ...], router: bool = False) -> Callable[[Path], None]:
+    """Turn a PEFT-saved adapter into a transformers-4-era one: add fp32 LoRA pairs on every expert's
+    ``targets`` (their disk names, as v4 PEFT saved them) and optionally the router, and list them in
+    ``target_modules``. The r, α and rsLoRA of the saved config apply."""
+
+    def edit(adapter_dir: Path) -> None:
+        base_cfg = json.loads((adapter_dir.parent / "base" / "config.json").read_text())
+        ad_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        block, _ = V4_EXPERT_MODULES[family]
+        r, hidden = ad_cfg["r"], base_cfg["hidden_size"]
+        inter = base_cfg.get("moe_intermediate_size") or base_cfg["intermediate_size"]
+        n = base_cfg.get("num_local_experts") or base_cfg["num_experts"]
+        path = adapter_dir / "adapter_model.safetensors"
+        sd = load_file(path)
+        gen = torch.Generator().manual_seed(SEED + 21)
+        shapes = {"w2": (hidden, inter), "down_proj": (hidden, inter)}
+        for layer in range(base_cfg["num_hidden_layers"]):
+            stem = f"base_model.model.model.layers.{layer}.{block}"
+            modules = [(f"{stem}.experts.{e}.{t}", shapes.get(t, (inter, hidden))) for e in range(n) for t in targets]
+            if router:
+                modules.append((f"{stem}.gate", (n, hidden)))
+            if "shared_expert_intermediate_size" in base_cfg:  # Qwen2-MoE's shared expert has the same leaf names
+                shared = base_cfg["shared_expert_intermediate_size"]
+                modules += [(f"{stem}.shared_expert.{t}", (hidden, shared) if t == "down_proj" else (shared, hidden))
+                            for t in targets]
+            for module, (out, inn) in modules:
+                sd[f"{module}.lora_A.weight"] = torch.randn((r, inn), generator=gen) * 0.1
+                sd[f"{module}.lora_B.weight"] = torch.randn((out, r), generator=gen) * 0.1
+        save_file(sd, path, metadata={"format": "pt"})
+        ad_cfg["target_modules"] = sorted({*ad_cfg["target_modules"], *targets, *(["gate"] if router else [])})
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(ad_cfg, indent=2, sort_keys=True))
+
+    return edit
+
+
+def to_pre_452_names(adapter_dir: Path) -> None:
+    """Rename a v5 Llava adapter's keys to the disk names that adapters saved before transformers 4.52 used."""
+    path = adapter_dir / "adapter_model.safetensors"
+    sd = load_file(path)
+    renames = (("base_model.model.model.language_model.", "base_model.model.language_model.model."),
+               ("base_model.model.model.vision_tower.", "base_model.model.vision_tower."),
+               ("base_model.model.model.multi_modal_projector.", "base_model.model.multi_modal_projector."),
+               ("base_model.model.lm_head.", "base_model.model.language_model.lm_head."))
+    out = {}
+    for key, value in sd.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        out[key] = value
+    save_file(out, path, metadata={"format": "pt"})
+
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ML0 = "model.layers.0.block_sparse_moe."
+QL0 = "model.layers.0.mlp."
+
+_MOE_SPECS: dict[str, _Spec] = {
+    # spec §7 row 14: v5-native target_parameters on the fused experts (+ router, + attention)
+    "mixtral_v5_experts": _Spec(
+        make_base=mixtral(),
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+              "target_parameters": [*EXPERT_PARAMS, "mlp.gate.weight"]},
+        must_change=(ML0 + "experts.0.w1.weight", ML0 + "experts.3.w3.weight", ML0 + "experts.2.w2.weight",
+                     ML0 + "gate.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ),
+    # same with rsLoRA and a rank_pattern on one fused parameter (scale from the parameter path)
+    "mixtral_v5_experts_rslora": _Spec(
+        make_base=mixtral(),
+        lora={"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj"],
+              "target_parameters": EXPERT_PARAMS, "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"down_proj": 4}},
+        must_change=(ML0 + "experts.1.w1.weight", ML0 + "experts.1.w2.weight"),
+    ),
+    # only down_proj targeted: a single (outermost) wrapper holds it
+    "mixtral_v5_down_only": _Spec(
+        make_base=mixtral(),
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"]},
+        must_change=(ML0 + "experts.1.w2.weight",),
+    ),
+    # spec §7 row 13: v4-format per-expert adapter (w1/w2/w3 per expert, router, q_proj)
+    "mixtral_v4_experts": _Spec(
+        make_base=mixtral(),
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+        edit_adapter=add_v4_expert_lora("mixtral", ("w1", "w2", "w3"), router=True),
+    ),
+    "mixtral_v4_experts_rslora": _Spec(
+        make_base=mixtral(),
+        lora={"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj"]},
+        edit_adapter=add_v4_expert_lora("mixtral", ("w1", "w2", "w3"), router=True),
+    ),
+    # spec §7 row 15: v4-format Qwen2-MoE expert adapter (PEFT 0.21 drops the expert keys)
+    "qwen2_moe_v4_experts": _Spec(
+        make_base=qwen2_moe,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+        edit_adapter=add_v4_expert_lora("qwen2_moe", ("gate_proj", "up_proj", "down_proj")),
+    ),
+    # v5-native target_parameters on Qwen2-MoE: de-fused onto mlp.experts.e.{gate,up,down}_proj
+    "qwen2_moe_v5_experts": _Spec(
+        make_base=qwen2_moe,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "gate_proj"], "target_parameters": EXPERT_PARAMS},
+        must_change=(QL0 + "experts.0.gate_proj.weight", QL0 + "experts.3.up_proj.weight",
+                     QL0 + "experts.2.down_proj.weight", QL0 + "shared_expert.gate_proj.weight"),
+    ),
+    # spec §7 row 16: Llava (v5 in-memory names in the adapter; the checkpoint keeps language_model.model.* etc.)
+    "llava_v5_names": _Spec(
+        make_base=llava,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "fc1", "linear_1", "lm_head"]},
+        auto_class=None,  # set below: LlavaForConditionalGeneration (imported lazily)
+        must_change=("language_model.model.layers.0.self_attn.q_proj.weight",
+                     "vision_tower.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight",
+                     "language_model.lm_head.weight"),
+    ),
+}
+
+
+def _llava_class() -> type:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+_MOE_SPECS["llava_v5_names"] = replace(_MOE_SPECS["llava_v5_names"], auto_class=_llava_class())
+_MOE_SPECS["llava_pre_452_names"] = replace(_MOE_SPECS["llava_v5_names"], edit_adapter=to_pre_452_names)
+
+MOE_CASES: tuple[str, ...] = tuple(_MOE_SPECS)
+_SPECS.update(_MOE_SPECS)  # after CASES: build_case / cached_case know them, test_parity_peft does not
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Building
 
 
@@ -637,7 +825,7 @@ def build_case(name: str, root: Path) -> Case:
         model = spec.make_base().to(torch.bfloat16)
         save_kw = {} if spec.max_shard_size is None else {"max_shard_size": spec.max_shard_size}
         model.save_pretrained(base_dir, **save_kw)
-        _write_tokenizer(base_dir, model.config.vocab_size)
+        _write_tokenizer(base_dir, model.config.get_text_config().vocab_size)
         n_shards = len(list(base_dir.glob("*.safetensors")))
         if n_shards < spec.min_shards:
             raise RuntimeError(f"{name}: base has {n_shards} shards, wanted >= {spec.min_shards}")
