@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -60,21 +60,55 @@ class AdapterConfig:
     base_model_name_or_path: str | None
     revision: str | None
     raw: Mapping[str, object]
+    pattern_rules: str = "current"  # one of PATTERN_RULES: how rank/alpha_pattern keys are matched
 
     def rank_for(self, module: str) -> int:
-        return int(_pattern_value(self.rank_pattern, module, self.r))
+        return int(self.r_alpha_for(module)[0])
 
     def alpha_for(self, module: str) -> float:
-        return _pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        return self.r_alpha_for(module)[1]
+
+    def r_alpha_for(self, module: str, rules: str | None = None) -> tuple[int, float]:
+        r"""(r, α) of ``module`` under ``rules`` (default: this config's ``pattern_rules``), spec §6.6:
+
+        * ``current`` (PEFT ≥ 0.15, what PEFT 0.21 applies to every adapter it loads): r and α
+          resolved independently, each by the first key in file order with ``(.*\.)?(key)$`` matching;
+        * ``0.14``: independently, with ``.*\.key$`` (no full-name match);
+        * ``pre-0.14``: ONE key, the first match of ``.*\.key$`` over rank_pattern then alpha_pattern,
+          looked up in both (a key only in rank_pattern leaves α at its default).
+        """
+        rules = rules or self.pattern_rules
+        if rules == "current":
+            return (int(_pattern_value(self.rank_pattern, module, self.r, _CURRENT)),
+                    _pattern_value(self.alpha_pattern, module, self.lora_alpha, _CURRENT))
+        if rules == "0.14":
+            return (int(_pattern_value(self.rank_pattern, module, self.r, _LEGACY)),
+                    _pattern_value(self.alpha_pattern, module, self.lora_alpha, _LEGACY))
+        keys = [k for k, _ in (*self.rank_pattern, *self.alpha_pattern)]
+        key = next((k for k in keys if re.match(_LEGACY.format(key=k), module)), None)
+        return int(dict(self.rank_pattern).get(key, self.r)), dict(self.alpha_pattern).get(key, self.lora_alpha)
 
     def scale_for(self, module: str) -> float:
         """PEFT's ``scaling``: ``α/r``, or ``α/√r`` with rsLoRA (``LoraLayer.update_layer``).
 
-        r and α are resolved independently (peft ≥ 0.14), each by the first matching key in file order.
         The arithmetic is PEFT's (Python floats), so the scale is bit-identical to PEFT's.
         """
-        r, alpha = self.rank_for(module), self.alpha_for(module)
+        r, alpha = self.r_alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def legacy_pattern_drift(self, modules: Iterable[str]) -> str | None:
+        """For an adapter saved before PEFT 0.18 (no ``peft_version``), the first module whose (r, α)
+        under the pattern rules of older PEFT differs from what PEFT applies now, described; else None."""
+        if "peft_version" in self.raw or not (self.rank_pattern or self.alpha_pattern):
+            return None
+        for module in modules:
+            now = self.r_alpha_for(module, "current")
+            for rules in ("0.14", "pre-0.14"):
+                then = self.r_alpha_for(module, rules)
+                if then != now:
+                    return (f"module {module!r} gets (r, alpha) = {now} under PEFT >= 0.15 pattern rules but {then} "
+                            f"under PEFT {rules} rules")
+        return None
 
     def targets_module(self, module: str) -> bool | None:
         """Would PEFT put a LoRA layer on ``module``? PEFT 0.21 ``check_target_module_exists``.
@@ -147,10 +181,16 @@ def _in_layers(raw: Mapping[str, object], module: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _pattern_value(pattern: tuple[tuple[str, float], ...], module: str, default: float) -> float:
-    """PEFT ≥ 0.15 ``get_pattern_key``: the first key (file order) with ``(.*\\.)?(key)$`` matching."""
+#: ``rank_pattern``/``alpha_pattern`` key rules: PEFT ≥ 0.15 ``get_pattern_key``, and PEFT < 0.15.
+_CURRENT = r"(.*\.)?({key})$"
+_LEGACY = r".*\.{key}$"
+PATTERN_RULES = ("current", "0.14", "pre-0.14")
+
+
+def _pattern_value(pattern: tuple[tuple[str, float], ...], module: str, default: float, rule: str) -> float:
+    """The value of the first key (file order) whose ``rule`` regex matches ``module``."""
     for key, value in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(rule.format(key=key), module):
             return value
     return default
 

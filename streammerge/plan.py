@@ -383,6 +383,13 @@ def _plan_adapter(
         else:
             by_module[k.module][k.role] = k
     check_targeting(adapter, by_module, located, aliases, problems)
+    drift = cfg.legacy_pattern_drift(sorted(m for m, roles in by_module.items() if roles.keys() & {"lora_A", "emb_A"}))
+    if drift and cfg.pattern_rules == "current":
+        warnings.append(
+            f"{where}: saved before PEFT 0.18 (no peft_version) with rank/alpha patterns, and {drift}; the merge "
+            "follows PEFT >= 0.15 as PEFT 0.21 does; pass --pattern-rules 0.14 or pre-0.14 to use the rules "
+            "of the PEFT version that trained it"
+        )
 
     model_type = ckpt.config.get("model_type")
     if cfg.raw.get("target_parameters"):
