@@ -65,7 +65,7 @@ class Piece:
 
 def block_rows(task: TensorTask, opts: ExecOptions) -> int:
     """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN:
+    if task.rows <= ROW_ALIGN or task.whole:  # whole: an operator ranks elements over the whole tensor
         return task.rows
     target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
     per_row = block_bytes(task, 1) - block_bytes(task, 0)
@@ -120,7 +120,7 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
     device = opts.device
     w = reader.rows(task.source, r0, r1)
     steps = [
-        (step.rounding, [_factors(term, reader, device) for term in step.terms])
+        (step.rounding, [_factors(term, reader, device) for term in step.terms], step.combination)
         for step in task.steps
     ]
     out = kernel.merge_block(w.to(device, non_blocking=True), kernel.TORCH_DTYPES[task.dtype], steps, r0, r1)
@@ -141,7 +141,7 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
     # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32)
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight)
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, term.task)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

@@ -18,10 +18,13 @@ counts are multiples of ``plan.ROW_ALIGN``; tested on real shapes in ``tests/tes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from streammerge import combine
 
 #: safetensors dtype code -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -55,6 +58,7 @@ class Factors:
     b: torch.Tensor  # (out, r) | (d, r) | (out,) for "bias"
     scale: float
     weight: float = 1.0
+    task: int = 0  # adapter index, for a combination step (``plan.LoraTerm.task``)
 
 
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
@@ -85,16 +89,21 @@ def merge_block(
 ) -> torch.Tensor:
     """Merge rows ``[r0, r1)``: start from ``w`` (those rows, any dtype), apply ``steps`` in order.
 
-    Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
+    A step is ``(rounding, terms)`` or ``(rounding, terms, combination)`` (a ``plan.Combination``
+    or None). Each step sums its terms' deltas in fp32 (each times its ``weight``), or combines
+    the adapters' task vectors with ``combination`` (``combined_delta``), and adds them with its rounding policy:
     ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``. The result has
     ``out_dtype`` and lives on ``w``'s device.
     """
     out = w.to(out_dtype)  # a replacement from the adapter is cast first, as load_state_dict does
-    for rounding, terms in steps:
-        delta = lora_delta(terms[0], r0, r1)
-        for f in terms[1:]:
-            delta = delta + lora_delta(f, r0, r1)
-        delta = delta.reshape(out.shape)
+    for rounding, terms, *combination in steps:
+        if combination and combination[0] is not None:
+            delta = combined_delta(terms, combination[0], out.shape, r0, r1)
+        else:
+            delta = lora_delta(terms[0], r0, r1)
+            for f in terms[1:]:
+                delta = delta + lora_delta(f, r0, r1)
+            delta = delta.reshape(out.shape)
         if rounding == "once":
             out = (out.float() + delta).to(out_dtype)
         elif rounding == "delta_first":
@@ -102,6 +111,31 @@ def merge_block(
         else:  # pragma: no cover
             raise AssertionError(f"unknown rounding {rounding!r}")
     return out
+
+
+def combined_delta(terms: Sequence[Factors], combination, block_shape: torch.Size, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of op({ΔWᵢ}) for a ``plan.Combination`` (``streammerge.combine``), fp32.
+
+    ΔWᵢ is the sum of adapter i's terms (fp32, weight 1: the operator applies the weights). An
+    adapter with no term on this tensor has ΔWᵢ = 0, which no operator counts (a pruned or
+    zero element has no sign and adds nothing), so it is left out of the stack.
+    """
+    tasks = sorted({f.task for f in terms})
+    first = terms[0]
+    deltas = torch.empty((len(tasks), *block_shape), dtype=torch.float32, device=first.b.device)  # (n, rows, ...)
+    for j, task in enumerate(tasks):
+        mine = [f for f in terms if f.task == task]
+        acc = lora_delta(mine[0], r0, r1)
+        for f in mine[1:]:
+            acc = acc + lora_delta(f, r0, r1)
+        deltas[j] = acc.reshape(block_shape)
+        del acc
+    row_numel = math.prod(block_shape[1:]) if len(block_shape) > 1 else 1
+    return combine.combine_task_vectors(
+        deltas, [combination.weights[t] for t in tasks], combination.method, combination.density,
+        seed=combination.seed, key=combination.key, tasks=tasks, first_index=r0 * row_numel,
+        majority_sign=combination.majority_sign,
+    )
 
 
 def nonfinite_count(t: torch.Tensor) -> int:
