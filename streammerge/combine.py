@@ -121,30 +121,35 @@ def dare_keep(shape: Sequence[int], density: float, *, seed: int, key: str, task
     numel = 1
     for d in shape:
         numel *= d
-    index = torch.arange(first_index, first_index + numel, dtype=torch.int64, device=device)  # (numel,)
-    high = index >> 32
-    h = index.bitwise_and_(_MASK32).bitwise_xor_(k0)
-    _fmix32_(h)
-    h.bitwise_xor_(high.bitwise_xor_(k1))
-    _fmix32_(h)
+    # Two int64 buffers in all (the hash and one scratch), updated in place.
+    h = torch.arange(first_index, first_index + numel, dtype=torch.int64, device=device)  # (numel,) counters
+    scratch = torch.empty_like(h)
+    if first_index + numel > 1 << 32:
+        torch.bitwise_right_shift(h, 32, out=scratch)  # high word of the counter
+        high = scratch.clone()
+    else:
+        high = 0
+    h.bitwise_and_(_MASK32).bitwise_xor_(k0)
+    _fmix32_(h, scratch)
+    h.bitwise_xor_(high).bitwise_xor_(k1)
+    _fmix32_(h, scratch)
     threshold = min(int(density * (1 << 32)), 1 << 32)
     return (h < threshold).reshape(tuple(shape))
 
 
-def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32_(x: torch.Tensor, c: int, scratch: torch.Tensor) -> torch.Tensor:
     """x ← x·c mod 2³² for int64 x in [0, 2³²) without signed overflow: split x into 16-bit halves."""
-    high = (x >> 16).mul_(c).bitwise_and_(_MASK16)  # only its low 16 bits survive the shift below
-    high <<= 16
-    return x.bitwise_and_(_MASK16).mul_(c).add_(high).bitwise_and_(_MASK32)  # lo·c < 2⁴⁸
+    torch.bitwise_right_shift(x, 16, out=scratch)
+    scratch.mul_(c).bitwise_and_(_MASK16).bitwise_left_shift_(16)  # hi·c: only its low 16 bits survive the shift
+    return x.bitwise_and_(_MASK16).mul_(c).add_(scratch).bitwise_and_(_MASK32)  # lo·c < 2⁴⁸
 
 
-def _fmix32_(h: torch.Tensor) -> torch.Tensor:
+def _fmix32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """MurmurHash3 ``fmix32`` on int64 words holding 32-bit values, in place."""
-    h.bitwise_xor_(h >> 16)
-    _mul32_(h, 0x85EBCA6B)
-    h.bitwise_xor_(h >> 13)
-    _mul32_(h, 0xC2B2AE35)
-    h.bitwise_xor_(h >> 16)
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=scratch))
+        _mul32_(h, mult, scratch)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=scratch))
     return h
 
 

@@ -134,6 +134,12 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
             )
     out = out.to("cpu") if out.device.type != "cpu" else out
     reader.release(task.source, r0, r1)
+    for term in (t for s in task.steps for t in s.terms):
+        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
+        # (safe under other threads: the private, never-written mapping faults them back in from the file).
+        for ref in (term.a, term.b):
+            if ref is not None:
+                reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
     return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
 
 
@@ -147,6 +153,12 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def as_bytes_writable(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    assert t.is_contiguous() and t.device.type == "cpu"
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -199,8 +211,11 @@ def whole_tensors(
     for piece in pieces(tasks, reader, opts):
         task = piece.task
         if piece.data is None:
-            yield task.name, reader.tensor(task.source).clone()
-            reader.release(task.source, 0, task.rows)
+            # read(2) into the caller's tensor: no mapped pages, so RSS grows by that tensor alone
+            out = torch.empty(task.shape, dtype=kernel.TORCH_DTYPES[task.dtype])
+            reader.read_into(task.source, as_bytes_writable(out))
+            yield task.name, out
+            out = None
             continue
         if not task.shape:
             yield task.name, piece.data

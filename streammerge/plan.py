@@ -255,7 +255,7 @@ COMBINE_BYTES_PER_TASK = 9
 #: ... and once per block: building one task vector (B@A, its scaled copy), magnitude pruning
 #: (|ΔW|, the comparison mask, the 0/1 float mask), the elected sign, the sums and counts; DARE
 #: hashes the element counters in int64 (see ``combine.dare_keep``).
-COMBINE_BYTES_SHARED = {"ties": 24, "magnitude_prune": 24, "dare_linear": 40, "dare_ties": 40}
+COMBINE_BYTES_SHARED = {"ties": 24, "magnitude_prune": 24, "dare_linear": 24, "dare_ties": 24}
 
 
 def combine_bytes_per_element(step: Step) -> int:
