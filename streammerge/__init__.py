@@ -10,7 +10,7 @@ Library use::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from streammerge.api import MergeReport, iter_merged, merge, plan_merge
+from streammerge.api import MergeReport, iter_merged, merge, plan_merge, plan_unmerge, unmerge
 from streammerge.errors import (
     AdapterError,
     BudgetError,
@@ -43,4 +43,6 @@ __all__ = [
     "iter_merged",
     "merge",
     "plan_merge",
+    "plan_unmerge",
+    "unmerge",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m streammerge {merge,demo} ...``. The only module that prints.
+"""Command line: ``python -m streammerge {merge,unmerge,demo} ...``. The only module that prints.
 
 Exit status: 0 success, 2 bad input or environment (one ``error: …`` line on stderr, no
 traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Unexpected exceptions keep their
@@ -60,12 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     m.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+    _combination_args(m)
     _common(m)
+
+    u = sub.add_parser("unmerge", help="take an adapter back out of a merged checkpoint: W - w*s*B@A, one rounding")
+    u.add_argument("--merged", required=True, metavar="DIR", help="the merged checkpoint directory")
+    u.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter that was merged into it")
+    u.add_argument("--weight", type=float, default=1.0, metavar="W", help="weight it was merged with (default 1)")
+    u.add_argument("--base", metavar="DIR", help="the original base: source of tensors that have no exact inverse "
+                   "(saved heads, modules_to_save, DoRA, trainable tokens)")
+    u.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    u.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    u.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N] (default: auto)")
+    u.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
+    u.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="re-shard the output (e.g. 5GB)")
+    u.add_argument("--max-memory", type=parse_size, metavar="SIZE", default=None,
+                   help="working-memory budget for merge blocks (default 512MiB)")
+    u.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    u.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    u.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+    _common(u)
 
     d = sub.add_parser("demo", help="build a tiny base + adapter in a temporary directory, merge, verify")
     d.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it (default: a temp dir)")
     _common(d)
     return parser
+
+
+def parse_weights(text: str) -> list[float]:
+    """``0.7,0.3`` → [0.7, 0.3] (negative weights allowed: ``1,-0.5``)."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)") from None
+
+
+def _combination_args(m: argparse.ArgumentParser) -> None:
+    from streammerge.plan import COMBINATIONS
+
+    m.add_argument("--weights", type=parse_weights, metavar="W1,W2,...",
+                   help="one weight per --adapter, in order (default 1 each); negative weights subtract")
+    m.add_argument("--combination", choices=COMBINATIONS, default=None,
+                   help="how several adapters combine: cat (default; exact sum of weighted LoRA deltas, one "
+                   "rounding), or a task-vector operator per tensor: ties, dare_linear, dare_ties, magnitude_prune")
+    m.add_argument("--density", type=float, metavar="D",
+                   help="fraction of each adapter's delta kept by ties/dare/magnitude_prune (required for them)")
+    m.add_argument("--seed", type=int, default=0, help="DARE mask seed (default 0); same seed, same result")
+    m.add_argument("--heads-from", metavar="NAME",
+                   help="adapter (directory name or index) whose saved heads/full tensors to keep when several "
+                   "adapters carry one; heads are never blended")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -142,7 +185,7 @@ def _merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from streammerge.api import DEFAULT_MAX_MEMORY, merge
+    from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
     from streammerge.execute import default_workers
 
     workers = args.workers or default_workers()
@@ -161,12 +204,19 @@ def _merge(args: argparse.Namespace) -> int:
             print(plan.summary())  # type: ignore[attr-defined]
 
     with logging_redirect_tqdm(), bar:
-        report = merge(
-            base=args.base, adapters=args.adapter, out=args.out, adapter_name=args.adapter_name,
-            device=args.device, workers=workers, max_shard_size=args.max_shard_size,
+        common = dict(
+            adapter_name=args.adapter_name, device=args.device, workers=workers, max_shard_size=args.max_shard_size,
             max_memory=args.max_memory or DEFAULT_MAX_MEMORY, dry_run=args.dry_run, overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan,
         )
+        if args.command == "unmerge":
+            report = unmerge(args.merged, args.adapter, args.out, weight=args.weight, base=args.base, **common)
+        else:
+            report = merge(
+                base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
+                combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
+                **common,
+            )
     if not args.quiet or args.dry_run:
         print(report.summary())
     return 0

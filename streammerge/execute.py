@@ -122,8 +122,9 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
     if opts.device.type == "cuda":
         out = _compute_cuda(task, w, r0, r1, reader, opts.device)
     else:
-        steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms]) for step in task.steps]
-        chunk = None if task.whole else chunk_rows(task.row_numel)
+        steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms], step.combination)
+                 for step in task.steps]
+        chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
         out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
@@ -134,6 +135,12 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
     reader.release(task.source, r0, r1)
+    for term in (t for s in task.steps for t in s.terms):
+        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
+        # (safe under other threads: the private, never-written mapping faults them back in from the file).
+        for ref in (term.a, term.b):
+            if ref is not None:
+                reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
     return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
 
 
@@ -150,7 +157,8 @@ def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: T
         staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         staged.copy_(w)
         w_dev = staged.to(device, non_blocking=True)
-        steps = [(step.rounding, [_factors(t, reader, device) for t in step.terms]) for step in task.steps]
+        steps = [(step.rounding, [_factors(t, reader, device) for t in step.terms], step.combination)
+                 for step in task.steps]
         merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, None)
         out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
         out.copy_(merged, non_blocking=True)
@@ -163,12 +171,18 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32, non_blocking=True) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32, non_blocking=True)
     m = reader.tensor(term.magnitude).to(device=device, dtype=torch.float32) if term.magnitude is not None else None
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices, term.expert)
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices, term.expert, term.task)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def as_bytes_writable(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    assert t.is_contiguous() and t.device.type == "cpu"
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -221,8 +235,11 @@ def whole_tensors(
     for piece in pieces(tasks, reader, opts):
         task = piece.task
         if piece.data is None:
-            yield task.name, reader.tensor(task.source).clone()
-            reader.release(task.source, 0, task.rows)
+            # read(2) into the caller's tensor: no mapped pages, so RSS grows by that tensor alone
+            out = torch.empty(task.shape, dtype=kernel.TORCH_DTYPES[task.dtype])
+            reader.read_into(task.source, as_bytes_writable(out))
+            yield task.name, out
+            out = None
             continue
         if not task.shape:
             yield task.name, piece.data

@@ -20,12 +20,14 @@ counts are multiples of ``plan.ROW_ALIGN``; tested on real shapes in ``tests/tes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from streammerge import combine
 from streammerge.experts import ExpertSlice
 from streammerge.plan import row_blocks
 
@@ -64,6 +66,7 @@ class Factors:
     magnitude: torch.Tensor | None = None  # DoRA m: (out,) | (d,) for an embedding | (1, out, 1, …) for a conv
     indices: tuple[int, ...] = ()  # "rows": the row numbers that b's rows replace
     expert: ExpertSlice | None = None  # layouts "expert" / "expert_t": which expert's rows of ΔP
+    task: int = 0  # adapter index, for a combination step (``plan.LoraTerm.task``)
 
 
 #: Convolution of the LoRA factors by kernel rank (``_ConvNd.conv_fn``).
@@ -201,6 +204,8 @@ def merge_block(
 ) -> torch.Tensor:
     """Merge rows ``[r0, r1)``: start from ``w`` (those rows, any dtype), apply ``steps`` in order.
 
+    A step is ``(rounding, terms)`` or ``(rounding, terms, combination)`` with a ``plan.Combination``
+    (or None): the adapters' task vectors are then combined by ``combined_delta`` instead of summed.
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
     ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``; ``dora`` → ``dora_block``;
     ``rows`` → ``replace_rows``. Returns a new tensor of ``out_dtype`` on ``w``'s device (``w`` is
@@ -219,17 +224,20 @@ def merge_block(
     rows = r1 - r0
     for c0, c1 in _chunks(rows, chunk_rows):
         cur = w[c0:c1]
-        for i, (rounding, terms) in enumerate(steps):
+        for i, (rounding, terms, *combination) in enumerate(steps):
             if rounding == "dora":  # one term: PEFT merges one DoRA adapter per module at a time
                 cur = dora_block(cur.to(out_dtype), out_dtype, terms[0], r0 + c0, r0 + c1)
                 continue
             if rounding == "rows":
                 cur = replace_rows(cur.to(out_dtype), terms[0], r0 + c0, r0 + c1)
                 continue
-            delta = lora_delta(terms[0], r0 + c0, r0 + c1)
-            for f in terms[1:]:
-                delta.add_(lora_delta(f, r0 + c0, r0 + c1))
-            delta = delta.reshape(cur.shape)
+            if combination and combination[0] is not None:
+                delta = combined_delta(terms, combination[0], cur.shape, r0 + c0, r0 + c1)
+            else:
+                delta = lora_delta(terms[0], r0 + c0, r0 + c1)
+                for f in terms[1:]:
+                    delta.add_(lora_delta(f, r0 + c0, r0 + c1))
+                delta = delta.reshape(cur.shape)
             if rounding == "once":
                 cur = delta.add_(cur.to(out_dtype))  # fp32 add of W and ΔW, rounded once below
             elif rounding == "delta_first":
@@ -244,6 +252,31 @@ def merge_block(
 
 def _chunks(rows: int, chunk_rows: int | None) -> tuple[tuple[int, int], ...]:
     return ((0, rows),) if chunk_rows is None or chunk_rows >= rows else row_blocks(rows, chunk_rows)
+
+
+def combined_delta(terms: Sequence[Factors], combination, block_shape: torch.Size, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of op({ΔWᵢ}) for a ``plan.Combination`` (``streammerge.combine``), fp32.
+
+    ΔWᵢ is the sum of adapter i's terms (fp32, weight 1: the operator applies the weights). An
+    adapter with no term on this tensor has ΔWᵢ = 0, which no operator counts (a pruned or
+    zero element has no sign and adds nothing), so it is left out of the stack.
+    """
+    tasks = sorted({f.task for f in terms})
+    first = terms[0]
+    deltas = torch.empty((len(tasks), *block_shape), dtype=torch.float32, device=first.b.device)  # (n, rows, ...)
+    for j, task in enumerate(tasks):
+        mine = [f for f in terms if f.task == task]
+        acc = lora_delta(mine[0], r0, r1)
+        for f in mine[1:]:
+            acc = acc + lora_delta(f, r0, r1)
+        deltas[j] = acc.reshape(block_shape)
+        del acc
+    row_numel = math.prod(block_shape[1:]) if len(block_shape) > 1 else 1
+    return combine.combine_task_vectors(
+        deltas, [combination.weights[t] for t in tasks], combination.method, combination.density,
+        seed=combination.seed, key=combination.key, tasks=tasks, first_index=r0 * row_numel,
+        majority_sign=combination.majority_sign,
+    )
 
 
 def nonfinite_count(t: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from streammerge import experts, naming
 from streammerge.adapter import Adapter
@@ -84,6 +84,34 @@ class LoraTerm:
     magnitude: TensorRef | None = None
     indices: tuple[int, ...] = ()
     expert: experts.ExpertSlice | None = None  # layouts expert / expert_t only
+    task: int = 0  # which adapter (task vector) the term belongs to, for a Step's ``combination``
+
+
+#: ``--combination`` values. ``cat`` sums weighted LoRA deltas (exact); the others are task-vector
+#: operators applied per tensor to the adapters' full deltas ΔWᵢ (``streammerge.combine``).
+COMBINATIONS = ("cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+#: Operators that rank elements over the whole tensor (top-k by magnitude): they cannot be cut into rows.
+WHOLE_TENSOR_COMBINATIONS = frozenset({"ties", "magnitude_prune"})
+
+
+@dataclass(frozen=True, slots=True)
+class Combination:
+    """A task-vector operator for one tensor: ΔW = op({ΔWᵢ}, weights, density), then W ← rnd(W + ΔW).
+
+    ``weights[i]`` belongs to the terms with ``task == i``; ``key`` (the tensor name) and ``seed``
+    feed DARE's counter-based mask, so the mask depends on nothing else (not on blocks or threads).
+    """
+
+    method: str
+    weights: tuple[float, ...]
+    density: float
+    seed: int
+    key: str
+    majority_sign: str = "total"
+
+    @property
+    def whole_tensor(self) -> bool:
+        return self.method in WHOLE_TENSOR_COMBINATIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +126,7 @@ class Step:
 
     terms: tuple[LoraTerm, ...]
     rounding: str
+    combination: Combination | None = None  # None: plain sum of the terms (each with its ``weight``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +163,10 @@ class TensorTask:
 
         * a convolution delta, or a DoRA norm taken across rows (embedding columns, HF Conv1D
           outputs): the step needs every row at once;
-        * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than ROW_ALIGN: blocks
-          slice A's columns, and MKL's fp32 sums then differ from the whole product for widths up to
-          11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small.
+        * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than
+          ROW_ALIGN: blocks slice A's columns, and MKL's fp32 sums then differ from the whole product for
+          widths up to 11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small;
+        * a combination that ranks elements over the whole tensor (ties, magnitude_prune).
         """
         return any(
             term.layout == "conv"
@@ -144,7 +174,13 @@ class TensorTask:
             or (term.layout in ("linear_t", "embedding", "expert_t") and self.row_numel < ROW_ALIGN)
             for step in self.steps
             for term in step.terms
-        )
+        ) or any(s.combination is not None and s.combination.whole_tensor for s in self.steps)
+
+    @property
+    def kernel_chunks(self) -> bool:
+        """May the CPU kernel walk a block in cache-sized chunks? Not a whole task, nor a combination
+        step (its operators work on the block they are given)."""
+        return not self.whole and all(s.combination is None for s in self.steps)
 
     @property
     def min_rows(self) -> int:
@@ -260,7 +296,10 @@ def block_bytes(task: TensorTask, rows: int) -> int:
     block = rows * row * (DTYPE_SIZES[task.dtype] + DTYPE_SIZES[task.source.dtype])
     # A whole-tensor task (``TensorTask.whole``) is one kernel chunk; DoRA adds its norm scratch.
     per_element = 12 + (DORA_EXTRA_BYTES_PER_ELEMENT if any(s.rounding == "dora" for s in task.steps) else 0)
-    scratch_rows = rows if task.whole else min(rows, 2 * chunk_rows(row))
+    # A combination is computed on the whole block, unchunked (``kernel.merge_block``).
+    combined = any(s.combination is not None for s in task.steps)
+    per_element += max((combine_bytes_per_element(s) for s in task.steps), default=0)
+    scratch_rows = rows if task.whole or combined else min(rows, 2 * chunk_rows(row))
     chunk = scratch_rows * row * per_element if task.steps else 0
     factors = sum(
         _fp32_bytes(term.a) + _fp32_bytes(term.b) + _fp32_bytes(term.magnitude)
@@ -268,6 +307,24 @@ def block_bytes(task: TensorTask, rows: int) -> int:
         for term in step.terms
     )
     return block + chunk + factors
+
+
+#: Working bytes per element of a combined block, per adapter: its fp32 task vector in the stack,
+#: the sign-agreement mask and the product that ``disjoint_merge`` sums (``combine``).
+COMBINE_BYTES_PER_TASK = 9
+#: ... and once per block: building one task vector (B@A, its scaled copy), magnitude pruning
+#: (|ΔW|, the comparison mask, the 0/1 float mask), the elected sign, the sums and counts; DARE
+#: hashes the element counters in int64 (see ``combine.dare_keep``).
+COMBINE_BYTES_SHARED = {"ties": 24, "magnitude_prune": 24, "dare_linear": 24, "dare_ties": 24}
+
+
+def combine_bytes_per_element(step: Step) -> int:
+    """Extra working bytes per element that a step's combination needs beyond WORK_BYTES_PER_ELEMENT."""
+    c = step.combination
+    if c is None:
+        return 0
+    tasks = len({t.task for t in step.terms})
+    return tasks * COMBINE_BYTES_PER_TASK + COMBINE_BYTES_SHARED[c.method]
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +360,16 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
 
     for index, adapter in enumerate(adapters):
         _plan_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop, problems)
+    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options)
+
+
+def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[str, _Target],
+              added: Mapping[str, TensorRef], config_updates: Mapping[str, object], warnings: Sequence[str],
+              drop: set[str], problems: list[str], options: PlanOptions) -> Plan:
+    """Turn the per-tensor accumulators into the frozen plan (or raise every problem found)."""
+    located = ckpt.locate()
+    aliases = naming.tied_aliases(frozenset(located), ckpt.config)
+    warnings = list(warnings)
     for head, emb in aliases.items():
         if targets.get(emb) is not None and targets[emb].steps and config_updates.get("tie_word_embeddings", True):
             warnings.append(
@@ -856,3 +923,276 @@ def _reshard(ckpt: Checkpoint, tasks: Mapping[str, TensorTask], max_bytes: int) 
     if n == 1:
         return (_encoded_shard("model.safetensors", groups[0], meta),)
     return tuple(_encoded_shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, meta) for i, g in enumerate(groups))
+
+
+# --------------------------------------------------------------------------------------------
+# several adapters with weights; unmerge
+
+
+@dataclass(frozen=True, slots=True)
+class CombineOptions:
+    """How several adapters become one merge (``--weights/--combination/--density/--seed/--heads-from``)."""
+
+    weights: tuple[float, ...]  # one per adapter, in adapter order
+    method: str = "cat"
+    density: float = 1.0  # fraction of each task vector kept by the pruning operators
+    seed: int = 0  # DARE's mask seed
+    heads_from: int | None = None  # index of the adapter whose full tensors win where several carry one
+    majority_sign: str = "total"  # TIES sign election (PEFT's default)
+
+
+@dataclass
+class _Single:
+    """One adapter's accumulators while planning a combination (never escapes this module)."""
+
+    targets: dict[str, _Target]
+    added: dict[str, TensorRef]
+    config_updates: dict[str, object]
+    warnings: list[str]
+    drop: set[str]
+
+
+def _plan_single(index: int, adapter: Adapter, ckpt: Checkpoint, located: Mapping[str, tuple[int, TensorInfo]],
+                 aliases: Mapping[str, str], problems: list[str]) -> _Single:
+    one = _Single(defaultdict(_Target), {}, {}, [], set())
+    _plan_adapter(index, adapter, ckpt, located, aliases, one.targets, one.added, one.config_updates, one.warnings,
+                  one.drop, problems)
+    return one
+
+
+def _check_combination(adapters: Sequence[Adapter], combine: CombineOptions) -> None:
+    if len(combine.weights) != len(adapters):
+        raise PlanError(
+            f"--weights has {len(combine.weights)} value(s) for {len(adapters)} adapter(s); give one weight per "
+            "--adapter, in the same order (e.g. --weights 0.7,0.3)"
+        )
+    if combine.method not in COMBINATIONS:
+        raise PlanError(f"--combination {combine.method!r} is not one of {', '.join(COMBINATIONS)}")
+    if not all(math.isfinite(w) for w in combine.weights):
+        raise PlanError(f"--weights {combine.weights}: every weight must be a finite number")
+    if combine.method != "cat" and not 0 < combine.density <= 1:
+        raise PlanError(f"--density {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
+    if combine.heads_from is not None and not 0 <= combine.heads_from < len(adapters):
+        raise PlanError(f"--heads-from {combine.heads_from}: there are only {len(adapters)} adapters")
+    tokens = [a for a in adapters if any(naming.parse_key(k).role == "token_delta" for k in a.weights.names())]
+    if tokens and len(adapters) > 1:
+        raise UnsupportedAdapterError(
+            f"{tokens[0].root}: trainable tokens cannot be combined with other adapters: they replace embedding "
+            "rows outright, so there is nothing to weigh; merge that adapter alone"
+        )
+    dora = [a for a in adapters if a.config.use_dora]
+    if dora and len(adapters) > 1:
+        raise UnsupportedAdapterError(
+            f"{dora[0].root}: a DoRA adapter cannot be combined with other adapters: DoRA rescales each column "
+            "to a magnitude learned for its own direction, so a weighted sum of DoRA updates is not any adapter's "
+            "result (PEFT's add_weighted_adapter re-initialises the magnitude from the base); merge it alone"
+        )
+
+
+def _label(adapters: Sequence[Adapter], i: int) -> str:
+    return f"#{i} {adapters[i].root.name or adapters[i].root}"
+
+
+def _pick_full(name: str, holders: Sequence[tuple[int, TensorRef]], adapters: Sequence[Adapter],
+               heads_from: int | None, problems: list[str]) -> TensorRef | None:
+    """Heads are never blended: one adapter's full tensor, chosen by ``heads_from`` when several carry one."""
+    if len(holders) <= 1:
+        return holders[0][1] if holders else None
+    for i, ref in holders:
+        if i == heads_from:
+            return ref
+    who = ", ".join(_label(adapters, i) for i, _ in holders)
+    if heads_from is None:
+        problems.append(
+            f"tensor {name!r} is a full tensor (modules_to_save, a saved head or a saved layer) in adapters {who}; "
+            "heads are never blended: pass --heads-from NAME (adapter directory name or index) to take it from one"
+        )
+    else:
+        problems.append(
+            f"--heads-from {_label(adapters, heads_from)} does not carry tensor {name!r}; adapters {who} do"
+        )
+    return None
+
+
+def build_combined_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], combine: CombineOptions,
+                        options: PlanOptions | None = None) -> Plan:
+    """Plan a weighted combination of ``adapters`` merged into ``ckpt`` with one rounding per tensor.
+
+    ``cat``: W ← rnd(W + Σᵢ wᵢ·ΔWᵢ) with ΔWᵢ = sᵢ·Bᵢ@Aᵢ (each adapter's own scale, rank, patterns and
+    layout), summed in fp32: exact up to that one rounding. The other methods apply a task-vector
+    operator to {ΔWᵢ} per tensor (``streammerge.combine``). Full tensors (saved heads) are never
+    blended; DoRA adapters are never combined.
+
+    Raises:
+        PlanError: what ``build_plan`` raises, and full tensors carried by several adapters without
+            ``heads_from``.
+        UnsupportedAdapterError: DoRA in a combination, and whatever ``build_plan`` refuses.
+    """
+    options = options or PlanOptions()
+    _check_combination(adapters, combine)
+    located = ckpt.locate()
+    aliases = naming.tied_aliases(frozenset(located), ckpt.config)
+    problems: list[str] = []
+    each = [_plan_single(i, a, ckpt, located, aliases, problems) for i, a in enumerate(adapters)]
+
+    targets: dict[str, _Target] = {}
+    for name in dict.fromkeys(n for one in each for n in one.targets):
+        slots = [(i, one.targets[name]) for i, one in enumerate(each) if name in one.targets]
+        holders = [(i, s.replacement) for i, s in slots if s.replacement is not None]
+        target = _Target(replacement=_pick_full(name, holders, adapters, combine.heads_from, problems))
+        step = _combined_step(name, slots, combine)
+        if step is not None:
+            target.steps.append(((0, ""), 0, step))
+        targets[name] = target
+    added: dict[str, TensorRef] = {}
+    for name in dict.fromkeys(n for one in each for n in one.added):
+        holders = [(i, one.added[name]) for i, one in enumerate(each) if name in one.added]
+        ref = _pick_full(name, holders, adapters, combine.heads_from, problems)
+        if ref is not None:
+            added[name] = ref
+    config_updates: dict[str, object] = {}
+    order = sorted(range(len(each)), key=lambda i: i == combine.heads_from)  # the chosen heads' config last
+    for i in order:
+        config_updates |= each[i].config_updates
+    warnings = [f"{_label(adapters, i)}: {w}" for i, one in enumerate(each) for w in one.warnings]
+    warnings += _peft_difference_warnings(adapters, combine)
+    drop = set().union(*(one.drop for one in each))
+    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options)
+
+
+def _combined_step(name: str, slots: Sequence[tuple[int, _Target]], combine: CombineOptions) -> Step | None:
+    """All adapters' terms for one tensor in one Step: one rounding, each term tagged with its adapter."""
+    cat = combine.method == "cat"
+    terms = tuple(
+        _retag(term, combine.weights[i] if cat else 1.0, i)
+        for i, target in slots
+        for _, _, step in sorted(target.steps, key=lambda s: s[0])
+        for term in step.terms
+    )
+    if not terms:
+        return None
+    if cat:
+        return Step(terms, "once")
+    combination = Combination(combine.method, combine.weights, combine.density, combine.seed, name,
+                              combine.majority_sign)
+    return Step(terms, "once", combination)
+
+
+def _retag(term: LoraTerm, weight: float, task: int) -> LoraTerm:
+    return replace(term, weight=term.weight * weight, task=task)
+
+
+def _peft_difference_warnings(adapters: Sequence[Adapter], combine: CombineOptions) -> list[str]:
+    """Where PEFT's ``add_weighted_adapter`` computes something else (spec §4, §0.5(c))."""
+    if combine.method == "cat" and adapters and adapters[0].config.use_rslora:
+        ranks = sum(max([a.config.r, *(r for _, r in a.config.rank_pattern)]) for a in adapters)
+        return [
+            f"{adapters[0].root}: use_rslora=true: PEFT 0.21's add_weighted_adapter(combination_type='cat') would "
+            f"scale the combined adapter by sqrt(r')={math.sqrt(ranks):.4g} too much (huggingface/peft#3761); "
+            "streammerge applies each adapter's own alpha/sqrt(r), the intended result"
+        ]
+    return []
+
+
+def _touched(adapter: Adapter, located: Mapping[str, object], aliases: Mapping[str, str]) -> list[str]:
+    """Base tensors any key of ``adapter`` changes (for restoring them from an original base)."""
+    out = []
+    for key in adapter.weights.names():
+        k = naming.parse_key(key)
+        name = k.target if k.role == "tensor" else f"{k.module}.{'bias' if k.role == 'lora_B_bias' else 'weight'}"
+        target = naming.resolve(name, located.keys(), aliases)
+        if target is not None and target not in out:
+            out.append(target)
+    return out
+
+
+def _no_inverse(adapter: Adapter) -> str | None:
+    """Why merging ``adapter`` as a whole cannot be undone by subtraction, or None when it can."""
+    roles = {naming.parse_key(k).role for k in adapter.weights.names()}
+    if adapter.config.use_dora or "magnitude" in roles:
+        return "DoRA rescales each column by a norm of the merged weight, so W cannot be solved back exactly"
+    if "token_delta" in roles:
+        return "trainable tokens replace embedding rows, and the old rows are not in the merged checkpoint"
+    return None
+
+
+def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0, base: Checkpoint | None = None,
+                       options: PlanOptions | None = None) -> Plan:
+    """Plan W ← rnd(M − w·ΔW) for every tensor ``adapter`` changed in the merged checkpoint ``merged``.
+
+    One rounding of the fp32 difference per tensor (whatever the layer type), so every element of
+    the result is within ½ ulp(M) + ½ ulp(W) of the original base value W (README, "Unmerge").
+    Tensors with no exact inverse (full-tensor replacements such as saved heads and
+    ``base_layer`` copies; every tensor of a DoRA or trainable-token adapter) are taken from
+    ``base`` when it is given, and refused otherwise.
+
+    Raises:
+        UnsupportedAdapterError: a tensor with no inverse and no ``base``; an adapter that changed
+            the model's layout (added or dropped tensors).
+        PlanError: what ``build_plan`` raises; base tensors whose shape or dtype differ.
+    """
+    options = options or PlanOptions()
+    if not math.isfinite(weight):
+        raise PlanError(f"--weight {weight}: must be a finite number")
+    located = merged.locate()
+    aliases = naming.tied_aliases(frozenset(located), merged.config)
+    problems: list[str] = []
+    reason = _no_inverse(adapter)
+    if reason is not None:
+        if base is None:
+            raise UnsupportedAdapterError(
+                f"{adapter.root}: cannot unmerge: {reason}; pass --base ORIGINAL to take the tensors it changed "
+                "from the original base checkpoint"
+            )
+        restore = {n: None for n in _touched(adapter, located, aliases)}
+        targets = _restore_from(base, restore, located, problems)
+        return _assemble(merged, [adapter], targets, {}, {}, [], set(), problems, options)
+
+    one = _plan_single(0, adapter, merged, located, aliases, problems)
+    if one.added or one.drop:
+        raise UnsupportedAdapterError(
+            f"{adapter.root}: cannot unmerge: this adapter changed the model's layout (added "
+            f"{sorted(one.added) or 'nothing'}, dropped {sorted(one.drop) or 'nothing'}: a task head or an untied "
+            "head); use the original base checkpoint instead"
+        )
+    full = [n for n, t in one.targets.items() if t.replacement is not None]
+    if full and base is None:
+        raise UnsupportedAdapterError(
+            f"{adapter.root}: cannot unmerge {full[0]!r}"
+            + (f" (and {len(full) - 1} more)" if len(full) > 1 else "")
+            + ": the adapter replaced it with a full tensor (modules_to_save, a saved head or layer), so the original "
+            "is not in the merged checkpoint; pass --base ORIGINAL to take such tensors from the original base"
+        )
+    targets = _restore_from(base, dict.fromkeys(full), located, problems) if full else {}
+    for name, t in one.targets.items():
+        if name in targets:
+            continue
+        terms = tuple(_retag(term, -weight, 0) for _, _, step in sorted(t.steps, key=lambda s: s[0])
+                      for term in step.terms)
+        target = _Target()
+        if terms:
+            target.steps.append(((0, ""), 0, Step(terms, "once")))
+        targets[name] = target
+    return _assemble(merged, [adapter], targets, {}, {}, list(one.warnings), set(), problems, options)
+
+
+def _restore_from(base: Checkpoint | None, names: Mapping[str, None], located: Mapping[str, tuple[int, TensorInfo]],
+                  problems: list[str]) -> dict[str, _Target]:
+    """Targets whose output is the original base tensor, unchanged."""
+    assert base is not None
+    originals = base.locate()
+    out = {}
+    for name in names:
+        if name not in originals:
+            problems.append(f"{base.root}: --base has no tensor {name!r} to restore; is it the original base?")
+            continue
+        shard_no, info = originals[name]
+        have = located[name][1]
+        if (info.shape, info.dtype) != (have.shape, have.dtype):
+            problems.append(
+                f"{base.root}: tensor {name!r} is {info.dtype}{list(info.shape)} in --base but "
+                f"{have.dtype}{list(have.shape)} in the merged checkpoint; is it the original base?"
+            )
+            continue
+        out[name] = _Target(replacement=_ref(base.shards[shard_no], info))
+    return out

@@ -79,6 +79,18 @@ class TensorReader:
         """The whole tensor as a view (callers that keep it must clone)."""
         return self.rows(ref, 0, ref.shape[0] if ref.shape else 1)
 
+    def read_into(self, ref: TensorRef, buf: memoryview) -> None:
+        """Copy ``ref``'s bytes into ``buf`` with ``pread`` (through the page cache, not this process's map)."""
+        fd = self.fileno(ref.path)
+        done = 0
+        while done < ref.nbytes:
+            n = os.preadv(fd, [buf[done:ref.nbytes]], ref.offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{ref.path}: tensor {ref.name!r} is truncated (read {done} of {ref.nbytes} bytes)"
+                )
+            done += n
+
     def release(self, ref: TensorRef, r0: int, r1: int) -> None:
         """Drop the pages of rows ``[r0, r1)`` from this process's mapping (page cache keeps them)."""
         shape = ref.shape or (1,)
