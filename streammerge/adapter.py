@@ -7,6 +7,7 @@ The facts encoded here come from PEFT 0.21 (``peft/config.py``, ``peft/tuners/lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -205,7 +206,7 @@ class Adapter:
     weights: SafetensorsHeader
 
 
-def read_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
+def read_adapter(path: str | Path, adapter_name: str | None = None, pattern_rules: str = "current") -> Adapter:
     """Read the adapter directory at ``path`` (or its sub-directory ``adapter_name``).
 
     Raises:
@@ -217,6 +218,9 @@ def read_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
         raise AdapterError(f"{root}: adapter directory not found; pass --adapter DIR (with {CONFIG_NAME})")
     root, name = _select(root, adapter_name)
     config = parse_config(read_json(root / CONFIG_NAME, AdapterError), root / CONFIG_NAME)
+    if pattern_rules not in PATTERN_RULES:
+        raise AdapterError(f"pattern rules {pattern_rules!r} unknown; use one of {', '.join(PATTERN_RULES)}")
+    config = dataclasses.replace(config, pattern_rules=pattern_rules)
     try:
         weights = _read_weights(root)
     except CheckpointError as e:  # the header codec speaks of checkpoints; this file is the adapter's

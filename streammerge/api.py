@@ -80,11 +80,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load(
-    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
         raise StreamMergeError("no adapter given; pass --adapter DIR")
-    loaded = [read_adapter(a, adapter_name) for a in adapters]
+    loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
     return read_checkpoint(base_path), loaded
 
@@ -101,10 +101,11 @@ def plan_merge(
     density: float | None = None,
     seed: int = 0,
     heads_from: str | int | None = None,
+    pattern_rules: str = "current",
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
 
 
@@ -184,6 +185,7 @@ def merge(
     density: float | None = None,
     seed: int = 0,
     heads_from: str | int | None = None,
+    pattern_rules: str = "current",
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -221,7 +223,7 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
     if on_plan is not None:
         on_plan(plan)
@@ -273,6 +275,7 @@ def iter_merged(
     density: float | None = None,
     seed: int = 0,
     heads_from: str | int | None = None,
+    pattern_rules: str = "current",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -283,7 +286,7 @@ def iter_merged(
     combination arguments are those of :func:`merge`.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,

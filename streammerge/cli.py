@@ -109,6 +109,9 @@ def _combination_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--heads-from", metavar="NAME",
                    help="adapter (directory name or index) whose saved heads/full tensors to keep when several "
                    "adapters carry one; heads are never blended")
+    m.add_argument("--pattern-rules", choices=("current", "0.14", "pre-0.14"), default="current",
+                   help="how rank_pattern/alpha_pattern keys match module names: 'current' as PEFT >= 0.15 "
+                   "(what PEFT 0.21 applies to every adapter; default), or the rules of older PEFT versions")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -215,7 +218,7 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                **common,
+                pattern_rules=args.pattern_rules, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

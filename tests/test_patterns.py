@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import streammerge
 from streammerge import testing
@@ -49,3 +50,20 @@ def test_old_adapter_whose_scale_changed_gets_a_warning(tmp_path):
     doc = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**doc, "peft_version": "0.21.2"}))
     assert not any("peft_version" in w for w in streammerge.plan_merge(base, adapter).warnings)
+
+
+def test_cli_pattern_rules_choose_the_training_time_scale(tmp_path):
+    from streammerge.cli import main
+
+    base = testing.make_checkpoint(tmp_path / "base", layers=1)
+    adapter = testing.make_adapter(tmp_path / "ad", base, targets=("q_proj",), r=16, alpha=8,
+                                   config={k: v for k, v in SPEC_EXAMPLE.items() if k.endswith("pattern")})
+    for rules in ("current", "pre-0.14"):
+        assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / rules),
+                     "--device", "cpu", "--pattern-rules", rules, "-q"]) == 0
+    w = testing.load_dir(base)[f"{M0}.weight"]
+    lora = testing.load_dir(adapter)
+    a, b = (lora[f"base_model.model.{M0}.lora_{x}.weight"] for x in "AB")
+    for rules, alpha in (("current", 32), ("pre-0.14", 8)):
+        got = testing.load_dir(tmp_path / rules)[f"{M0}.weight"]
+        assert torch.equal(got, (w.float() + (b @ a) * (alpha / 16)).to(w.dtype)), rules
