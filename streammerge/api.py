@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from streammerge import execute
+from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
-from streammerge.checkpoint import Checkpoint, read_checkpoint
-from streammerge.errors import StreamMergeError
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
@@ -113,6 +113,7 @@ def merge(
     allow_nonfinite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    resume: bool = False,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -129,6 +130,9 @@ def merge(
         dry_run: plan only; report what would be written.
         on_progress: called with a byte count as output bytes are produced.
         on_plan: called with the plan once it is built (the CLI prints it for --dry-run).
+        resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
+            (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
+            result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
 
     Returns:
         A :class:`MergeReport`.
@@ -146,22 +150,18 @@ def merge(
         on_plan(plan)
     dev = resolve_device(device)
     execute.check_budget(plan, max_memory)
-    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=overwrite)
+    if resume and overwrite:
+        raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
+    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=overwrite or resume)
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        created = prepare_output(out, overwrite=overwrite)
-        try:
-            with TensorReader() as reader:
-                written = execute.write_shards(plan, plan.shards, out, reader, opts, on_progress)
-            write_side_files(out, ckpt.root, [a.root for a in loaded], ckpt.config, plan.config_updates)
-            if plan.write_index:
-                write_index(out, plan.index_json())
-        except BaseException:
-            _cleanup(out, created)
-            raise
+        options = {"max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite, "device": dev.type}
+        identity = manifest.identify(ckpt, loaded, options)
+        written = _write(out, plan, ckpt, loaded, identity, opts, overwrite=overwrite, resume=resume,
+                         on_progress=on_progress)
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
@@ -171,8 +171,43 @@ def merge(
     )
 
 
+def _write(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], identity: manifest.Identity,
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+    """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
+
+    On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
+    shards and their progress record stay, for ``--resume``; temporary files are removed. On an
+    input problem found while executing (a non-finite result, a base file that changed) a
+    directory this run created is removed.
+    """
+    created = prepare_output(out, overwrite=overwrite)
+    try:
+        progress = manifest.Progress.start(out, identity, plan, resume=resume)
+        todo = [s for s in plan.shards if s.filename not in progress.kept]
+        kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
+        if on_progress is not None and kept_bytes:
+            on_progress(kept_bytes)
+        with TensorReader() as reader:
+            written = execute.write_shards(plan, todo, out, reader, opts, on_progress, on_shard=progress.record)
+        files = write_side_files(out, ckpt.root, [a.root for a in loaded], ckpt.config, plan.config_updates)
+        if plan.write_index:
+            write_index(out, plan.index_json())
+            files.append(INDEX_NAME)
+        progress.finish(files)
+    except StreamMergeError as e:
+        if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
+            manifest.remove_temporaries(out)
+        else:
+            _cleanup(out, created)
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it), or a bug: a resumable state stays
+        manifest.remove_temporaries(out)
+        raise
+    return written + kept_bytes
+
+
 def _cleanup(out: Path, created: bool) -> None:
-    """After a failure, leave nothing behind in a directory this run created."""
+    """After an input problem, leave nothing behind in a directory this run created."""
     if created:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working-memory budget for merge blocks (default 512MiB); RSS ≈ 250 MB + this")
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge into --out: keep shards whose recorded inputs, options and "
+                   "checksum still match, recompute the rest (same bytes as an uninterrupted run)")
     m.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
     _common(m)
 
@@ -93,6 +96,9 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_STOPPED = "no partial shard was left under a final name; rerun the same command with --resume to continue"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -108,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no partial shard was left under a final name", file=sys.stderr)
+        print(f"interrupted: {_STOPPED}", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated: no partial shard was left under a final name", file=sys.stderr)
+        print(f"terminated: {_STOPPED}", file=sys.stderr)
         return 143
 
 
@@ -153,7 +159,7 @@ def _merge(args: argparse.Namespace) -> int:
             base=args.base, adapters=args.adapter, out=args.out, adapter_name=args.adapter_name,
             device=args.device, workers=workers, max_shard_size=args.max_shard_size,
             max_memory=args.max_memory or DEFAULT_MAX_MEMORY, dry_run=args.dry_run, overwrite=args.overwrite,
-            allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan,
+            allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan, resume=args.resume,
         )
     if not args.quiet or args.dry_run:
         print(report.summary())

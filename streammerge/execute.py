@@ -115,6 +115,15 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
                     fut.cancel()
 
 
+def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task`` exactly as ``pieces`` does (``verify --sample`` uses it).
+
+    ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
+    (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
+    """
+    return _compute(task, r0, r1, reader, opts)
+
+
 def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
     device = opts.device
@@ -157,9 +166,12 @@ def write_shards(
     reader: TensorReader,
     opts: ExecOptions,
     on_progress: Callable[[int], None] | None = None,
-    on_shard: Callable[[ShardPlan], None] | None = None,
+    on_shard: Callable[[ShardPlan, str], None] | None = None,
 ) -> int:
-    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written."""
+    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written.
+
+    ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
+    """
     written = 0
     stream = pieces([t for s in shards for t in s.tasks], reader, opts)
     for shard in shards:
@@ -182,7 +194,7 @@ def write_shards(
                         break
         written += len(shard.header)
         if on_shard is not None:
-            on_shard(shard)
+            on_shard(shard, w.sha256)
         LOG.debug("wrote %s", shard.filename)
     return written
 
