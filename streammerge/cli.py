@@ -1,6 +1,6 @@
-"""Command line: ``python -m streammerge {merge,demo} ...``. The only module that prints.
+"""Command line: ``python -m streammerge {merge,verify,demo} ...``. The only module that prints.
 
-Exit status: 0 success, 2 bad input or environment (one ``error: …`` line on stderr, no
+Exit status: 0 success, 1 ``verify`` found a problem, 2 bad input or environment (one ``error: …`` line on stderr, no
 traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Unexpected exceptions keep their
 traceback: they are bugs.
 """
@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
     _common(m)
 
+    v = sub.add_parser("verify", help="check a merged directory against its base and adapter(s); exit 0 good, 1 not")
+    v.add_argument("--out", required=True, metavar="DIR", help="the merged directory to check")
+    v.add_argument("--base", help="base checkpoint directory (default: base_model_name_or_path of the adapter)")
+    v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
+    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    v.add_argument("--sample", type=int, metavar="N",
+                   help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
+    v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
+    v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
+    _common(v)
+
     d = sub.add_parser("demo", help="build a tiny base + adapter in a temporary directory, merge, verify")
     d.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it (default: a temp dir)")
     _common(d)
@@ -128,7 +139,18 @@ def _run(args: argparse.Namespace) -> int:
         report = run_demo(args.keep)
         print(report)
         return 0
+    if args.command == "verify":
+        return _verify(args)
     return _merge(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from streammerge.verify import verify
+
+    report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
+                    sample=args.sample, device=args.device, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _merge(args: argparse.Namespace) -> int:
