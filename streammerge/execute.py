@@ -20,6 +20,7 @@ computed by the same ops on the same rows whatever thread runs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import deque
@@ -173,29 +174,31 @@ def write_shards(
     ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
     """
     written = 0
-    stream = pieces([t for s in shards for t in s.tasks], reader, opts)
-    for shard in shards:
-        with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
-            for task in shard.tasks:
-                while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
-                    piece = next(stream)
-                    assert piece.task is task, "pieces out of order"
-                    if piece.data is None:
-                        w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
-                        n = task.source.nbytes
-                    else:
-                        buf = as_bytes(piece.data)
-                        w.write(buf)
-                        n = buf.nbytes
-                    written += n
-                    if on_progress is not None:
-                        on_progress(n)
-                    if piece.r1 >= task.rows:
-                        break
-        written += len(shard.header)
-        if on_shard is not None:
-            on_shard(shard, w.sha256)
-        LOG.debug("wrote %s", shard.filename)
+    # ``closing``: on any exception (Ctrl-C, a full disk) the pool is drained HERE, before the caller
+    # closes the reader: a worker still computing on a row view of an unmapped file would segfault.
+    with contextlib.closing(pieces([t for s in shards for t in s.tasks], reader, opts)) as stream:
+        for shard in shards:
+            with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
+                for task in shard.tasks:
+                    while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
+                        piece = next(stream)
+                        assert piece.task is task, "pieces out of order"
+                        if piece.data is None:
+                            w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
+                            n = task.source.nbytes
+                        else:
+                            buf = as_bytes(piece.data)
+                            w.write(buf)
+                            n = buf.nbytes
+                        written += n
+                        if on_progress is not None:
+                            on_progress(n)
+                        if piece.r1 >= task.rows:
+                            break
+            written += len(shard.header)
+            if on_shard is not None:
+                on_shard(shard, w.sha256)
+            LOG.debug("wrote %s", shard.filename)
     return written
 
 
@@ -207,8 +210,13 @@ def whole_tensors(
     tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Assemble ``pieces`` into whole tensors (fresh CPU tensors the caller owns), in order."""
+    with contextlib.closing(pieces(tasks, reader, opts)) as stream:  # drain the pool before the reader closes
+        yield from _assemble(stream, reader)
+
+
+def _assemble(stream: Iterator[Piece], reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
     out: torch.Tensor | None = None
-    for piece in pieces(tasks, reader, opts):
+    for piece in stream:
         task = piece.task
         if piece.data is None:
             yield task.name, reader.tensor(task.source).clone()

@@ -17,6 +17,7 @@ Bytes are compared, not values, so NaN payloads and signed zeros count too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -222,12 +223,13 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
                 if task.is_raw_copy and task.nbytes:
                     _compare_copy(path, mm, offsets[task.name], task, reader, found)
             merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
-            for task, r0, r1, data in _recomputed(merged, reader, opts, sample):
-                row_bytes = task.nbytes // task.rows
-                start = offsets[task.name] + r0 * row_bytes
-                _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
-                         execute.as_bytes(data), "the recomputation", found)
-                rows += r1 - r0
+            with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
+                for task, r0, r1, data in blocks:
+                    row_bytes = task.nbytes // task.rows
+                    start = offsets[task.name] + r0 * row_bytes
+                    _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
+                             execute.as_bytes(data), "the recomputation", found)
+                    rows += r1 - r0
             checked += len(shard.tasks)
             recomputed += len(merged)
     return checked, recomputed, rows, hashed
@@ -291,9 +293,10 @@ def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOpt
                 sample: int | None) -> Iterator[tuple[TensorTask, int, int, torch.Tensor]]:
     """Merged rows of ``tasks``: every piece (the merge's own path), or sampled 64-row blocks."""
     if sample is None:
-        for piece in execute.pieces(tasks, reader, opts):
-            assert piece.data is not None, "only computed tasks are recomputed"
-            yield piece.task, piece.r0, piece.r1, piece.data
+        with contextlib.closing(execute.pieces(tasks, reader, opts)) as stream:
+            for piece in stream:
+                assert piece.data is not None, "only computed tasks are recomputed"
+                yield piece.task, piece.r0, piece.r1, piece.data
         return
     for task in tasks:
         for r0, r1 in sample_blocks(task, sample):

@@ -1,9 +1,9 @@
 """``--resume``: a merge killed at any moment, then resumed, ends byte-identical to an uninterrupted one.
 
-The kill test forks each merge from a "zygote" process that has already imported torch (and
-never ran a torch op, so forking is safe): a fork costs milliseconds where a fresh interpreter
-costs ~2 s of imports, which is what lets 20+ SIGKILLs fit in the time budget. Each child runs
-``streammerge.cli.main(["merge", ...])`` exactly as ``python -m streammerge merge`` does.
+The kill test forks each merge from a pre-imported interpreter (``zygote.py``): a fork costs
+milliseconds where a fresh interpreter costs ~2 s of imports, which is what lets 20+ SIGKILLs fit
+in the time budget. Each child runs ``streammerge.cli.main(["merge", ...])`` as
+``python -m streammerge merge`` does; the SIGTERM/Ctrl-C test uses ``python -m streammerge`` itself.
 """
 
 from __future__ import annotations
@@ -19,57 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from zygote import Zygote, cli_env
 
 import streammerge
 from streammerge import manifest, testing
 
 KILLS = 20
 SEED = int(os.environ.get("STREAMMERGE_KILL_SEED", "20240605"))
-
-ZYGOTE = r"""
-import json, os, sys
-import torch, tqdm, streammerge.api, streammerge.cli  # imported once; children are forked
-
-for line in sys.stdin:
-    argv = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        code = 1
-        try:
-            code = streammerge.cli.main(argv)
-        finally:
-            os._exit(code)
-    print(pid, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(status, flush=True)
-"""
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).resolve().parents[1])}
-
-
-class Zygote:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=_env())
-
-    def start(self, argv: list[str]) -> int:
-        self.proc.stdin.write(json.dumps(argv) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def wait(self) -> int:
-        """The wait status of the last child (it has been reaped when this returns)."""
-        return int(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +73,15 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(big, tmp_path):
             time.sleep(at)
             with contextlib.suppress(ProcessLookupError):  # it may have finished already
                 os.kill(pid, signal.SIGKILL)
-            status = zygote.wait()
-            states.append((round(at, 3), _state(out), status))
+            code = zygote.wait()
+            states.append((round(at, 3), _state(out), code))
             streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)
             got = _files(out)
             assert got.keys() == want.keys(), (SEED, i, at, states[-1])
             assert all(got[n] == want[n] for n in want), (SEED, i, at, states[-1])
     finally:
         zygote.close()
-    killed = [s for s in states if os.WIFSIGNALED(s[2])]
+    killed = [s for s in states if s[2] == -signal.SIGKILL]
     partial = [s for s in killed if s[1] not in ("absent", "empty")]
     # The moments must have hit the merge itself, not only the interpreter's start or the end.
     assert len(killed) >= KILLS // 2 and len(partial) >= 3, (run_s, states)
@@ -144,7 +100,7 @@ def _state(out: Path) -> str:
 def _kill_after_first_shard(base: Path, adapter: Path, out: Path, sig: int = signal.SIGKILL) -> tuple[int, str]:
     """Run a merge as ``python -m streammerge``, send ``sig`` once a shard is done; (exit status, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "streammerge", *_merge_argv(base, adapter, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     deadline = time.monotonic() + 60
     while _shards_done(out) < 1:
         assert proc.poll() is None, proc.communicate()
