@@ -76,6 +76,76 @@ class AdapterConfig:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def targets_module(self, module: str) -> bool | None:
+        """Would PEFT put a LoRA layer on ``module``? PEFT 0.21 ``check_target_module_exists``.
+
+        ``exclude_modules`` first (string: ``re.fullmatch``; list: exact or ``.endswith("." + t)``), then
+        modules under ``modules_to_save`` are excluded, then ``target_modules`` (string: ``re.fullmatch``;
+        ``"all-linear"``: every module but the output layer; list: exact or ``.endswith("." + t)``,
+        filtered by ``layers_to_transform``/``layers_pattern``). None when the config names no
+        ``target_modules`` (``target_parameters`` adapters): the question is not PEFT's to answer.
+        """
+        raw = self.raw
+        if _listed(raw.get("exclude_modules"), module):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save):
+            return False
+        targets = self.target_modules
+        if targets is None:
+            return None
+        if targets == "all-linear":
+            return module.rpartition(".")[2] not in _OUTPUT_LAYERS
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        if module in targets:
+            return True
+        return _listed(targets, module) and _in_layers(raw, module)
+
+    def token_indices_for(self, module: str) -> tuple[int, ...] | None:
+        """The rows ``trainable_token_indices`` makes trainable in ``module`` (spec §3.8), or None.
+
+        A list means the input embedding (the only module PEFT then saves a delta for); a dict maps
+        module names (exact or a ``.``-suffix) to lists.
+        """
+        value = self.raw.get("trainable_token_indices")
+        if isinstance(value, list):
+            return tuple(int(i) for i in value)
+        if isinstance(value, dict):
+            for name, indices in value.items():
+                if module == name or module.endswith("." + name):
+                    return tuple(int(i) for i in indices)
+        return None
+
+
+#: Module names ``"all-linear"`` leaves out (PEFT skips the output layer).
+_OUTPUT_LAYERS = frozenset({"lm_head", "score", "classifier", "qa_outputs", "embed_out", "output"})
+
+
+def _listed(names: object, module: str) -> bool:
+    """PEFT's list rule (exact or ``.``-suffix); a string is a ``re.fullmatch`` pattern."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    if isinstance(names, (list, tuple)):
+        return module in names or any(module.endswith("." + n) for n in names)
+    return False
+
+
+def _in_layers(raw: Mapping[str, object], module: str) -> bool:
+    """``layers_to_transform``: the first ``.<pattern>.<idx>.`` of the name (lazy match) must be listed."""
+    layers = raw.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = raw.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
 
 def _pattern_value(pattern: tuple[tuple[str, float], ...], module: str, default: float) -> float:
     """PEFT ≥ 0.15 ``get_pattern_key``: the first key (file order) with ``(.*\\.)?(key)$`` matching."""
@@ -107,19 +177,24 @@ def read_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
         raise AdapterError(f"{root}: adapter directory not found; pass --adapter DIR (with {CONFIG_NAME})")
     root, name = _select(root, adapter_name)
     config = parse_config(read_json(root / CONFIG_NAME, AdapterError), root / CONFIG_NAME)
-    weights_path = root / WEIGHTS_NAME
-    if not weights_path.is_file():
-        if (root / BIN_WEIGHTS_NAME).is_file():
-            raise UnsupportedAdapterError(
-                f"{root / BIN_WEIGHTS_NAME}: pickled adapters are not supported yet; re-save the adapter with "
-                "safe_serialization=True to get adapter_model.safetensors"
-            )
-        raise AdapterError(f"{weights_path}: adapter weights not found; the adapter directory is incomplete")
     try:
-        weights = read_header(weights_path)
+        weights = _read_weights(root)
     except CheckpointError as e:  # the header codec speaks of checkpoints; this file is the adapter's
         raise AdapterError(str(e)) from e
     return Adapter(root=root, name=name, config=config, weights=weights)
+
+
+def _read_weights(root: Path) -> SafetensorsHeader:
+    """The adapter's tensor index: ``adapter_model.safetensors``, else a pickled ``adapter_model.bin``
+    (PEFT's ``load_peft_weights`` order), indexed with ``torch.load(mmap=True, weights_only=True)``."""
+    if (root / WEIGHTS_NAME).is_file():
+        return read_header(root / WEIGHTS_NAME)
+    if (root / BIN_WEIGHTS_NAME).is_file():
+        from streammerge.reader import read_pickle_index  # torch is needed only for pickled adapters
+
+        LOG.info("%s: pickled adapter, read with torch.load(weights_only=True, mmap=True)", root / BIN_WEIGHTS_NAME)
+        return read_pickle_index(root / BIN_WEIGHTS_NAME)
+    raise AdapterError(f"{root / WEIGHTS_NAME}: adapter weights not found; the adapter directory is incomplete")
 
 
 def _select(root: Path, adapter_name: str | None) -> tuple[Path, str]:

@@ -21,6 +21,8 @@ LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 
 # Tensor-name suffixes and config keys that mark a quantized checkpoint. Merging a float delta
 # into packed integers is meaningless, so these are refused before planning (spec §6.3).
@@ -72,7 +74,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         names, index = _discover(path)
     else:
         raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
-    shards = tuple(read_header(root / name) for name in names)
+    shards = tuple(_read_shard(root / name) for name in names)
     if index is not None:
         _check_index(root, names, shards, index)
     ckpt = Checkpoint(
@@ -87,8 +89,26 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def _read_shard(path: Path) -> SafetensorsHeader:
+    if path.suffix != ".bin":
+        return read_header(path)
+    from streammerge.reader import read_pickle_index  # torch is needed only for pickled checkpoints
+
+    LOG.info("%s: pickled shard, read with torch.load(weights_only=True, mmap=True)", path)
+    return read_pickle_index(path)
+
+
+def output_name(shard: str) -> str:
+    """The output file for a base shard: pickled ``pytorch_model*.bin`` shards become safetensors."""
+    if shard.endswith(".bin") and shard.startswith("pytorch_model"):
+        return "model" + shard.removeprefix("pytorch_model").removesuffix(".bin") + ".safetensors"
+    return shard
+
+
 def _discover(root: Path) -> tuple[tuple[str, ...], dict | None]:
     index_path = root / INDEX_NAME
+    if not index_path.exists() and not any(root.glob("*.safetensors")) and (root / BIN_INDEX_NAME).exists():
+        index_path = root / BIN_INDEX_NAME
     if index_path.exists():
         index = read_json(index_path, CheckpointError)
         weight_map = index.get("weight_map")
@@ -106,8 +126,10 @@ def _discover(root: Path) -> tuple[tuple[str, ...], dict | None]:
     if len(candidates) == 1:
         return (candidates[0],), None
     if not candidates:
+        if (root / BIN_SINGLE_NAME).is_file():
+            return (BIN_SINGLE_NAME,), None
         bins = sorted(p.name for p in root.glob("pytorch_model*.bin"))
-        hint = f" (found {', '.join(bins)}: convert them to safetensors first)" if bins else ""
+        hint = f" (found {', '.join(bins)} but no {BIN_INDEX_NAME})" if bins else ""
         raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}; pass --base DIR with the base model")
     raise CheckpointError(
         f"{root}: {len(candidates)} *.safetensors files but no {INDEX_NAME}; "
@@ -122,9 +144,10 @@ def _check_relative(index_path: Path, tensor: str, file: object) -> None:
             f"{index_path}: tensor {tensor!r} maps to {file!r}, not a file name; the index is corrupt"
         )
     p = PurePosixPath(file)
-    if p.is_absolute() or ".." in p.parts or "\\" in file or not file.endswith(".safetensors"):
+    suffix = ".bin" if index_path.name == BIN_INDEX_NAME else ".safetensors"
+    if p.is_absolute() or ".." in p.parts or "\\" in file or not file.endswith(suffix):
         raise CheckpointError(
-            f"{index_path}: tensor {tensor!r} maps to {file!r}, which is not a .safetensors file inside the "
+            f"{index_path}: tensor {tensor!r} maps to {file!r}, which is not a {suffix} file inside the "
             "base directory; refusing to read outside it: fix the index"
         )
 
@@ -143,7 +166,7 @@ def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHe
         if seen.get(tensor) != file:
             where = f"is in {seen[tensor]}" if tensor in seen else "is in no shard"
             raise CheckpointError(
-                f"{root / INDEX_NAME}: tensor {tensor!r} is indexed in {file} but {where}; "
+                f"{root}: tensor {tensor!r} is indexed in {file} but {where}; "
                 "the index and shards disagree"
             )
     extra = sorted(set(seen) - set(weight_map))

@@ -110,16 +110,28 @@ def _sigterm_raises() -> Iterator[None]:
 _STOPPED = "no partial shard was left under a final name; rerun the same command with --resume to continue"
 
 
+@contextmanager
+def _logging(level: int) -> Iterator[None]:
+    """Route the library's log records to stderr for this call only (the root logger is left alone)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    previous = LOG.level, LOG.propagate
+    LOG.addHandler(handler)
+    LOG.setLevel(level)
+    LOG.propagate = False
+    try:
+        yield
+    finally:
+        LOG.removeHandler(handler)
+        LOG.setLevel(previous[0])
+        LOG.propagate = previous[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO,
-        format="%(levelname)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _logging(level):
             return _run(args)
     except StreamMergeError as e:
         print(f"error: {e}", file=sys.stderr)

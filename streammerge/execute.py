@@ -7,7 +7,8 @@ kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use
 
 Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
-``plan.block_bytes`` (16 bytes per element of a block plus its fp32 factors). Block heights are
+``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
+the fp32 factors). Block heights are
 multiples of ``plan.ROW_ALIGN`` rows chosen so that ``workers + 1`` blocks fit the budget; raw copies
 take no budget (the kernel moves those bytes). A budget below the plan's minimum (one 64-row block
 of its widest merged tensor) is refused up front with the budget needed. The interpreter, torch
@@ -33,7 +34,7 @@ import torch
 
 from streammerge import kernel
 from streammerge.errors import BudgetError, NonFiniteError
-from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
 from streammerge.reader import TensorReader
 from streammerge.writer import ShardWriter
 
@@ -66,7 +67,7 @@ class Piece:
 
 def block_rows(task: TensorTask, opts: ExecOptions) -> int:
     """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN:
+    if task.rows <= ROW_ALIGN or task.whole:
         return task.rows
     target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
     per_row = block_bytes(task, 1) - block_bytes(task, 0)
@@ -127,13 +128,13 @@ def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts:
 
 def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
-    device = opts.device
     w = reader.rows(task.source, r0, r1)
-    steps = [
-        (step.rounding, [_factors(term, reader, device) for term in step.terms])
-        for step in task.steps
-    ]
-    out = kernel.merge_block(w.to(device, non_blocking=True), kernel.TORCH_DTYPES[task.dtype], steps, r0, r1)
+    if opts.device.type == "cuda":
+        out = _compute_cuda(task, w, r0, r1, reader, opts.device)
+    else:
+        steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms]) for step in task.steps]
+        chunk = None if task.whole else chunk_rows(task.row_numel)
+        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
@@ -142,16 +143,37 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
-    out = out.to("cpu") if out.device.type != "cpu" else out
     reader.release(task.source, r0, r1)
     return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
 
 
+def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader,
+                  device: torch.device) -> torch.Tensor:
+    """The same merge on a GPU: rows staged through pinned host buffers, copies asynchronous on
+    this call's own stream, so blocks of different workers overlap transfer and compute.
+
+    cuBLAS sums fp32 products in another order than MKL, so a merged element can differ from the
+    CPU result by one ulp of the stored dtype (spec §3.1); everything after the GEMM is the same ops.
+    """
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+        staged.copy_(w)
+        w_dev = staged.to(device, non_blocking=True)
+        steps = [(step.rounding, [_factors(t, reader, device) for t in step.terms]) for step in task.steps]
+        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, None)
+        out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
+        out.copy_(merged, non_blocking=True)
+    stream.synchronize()
+    return out
+
+
 def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors:
     # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
-    a = reader.tensor(term.a).to(device=device, dtype=torch.float32) if term.a is not None else None
-    b = reader.tensor(term.b).to(device=device, dtype=torch.float32)
-    return kernel.Factors(term.layout, a, b, term.scale, term.weight)
+    a = reader.tensor(term.a).to(device=device, dtype=torch.float32, non_blocking=True) if term.a is not None else None
+    b = reader.tensor(term.b).to(device=device, dtype=torch.float32, non_blocking=True)
+    m = reader.tensor(term.magnitude).to(device=device, dtype=torch.float32) if term.magnitude is not None else None
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from streammerge.plan import row_blocks
 
 #: safetensors dtype code -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -55,25 +58,96 @@ class Factors:
     b: torch.Tensor  # (out, r) | (d, r) | (out,) for "bias"
     scale: float
     weight: float = 1.0
+    magnitude: torch.Tensor | None = None  # DoRA m: (out,) | (d,) for an embedding | (1, out, 1, …) for a conv
+    indices: tuple[int, ...] = ()  # "rows": the row numbers that b's rows replace
+
+
+#: Convolution of the LoRA factors by kernel rank (``_ConvNd.conv_fn``).
+_CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of one term's ΔW, in fp32."""
+    """Rows ``[r0, r1)`` of one term's ΔW, in fp32 (a fresh tensor the caller may modify)."""
     if f.layout == "linear":
         # W (out, in): (rows, r) @ (r, in) -> (rows, in)
-        delta = (f.b[r0:r1] @ f.a) * f.scale
+        delta = f.b[r0:r1] @ f.a
     elif f.layout in ("linear_t", "embedding"):
         # W (in, out) for HF Conv1D, or (V, d) for an embedding: rows of W are columns of B @ A.
-        # (out|d, r) @ (r, rows) -> (out|d, rows) -> transpose -> (rows, out|d)
-        delta = (f.b @ f.a[:, r0:r1]).T * f.scale
+        # (out|d, r) @ (r, rows) -> (out|d, rows) -> transposed view (rows, out|d)
+        delta = (f.b @ f.a[:, r0:r1]).T
     elif f.layout == "bias":
         # b (out,): (rows,)
-        delta = f.b[r0:r1] * f.scale
+        delta = f.b[r0:r1].clone()
+    elif f.layout == "conv":
+        delta = conv_delta(f)[r0:r1]
     else:  # pragma: no cover - the planner only emits the layouts above
         raise AssertionError(f"unknown LoRA layout {f.layout!r}")
+    delta.mul_(f.scale)  # PEFT: (B @ A) * scaling — the same elementwise op, in place
     if f.weight != 1.0:
-        delta = delta * f.weight
+        delta.mul_(f.weight)
     return delta
+
+
+def conv_delta(f: Factors) -> torch.Tensor:
+    """The whole unscaled ΔW/s of a Conv1d/2d/3d LoRA, PEFT's ``_ConvNd.get_delta_weight`` op for op
+    (``lora_delta`` multiplies by s, the same elementwise op).
+
+    W (out, in, *k); A (r, in, *k); B (out, r, 1, …). A 1×1 kernel (``W.shape[2:4] == (1, 1)``, the
+    same test PEFT makes, and A has W's kernel) is a matrix product; any other kernel convolves A
+    with B: ``conv(Aᵀ (in, r, *k), B) -> (in, out, *k)``, transposed back to (out, in, *k).
+    """
+    assert f.a is not None
+    if f.a.shape[2:4] == (1, 1):
+        # (out, r) @ (r, in) -> (out, in) -> (out, in, 1, 1)
+        return (f.b.squeeze(3).squeeze(2) @ f.a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    return _CONV_FN[f.a.dim()](f.a.transpose(0, 1), f.b).transpose(0, 1)
+
+
+def dora_block(w: torch.Tensor, out_dtype: torch.dtype, f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """DoRA merge of rows ``[r0, r1)`` (whole tensor unless ``linear``): ``rnd((m / ‖W + ΔW‖) · (W + ΔW))``.
+
+    PEFT 0.21 ``DoraLinearVariant.merge_unsafe`` / ``DoraEmbeddingVariant`` / ``_DoraConvNdVariant`` with
+    ``DoraLinearLayer.get_weight_norm`` (scaling 1, ΔW already scaled), replayed op for op so the norm's
+    fp32 reduction order is PEFT's:
+
+    * ``linear``    W (out, in): n = ‖W + ΔW‖ over dim 1, one per output row (rows are independent,
+      so row blocks are exact); W ← (m / n)[:, None] · (W + ΔW)
+    * ``linear_t``  W (in, out) (HF Conv1D): n over the rows of (W + ΔW)ᵀ; the factor is (1, out)
+    * ``embedding`` W (V, d): n = ‖(W + ΔW)ᵀ‖ over dim 1, one per embedding dim across the vocabulary
+    * ``conv``      W (out, in, *k): n over every dim but the output, (1, out, 1, …) like m
+    """
+    assert f.magnitude is not None
+    delta = lora_delta(f, r0, r1).reshape(w.shape)  # fp32; w is in the output dtype
+    m = f.magnitude
+    if f.layout == "linear":
+        norm = torch.linalg.norm(w + 1 * delta, dim=1).to(torch.float32)  # (rows,)
+        factor = (m[r0:r1] / norm).view(-1, 1)
+    elif f.layout == "linear_t":
+        norm = torch.linalg.norm(w.T + 1 * delta.T, dim=1).to(torch.float32)  # (out,)
+        factor = (m / norm).view(-1, 1).T  # (1, out)
+    elif f.layout == "embedding":
+        norm = torch.linalg.norm(w.T + 1 * delta.T, dim=1).to(torch.float32)  # (d,)
+        factor = (m / norm).view(1, -1)
+    elif f.layout == "conv":
+        v = w + 1 * delta
+        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)  # (1, out, 1, …)
+        factor = (m / norm).view(-1, *(1,) * (w.dim() - 1))  # (out, 1, …)
+    else:  # pragma: no cover - the planner only makes DoRA steps for the layouts above
+        raise AssertionError(f"DoRA on layout {f.layout!r}")
+    return (factor * (w + delta)).to(out_dtype)
+
+
+def replace_rows(w: torch.Tensor, f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """Trainable tokens: rows ``f.indices`` of W take the values of ``f.b`` (n, d), cast to W's dtype.
+
+    PEFT ``TrainableTokensLayer.merge``: ``W.index_copy(0, idx, delta.to(W))``, a replacement, not an
+    addition. ``w`` holds rows ``[r0, r1)``; only the indices inside the block are written.
+    """
+    pick = [(j, i - r0) for j, i in enumerate(f.indices) if r0 <= i < r1]
+    if not pick:
+        return w
+    src = f.b[torch.tensor([j for j, _ in pick], device=f.b.device)].to(w.dtype)
+    return w.index_copy(0, torch.tensor([i for _, i in pick], device=w.device), src)
 
 
 def merge_block(
@@ -82,26 +156,53 @@ def merge_block(
     steps: Sequence[tuple[str, Sequence[Factors]]],
     r0: int,
     r1: int,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Merge rows ``[r0, r1)``: start from ``w`` (those rows, any dtype), apply ``steps`` in order.
 
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
-    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``. The result has
-    ``out_dtype`` and lives on ``w``'s device.
+    ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``; ``dora`` → ``dora_block``;
+    ``rows`` → ``replace_rows``. Returns a new tensor of ``out_dtype`` on ``w``'s device (``w`` is
+    never written).
+
+    ``chunk_rows`` walks the block in cache-sized chunks (cut by ``plan.row_blocks`` so the GEMM
+    sums stay those of the whole matrix): the fp32 scratch then stays in L2, which measured 2-5×
+    faster on CPU than one pass over a large block. None processes the block in one piece, as the
+    caller must for a task that ``plan.TensorTask.whole`` marks (a DoRA norm across rows, a
+    convolution delta, a narrow transposed product).
     """
-    out = w.to(out_dtype)  # a replacement from the adapter is cast first, as load_state_dict does
-    for rounding, terms in steps:
-        delta = lora_delta(terms[0], r0, r1)
-        for f in terms[1:]:
-            delta = delta + lora_delta(f, r0, r1)
-        delta = delta.reshape(out.shape)
-        if rounding == "once":
-            out = (out.float() + delta).to(out_dtype)
-        elif rounding == "delta_first":
-            out = out + delta.to(out_dtype)
-        else:  # pragma: no cover
-            raise AssertionError(f"unknown rounding {rounding!r}")
+    out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
+    if not steps:
+        out.copy_(w)  # a replacement from the adapter is cast, as load_state_dict does
+        return out
+    rows = r1 - r0
+    for c0, c1 in _chunks(rows, chunk_rows):
+        cur = w[c0:c1]
+        for i, (rounding, terms) in enumerate(steps):
+            if rounding == "dora":  # one term: PEFT merges one DoRA adapter per module at a time
+                cur = dora_block(cur.to(out_dtype), out_dtype, terms[0], r0 + c0, r0 + c1)
+                continue
+            if rounding == "rows":
+                cur = replace_rows(cur.to(out_dtype), terms[0], r0 + c0, r0 + c1)
+                continue
+            delta = lora_delta(terms[0], r0 + c0, r0 + c1)
+            for f in terms[1:]:
+                delta.add_(lora_delta(f, r0 + c0, r0 + c1))
+            delta = delta.reshape(cur.shape)
+            if rounding == "once":
+                cur = delta.add_(cur.to(out_dtype))  # fp32 add of W and ΔW, rounded once below
+            elif rounding == "delta_first":
+                cur = cur.to(out_dtype) + delta.to(out_dtype)
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown rounding {rounding!r}")
+            if i + 1 < len(steps):
+                cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next
+        out[c0:c1].copy_(cur)  # the cast to out_dtype: round to nearest even
     return out
+
+
+def _chunks(rows: int, chunk_rows: int | None) -> tuple[tuple[int, int], ...]:
+    return ((0, rows),) if chunk_rows is None or chunk_rows >= rows else row_blocks(rows, chunk_rows)
 
 
 def nonfinite_count(t: torch.Tensor) -> int:

@@ -10,8 +10,10 @@ identity, the byte-changing options, the shard's precomputed header and its task
 sources named relative to the inputs). ``--resume`` keeps a shard only when its recorded identity
 equals the current plan's AND the file still has the recorded size and SHA-256; everything else is
 recomputed. Inputs are identified by content, cheaply: a base shard by file name, size and the
-SHA-256 of its header bytes (the tensor bytes are not hashed: that would read the whole base); an
-adapter by the SHA-256 of ``adapter_config.json`` and of its weights file (small).
+SHA-256 of its header bytes (of its tensor index for a pickled ``.bin``; the tensor bytes are not
+hashed: that would read the whole base, so a base edited in place with the same header and size is
+not noticed by --resume, only by ``verify``); an adapter by the SHA-256 of ``adapter_config.json``
+and of its weights file (small).
 
 Crash safety (SIGKILL at any moment): every file is written to a temporary name and renamed; the
 progress record is rewritten atomically *after* its shard is renamed, so a record never names a
@@ -35,7 +37,8 @@ from pathlib import Path
 
 from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
-from streammerge.errors import OutputError
+from streammerge.errors import CheckpointError, OutputError
+from streammerge.header import SafetensorsHeader
 from streammerge.plan import Plan, ShardPlan, TensorRef
 from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
 
@@ -100,18 +103,33 @@ def identify(ckpt: Checkpoint, adapters: Sequence[Adapter], options: Mapping[str
             "name": a.name,
             "config_sha256": file_sha256(a.root / CONFIG_NAME),
             "weights_file": Path(a.weights.path).name,
-            "weights_size": a.weights.file_size,
+            "weights_size": _size(Path(a.weights.path)),
             "weights_sha256": file_sha256(Path(a.weights.path)),
         })
     inputs = {
         "base": {
             "config_sha256": _optional_sha(ckpt.root / "config.json"),
-            "shards": [{"file": name, "size": h.file_size, "header_sha256": _sha(h.raw)}
+            "shards": [{"file": name, "size": _size(Path(h.path)), "header_sha256": _header_sha(h)}
                        for h, name in zip(ckpt.shards, ckpt.shard_names, strict=True)],
         },
         "adapters": adapter_docs,
     }
     return Identity(tool_version(), inputs, dict(options), labels)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot stat ({e.strerror or e})") from e
+
+
+def _header_sha(header: SafetensorsHeader) -> str:
+    """SHA-256 of a safetensors header's bytes; for a pickled ``.bin`` (no header bytes), of its tensor index."""
+    if header.raw:
+        return _sha(header.raw)
+    index = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in header.tensors]
+    return _sha(json.dumps(["pickle-index", index], separators=(",", ":")).encode("utf-8"))
 
 
 def _portable(value: object, labels: Mapping[str, str]) -> object:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from streammerge import naming
 from streammerge.adapter import Adapter
-from streammerge.checkpoint import INDEX_NAME, Checkpoint
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, output_name
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.header import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, encode_header
 
@@ -28,9 +28,14 @@ from streammerge.header import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, Ten
 #: 2730-row block of a 70B q_proj than for the whole matrix; multiples of 64 matched (design §7).
 ROW_ALIGN = 64
 
-#: Bytes of working memory per element of a merged block: the fp32 base block, the fp32 delta,
-#: the fp32 sum and the output-dtype copy (≤ 4) — see ``kernel.merge_block``.
-WORK_BYTES_PER_ELEMENT = 16
+#: fp32 elements per cache-sized chunk the CPU kernel works on (``kernel.merge_block``): the
+#: chunk's fp32 scratch then stays in L2; measured 2-5x faster than one pass over a large block.
+CHUNK_ELEMENTS = 1 << 17
+
+
+def chunk_rows(row_numel: int) -> int:
+    """Rows per kernel chunk for rows of ``row_numel`` elements: a multiple of ROW_ALIGN."""
+    return max(ROW_ALIGN, CHUNK_ELEMENTS // max(row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,10 @@ class LoraTerm:
     * ``linear_t``:  W (in, out) (HF Conv1D); same A, B;      ΔW = (B @ A)ᵀ · s
     * ``embedding``: W (V, d);  A_e (r, V), B_e (d, r);       ΔW = (B_e @ A_e)ᵀ · s
     * ``bias``:      b (out,);  b_B (out,) (``lora_B.bias``); Δb = b_B · s
+    * ``conv``:      W (out, in, *k); A (r, in, *k), B (out, r, 1, …); ΔW = conv(Aᵀ, B)ᵀ · s (whole tensor)
+    * ``rows``:      W (V, d); b (n, d) replacement rows for ``indices`` (trainable tokens; a=None, scale 1)
+
+    ``magnitude`` is DoRA's ``lora_magnitude_vector`` (its step has rounding ``dora``).
     """
 
     layout: str
@@ -68,6 +77,8 @@ class LoraTerm:
     scale: float
     weight: float = 1.0  # the user's adapter weight (multi-adapter merges); 1.0 leaves PEFT's math untouched
     origin: str = ""  # adapter key stem, for messages
+    magnitude: TensorRef | None = None
+    indices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,8 @@ class Step:
 
     ``once``:        W ← rnd(W + ΣΔ)        (PEFT Linear/Conv ``W.data += ΔW``)
     ``delta_first``: W ← rnd(W + rnd(ΣΔ))   (PEFT Embedding ``W.data += ΔW.to(W.dtype)``)
+    ``dora``:        W ← rnd((m/‖W+ΔW‖)·(W+ΔW))  (one term; ``kernel.dora_block``)
+    ``rows``:        W[idx] ← rnd(rows)       (one term; trainable tokens, ``kernel.replace_rows``)
     """
 
     terms: tuple[LoraTerm, ...]
@@ -109,6 +122,29 @@ class TensorTask:
     @property
     def row_numel(self) -> int:
         return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def whole(self) -> bool:
+        """True when the task must not be cut into row blocks (nor the kernel into chunks):
+
+        * a convolution delta, or a DoRA norm taken across rows (embedding columns, HF Conv1D
+          outputs): the step needs every row at once;
+        * a transposed layout (HF Conv1D, embedding) whose rows are narrower than ROW_ALIGN: blocks
+          slice A's columns, and MKL's fp32 sums then differ from the whole product for widths up to
+          11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small.
+        """
+        return any(
+            term.layout == "conv"
+            or (step.rounding == "dora" and term.layout != "linear")
+            or (term.layout in ("linear_t", "embedding") and self.row_numel < ROW_ALIGN)
+            for step in self.steps
+            for term in step.terms
+        )
+
+    @property
+    def min_rows(self) -> int:
+        """The fewest rows one block of this task can have."""
+        return self.rows if self.whole else min(self.rows, max(r1 - r0 for r0, r1 in row_blocks(self.rows, ROW_ALIGN)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +203,7 @@ class Plan:
 
     def min_memory(self) -> int:
         """The smallest working-memory budget that can execute this plan (one minimal block)."""
-        return max(
-            (block_bytes(t, max(r1 - r0 for r0, r1 in row_blocks(t.rows, ROW_ALIGN)))
-             for t in self.tasks() if not t.is_raw_copy),
-            default=0,
-        )
+        return max((block_bytes(t, t.min_rows) for t in self.tasks() if not t.is_raw_copy), default=0)
 
     def summary(self) -> str:
         c = self.counts()
@@ -203,15 +235,34 @@ def row_blocks(rows: int, step: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip(starts, [*starts[1:], max(rows, 1) if rows else 0], strict=True))
 
 
+#: Extra bytes per element for a DoRA step: W + ΔW is formed twice (the norm and the product), plus
+#: the transposed copy the norm of an embedding or HF Conv1D reduces over (``kernel.dora_block``).
+DORA_EXTRA_BYTES_PER_ELEMENT = 12
+
+
+def _fp32_bytes(ref: TensorRef | None) -> int:
+    return math.prod(ref.shape) * 4 if ref is not None else 0
+
+
 def block_bytes(task: TensorTask, rows: int) -> int:
-    """Working memory to merge ``rows`` rows of ``task`` (see WORK_BYTES_PER_ELEMENT), plus its factors."""
+    """Working memory to merge ``rows`` rows of ``task`` (the budget's unit; see ``execute``).
+
+    The block's output (out dtype) and its source rows (mapped pages, released after use), the
+    fp32 scratch of one kernel chunk (ΔW, its sum with W, and a second term's delta: 3 × 4 bytes
+    per element, with a short tail folded in: at most 2 × chunk rows), and the terms' fp32 factors.
+    """
+    row = task.row_numel
+    block = rows * row * (DTYPE_SIZES[task.dtype] + DTYPE_SIZES[task.source.dtype])
+    # A whole-tensor task (``TensorTask.whole``) is one kernel chunk; DoRA adds its norm scratch.
+    per_element = 12 + (DORA_EXTRA_BYTES_PER_ELEMENT if any(s.rounding == "dora" for s in task.steps) else 0)
+    scratch_rows = rows if task.whole else min(rows, 2 * chunk_rows(row))
+    chunk = scratch_rows * row * per_element if task.steps else 0
     factors = sum(
-        (term.a.nbytes if term.a else 0) // max(DTYPE_SIZES[term.a.dtype] if term.a else 1, 1) * 4
-        + term.b.nbytes // DTYPE_SIZES[term.b.dtype] * 4
+        _fp32_bytes(term.a) + _fp32_bytes(term.b) + _fp32_bytes(term.magnitude)
         for step in task.steps
         for term in step.terms
     )
-    return rows * task.row_numel * WORK_BYTES_PER_ELEMENT + factors
+    return block + chunk + factors
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +298,13 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
 
     for index, adapter in enumerate(adapters):
         _plan_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop, problems)
+    for head, emb in aliases.items():
+        if targets.get(emb) is not None and targets[emb].steps and config_updates.get("tie_word_embeddings", True):
+            warnings.append(
+                f"{emb!r} is tied to {head!r} (tie_word_embeddings): its LoRA delta changes the input embeddings "
+                "and the output head together, exactly as PEFT's merge does"
+            )
+    _check_resized(located, targets, added, config_updates, problems)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
         raise PlanError(problems[0] + more)
@@ -277,7 +335,7 @@ def _task(name: str, base: TensorRef, target: _Target | None) -> TensorTask:
     source = target.replacement or base
     steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], s[0])))
     kind = "merge" if steps else "replace"
-    return TensorTask(name, base.dtype, base.shape, source, steps, kind)
+    return TensorTask(name, base.dtype, source.shape, source, steps, kind)
 
 
 def _added_dtype(ckpt: Checkpoint, ref: TensorRef) -> str:
@@ -299,21 +357,17 @@ def _plan_adapter(
     drop: set[str],
     problems: list[str],
 ) -> None:
-    cfg = adapter.config
     header = adapter.weights
     infos = header.by_name()
     keys = [naming.parse_key(k) for k in header.names()]
     by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
     where = f"{header.path}"
 
-    refused = [k for k in keys if k.role in ("magnitude", "token_delta", "other_lora")]
-    if refused or cfg.use_dora:
-        k = refused[0] if refused else None
-        what = {"magnitude": "DoRA (lora_magnitude_vector)", "token_delta": "trainable tokens",
-                "other_lora": "this LoRA variant"}.get(k.role if k else "magnitude")
+    refused = [k for k in keys if k.role == "other_lora"]
+    if refused:
         raise UnsupportedAdapterError(
-            f"{where}: {what} is not supported yet" + (f" (tensor {k.key!r})" if k else " (use_dora=true)")
-            + "; merge this adapter with PEFT's merge_and_unload for now"
+            f"{where}: this LoRA variant is not supported yet (tensor {refused[0].key!r}); "
+            "merge this adapter with PEFT's merge_and_unload for now"
         )
 
     for k in keys:
@@ -322,16 +376,28 @@ def _plan_adapter(
                               config_updates, warnings, drop, problems)
         else:
             by_module[k.module][k.role] = k
+    check_targeting(adapter, by_module, located, aliases, problems)
 
     model_type = ckpt.config.get("model_type")
     for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
-        order = naming.module_order(module)
-        if "lora_A" in roles or "lora_B" in roles:
-            _plan_linear(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems, order)
-        if "emb_A" in roles or "emb_B" in roles:
-            _plan_embedding(index, adapter, module, roles, infos, located, aliases, targets, problems, order)
-        if "lora_B_bias" in roles:
-            _plan_bias(index, adapter, module, roles["lora_B_bias"], infos, located, aliases, targets, problems, order)
+        _plan_module(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems)
+
+
+def _plan_module(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems):
+    order = naming.module_order(module)
+    if "lora_A" in roles or "lora_B" in roles:
+        _plan_linear(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems, order)
+    if "emb_A" in roles or "emb_B" in roles:
+        _plan_embedding(index, adapter, module, roles, infos, located, aliases, targets, problems, order)
+    if "lora_B_bias" in roles:
+        _plan_bias(index, adapter, module, roles["lora_B_bias"], infos, located, aliases, targets, problems, order)
+    if "token_delta" in roles:
+        _plan_tokens(index, adapter, module, roles["token_delta"], infos, located, aliases, targets, problems, order)
+    if "magnitude" in roles and not ({"lora_A", "lora_B", "emb_A", "emb_B"} & roles.keys()):
+        problems.append(
+            f"{adapter.weights.path}: {roles['magnitude'].key!r} is a DoRA magnitude without LoRA factors for "
+            f"module {module!r}; the adapter file is incomplete: re-save it"
+        )
 
 
 def _pair(adapter: Adapter, module: str, roles: Mapping[str, naming.AdapterKey], a_role: str, b_role: str,
@@ -374,16 +440,14 @@ def _plan_linear(index, adapter, module, roles, infos, located, aliases, model_t
     if pair is None:
         return
     a, b = infos[pair[0].key], infos[pair[1].key]
-    if len(a.shape) != 2 or len(b.shape) != 2:
-        raise UnsupportedAdapterError(
-            f"{adapter.weights.path}: {pair[0].key!r} has shape {a.shape}: LoRA on convolution layers is not "
-            "supported yet; merge this adapter with PEFT for now"
-        )
     target = _resolve_target(adapter, module, "weight", located, aliases, problems, "LoRA")
     if target is None:
         return
-    r = a.shape[0]
-    if b.shape[1] != r:
+    w = located[target][1]
+    shape = _shape(targets, target, w)
+    conv_want = _conv_delta_shape(adapter, pair[0].key, a.shape, b.shape, shape) if len(a.shape) != 2 else None
+    r = a.shape[0] if a.shape else 0
+    if len(b.shape) < 2 or b.shape[1] != r:
         problems.append(
             f"{adapter.weights.path}: {pair[0].key!r} has rank {r} but {pair[1].key!r} has shape {b.shape}; "
             "lora_A and lora_B disagree: the adapter file is corrupt"
@@ -391,19 +455,75 @@ def _plan_linear(index, adapter, module, roles, infos, located, aliases, model_t
         return
     if not _check_rank(adapter, module, r, problems):
         return
-    w = located[target][1]
-    layout = "linear_t" if naming.is_conv1d(module, model_type) else "linear"
-    want = (b.shape[0], a.shape[1]) if layout == "linear" else (a.shape[1], b.shape[0])
-    if w.shape != want:
+    if conv_want is None:
+        layout = "linear_t" if naming.is_conv1d(module, model_type) else "linear"
+        want = (b.shape[0], a.shape[1]) if layout == "linear" else (a.shape[1], b.shape[0])
+    else:
+        layout, want = "conv", conv_want
+    if want != shape:
         problems.append(
             f"{adapter.weights.path}: LoRA for {module!r} makes a delta of shape {want} but base tensor {target!r} "
-            f"has shape {w.shape}; the adapter was trained on a different base model"
+            f"has shape {shape}; the adapter was trained on a different base model"
         )
         return
+    magnitude = _magnitude(adapter, module, roles, infos, b.shape[0], problems)
     term = LoraTerm(layout, _ref(adapter.weights, a), _ref(adapter.weights, b), adapter.config.scale_for(module),
-                    origin=module)
+                    origin=module, magnitude=magnitude)
     _check_float(adapter, target, w, problems)
-    targets[target].steps.append((order, index, Step((term,), "once")))
+    targets[target].steps.append((order, index, Step((term,), "dora" if magnitude else "once")))
+
+
+def _shape(targets: Mapping[str, _Target], target: str, w: TensorInfo) -> tuple[int, ...]:
+    """The shape the LoRA applies to: the adapter's replacement (a resized vocabulary) or the base's."""
+    slot = targets.get(target)
+    return slot.replacement.shape if slot is not None and slot.replacement is not None else w.shape
+
+
+def _conv_delta_shape(adapter: Adapter, key: str, a: tuple[int, ...], b: tuple[int, ...],
+                      w: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a Conv1d/2d/3d LoRA delta, refusing what PEFT cannot merge (spec §3.5, §0.5 f)."""
+    if len(a) not in (3, 4, 5) or len(b) != len(a):
+        raise UnsupportedAdapterError(
+            f"{adapter.weights.path}: {key!r} has shape {a}: not a Linear, Embedding or Conv1d/2d/3d LoRA "
+            "factor; merge this adapter with PEFT"
+        )
+    if len(w) == len(a) and w[1] != a[1]:
+        raise UnsupportedAdapterError(
+            f"{adapter.weights.path}: {key!r} is LoRA on a grouped convolution (groups={a[1] // max(w[1], 1)}); "
+            "PEFT cannot merge convolutions with groups > 1 either: keep the adapter unmerged"
+        )
+    if len(a) == 5 and a[2:4] == (1, 1):
+        raise UnsupportedAdapterError(
+            f"{adapter.weights.path}: {key!r} is LoRA on a Conv3d with kernel {a[2:]}: PEFT 0.21 takes its 1x1 "
+            "path for this kernel and crashes on merge, so there is no reference result; keep it unmerged"
+        )
+    return (b[0], a[1], *a[2:])
+
+
+def _magnitude(adapter: Adapter, module: str, roles, infos, out: int, problems: list[str]) -> TensorRef | None:
+    """DoRA's magnitude (``lora_magnitude_vector``) for ``module``: required iff ``use_dora``."""
+    key = roles.get("magnitude")
+    if key is None:
+        if adapter.config.use_dora:
+            problems.append(
+                f"{adapter.weights.path}: use_dora is true but module {module!r} has no DoRA lora_magnitude_vector; "
+                "PEFT would merge a magnitude recomputed from random weights: re-save the adapter"
+            )
+        return None
+    info = infos[key.key]
+    if not adapter.config.use_dora:
+        problems.append(
+            f"{adapter.weights.path}: {key.key!r} is a DoRA magnitude but use_dora is false in adapter_config.json; "
+            "PEFT would ignore it: fix the config (use_dora: true) or remove the tensor"
+        )
+        return None
+    if math.prod(info.shape) != out or info.dtype not in FLOAT_DTYPES:
+        problems.append(
+            f"{adapter.weights.path}: {key.key!r} has shape {info.shape} ({info.dtype}); DoRA needs {out} float "
+            "magnitudes, one per output: the adapter file is corrupt"
+        )
+        return None
+    return _ref(adapter.weights, info)
 
 
 def _plan_embedding(index, adapter, module, roles, infos, located, aliases, targets, problems, order):
@@ -424,17 +544,19 @@ def _plan_embedding(index, adapter, module, roles, infos, located, aliases, targ
     if not _check_rank(adapter, module, r, problems):
         return
     w = located[target][1]
-    if w.shape != (a.shape[1], b.shape[0]):
+    shape = _shape(targets, target, w)
+    if shape != (a.shape[1], b.shape[0]):
         problems.append(
             f"{adapter.weights.path}: embedding LoRA for {module!r} makes a delta of shape {(a.shape[1], b.shape[0])} "
-            f"but base tensor {target!r} has shape {w.shape}; the adapter was trained on a different base "
-            "(or a resized vocabulary)"
+            f"but base tensor {target!r} has shape {shape}; the adapter was trained on a different base "
+            "(or a resized vocabulary: then the adapter must carry the resized embed_tokens/lm_head)"
         )
         return
+    magnitude = _magnitude(adapter, module, roles, infos, b.shape[0], problems)
     term = LoraTerm("embedding", _ref(adapter.weights, a), _ref(adapter.weights, b),
-                    adapter.config.scale_for(module), origin=module)
+                    adapter.config.scale_for(module), origin=module, magnitude=magnitude)
     _check_float(adapter, target, w, problems)
-    targets[target].steps.append((order, index, Step((term,), "delta_first")))
+    targets[target].steps.append((order, index, Step((term,), "dora" if magnitude else "delta_first")))
 
 
 def _plan_bias(index, adapter, module, key, infos, located, aliases, targets, problems, order):
@@ -449,6 +571,83 @@ def _plan_bias(index, adapter, module, key, infos, located, aliases, targets, pr
         return
     term = LoraTerm("bias", None, _ref(adapter.weights, b), adapter.config.scale_for(module), origin=module)
     targets[target].steps.append((order, index, Step((term,), "once")))
+
+
+def _plan_tokens(index, adapter, module, key, infos, located, aliases, targets, problems, order):
+    """Trainable tokens (spec §3.8): the stored rows replace rows ``idx`` of the embedding/head."""
+    indices = adapter.config.token_indices_for(module)
+    info = infos[key.key]
+    target = _resolve_target(adapter, module, "weight", located, aliases, problems, "trainable tokens")
+    if target is None or indices is None:
+        return
+    shape = _shape(targets, target, located[target][1])
+    bad = [i for i in indices if not 0 <= i < shape[0]]
+    if len(shape) != 2 or info.shape != (len(indices), shape[1]) or bad or len(set(indices)) != len(indices):
+        problems.append(
+            f"{adapter.weights.path}: {key.key!r} has shape {info.shape} but trainable_token_indices gives "
+            f"{len(indices)} distinct row(s) of {target!r} {shape}"
+            + (f" (out of range: {bad[:5]})" if bad else "") + "; the config and weights disagree"
+        )
+        return
+    term = LoraTerm("rows", None, _ref(adapter.weights, info), 1.0, origin=module, indices=indices)
+    targets[target].steps.append((order, index, Step((term,), "rows")))
+
+
+_LORA_ROLES = frozenset({"lora_A", "lora_B", "lora_B_bias", "emb_A", "emb_B", "magnitude"})
+
+
+def check_targeting(adapter: Adapter, by_module: Mapping[str, Mapping[str, naming.AdapterKey]],
+                    located: Mapping[str, object], aliases: Mapping[str, str], problems: list[str]) -> None:
+    """Refuse adapter files that disagree with their config, where PEFT would silently do the wrong thing.
+
+    * A LoRA key for a module the config does not target (``AdapterConfig.targets_module``, PEFT's
+      ``check_target_module_exists``): PEFT loads with ``strict=False`` and drops it without a word.
+    * A trainable-tokens delta for a module ``trainable_token_indices`` does not name: same.
+    * With ``init_lora_weights: false`` only, a targeted base module with no keys: PEFT would merge
+      the random A and B it initialised. (With the default init B = 0, so a missing module is a no-op
+      in PEFT too and is accepted.) Only list-form ``target_modules`` are checked, on 2-D base weights.
+    """
+    cfg = adapter.config
+    for module, roles in by_module.items():
+        lora = sorted(roles.keys() & _LORA_ROLES)
+        if lora and cfg.targets_module(module) is False and not _param_target(cfg, module):
+            problems.append(
+                f"{adapter.weights.path}: adapter tensor {roles[lora[0]].key!r} is for module {module!r}, which "
+                f"adapter_config.json does not target (target_modules={_show(cfg.target_modules)}); PEFT would "
+                "silently ignore it: add the module to target_modules or remove its tensors"
+            )
+        if "token_delta" in roles and cfg.token_indices_for(module) is None:
+            problems.append(
+                f"{adapter.weights.path}: {roles['token_delta'].key!r} is a trainable-tokens delta but "
+                "trainable_token_indices does not name this module; PEFT would silently ignore it: fix the config"
+            )
+    if cfg.raw.get("init_lora_weights", True) is not False or not isinstance(cfg.target_modules, tuple):
+        return
+    covered = {naming.resolve(m + ".weight", located.keys(), aliases) for m in by_module}
+    for name in sorted({*located, *aliases}):
+        info = located.get(aliases.get(name, name))
+        shape = getattr(info[1], "shape", ()) if isinstance(info, tuple) else ()
+        module = name.removesuffix(".weight")
+        if (name.endswith(".weight") and len(shape) >= 2 and cfg.targets_module(module)
+                and naming.resolve(name, located.keys(), aliases) not in covered):
+            problems.append(
+                f"{adapter.weights.path}: adapter_config.json targets module {module!r} with "
+                "init_lora_weights=false, but the adapter has no tensors for it; PEFT would merge its random "
+                "initial A and B: the adapter file is incomplete (or target_modules is wrong)"
+            )
+            return
+
+
+def _param_target(cfg, module: str) -> bool:
+    """The module owns a ``target_parameters`` parameter (MoE experts): not target_modules' business."""
+    params = cfg.raw.get("target_parameters") or []
+    stem = module.replace(".base_layer", "")
+    return any(f"{stem}.".endswith(f".{p.rpartition('.')[0]}.") or stem == p.rpartition(".")[0]
+               for p in params if isinstance(p, str))
+
+
+def _show(targets: object) -> str:
+    return json.dumps(list(targets) if isinstance(targets, tuple) else targets)
 
 
 def _check_float(adapter: Adapter, target: str, w: TensorInfo, problems: list[str]) -> None:
@@ -488,7 +687,7 @@ def _plan_replacement(index, adapter, k, info, ckpt, located, aliases, targets, 
         )
         return
     base = located[target][1]
-    if base.shape != info.shape:
+    if base.shape != info.shape and not _resized_vocab(k, target, base, info, aliases, config_updates, problems):
         problems.append(
             f"{adapter.weights.path}: adapter tensor {k.key!r} has shape {info.shape} but base tensor {target!r} "
             f"has shape {base.shape}; the adapter was trained on a different base (or a resized vocabulary)"
@@ -505,6 +704,41 @@ def _plan_replacement(index, adapter, k, info, ckpt, located, aliases, targets, 
     order = naming.module_order(k.module)
     if slot.replacement is None or order >= slot.replacement_order:
         slot.replacement, slot.replacement_order = ref, order
+
+
+def _resized_vocab(k, target, base: TensorInfo, info: TensorInfo, aliases, config_updates, problems) -> bool:
+    """A full embedding or output head with a different vocabulary size (spec §6.2): accept it as
+    the new tensor and set ``vocab_size``. False when the tensor is not a vocabulary matrix."""
+    vocab_tensor = target.endswith(naming.INPUT_EMBEDDINGS) or target.removesuffix(".weight").rpartition(".")[2] in (
+        "lm_head", "embed_out", "output") or target in aliases.values()
+    if not vocab_tensor or len(info.shape) != 2 or info.shape[1:] != base.shape[1:]:
+        return False
+    previous = config_updates.get("vocab_size")
+    if previous is not None and previous != info.shape[0]:
+        problems.append(
+            f"adapter tensor {k.key!r} has a vocabulary of {info.shape[0]} rows but another resized tensor has "
+            f"{previous}; embed_tokens and lm_head must be resized alike"
+        )
+    config_updates["vocab_size"] = info.shape[0]
+    return True
+
+
+def _check_resized(located, targets, added, config_updates, problems) -> None:
+    """A resized vocabulary must resize every vocabulary tensor on disk (spec §6.2): an embedding of
+    the new size beside a head of the old one is not a model (PEFT: size mismatch at load)."""
+    new = config_updates.get("vocab_size")
+    if new is None:
+        return
+    for name, (_, info) in located.items():
+        slot = targets.get(name)
+        shape = slot.replacement.shape if slot is not None and slot.replacement is not None else info.shape
+        vocab_tensor = name.endswith(naming.INPUT_EMBEDDINGS) or name.removesuffix(".weight").rpartition(".")[2] in (
+            "lm_head", "embed_out", "output")
+        if vocab_tensor and len(shape) == 2 and shape[0] != new and name not in added:
+            problems.append(
+                f"the adapter resizes the vocabulary to {new} rows but carries no resized {name!r} (still {shape[0]} "
+                "rows); save the adapter with save_embedding_layers=True so both embed_tokens and lm_head are included"
+            )
 
 
 def _task_heads(task_type: str | None) -> tuple[str, ...]:
@@ -555,7 +789,8 @@ def _layout(ckpt: Checkpoint, tasks: Mapping[str, TensorTask], added: Mapping[st
     for i, (header, filename) in enumerate(zip(ckpt.shards, ckpt.shard_names, strict=True)):
         own = [tasks[t.name] for t in header.tensors if t.name in tasks]
         extra = [tasks[n] for n in added] if i == last else []
-        unchanged = not extra and len(own) == len(header.tensors) and all(
+        filename = output_name(filename)
+        unchanged = header.raw and not extra and len(own) == len(header.tensors) and all(
             t.dtype == info.dtype and t.shape == info.shape for t, info in zip(own, header.tensors, strict=False)
         )
         if unchanged:

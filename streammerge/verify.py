@@ -304,7 +304,12 @@ def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOpt
 
 
 def sample_blocks(task: TensorTask, sample: int) -> list[tuple[int, int]]:
-    """At least ``sample`` rows of ``task`` as whole ROW_ALIGN blocks, chosen by a seed from its name."""
+    """At least ``sample`` rows of ``task`` as whole ROW_ALIGN blocks, chosen by a seed from its name.
+
+    A task the merge computes in one piece (``TensorTask.whole``) is recomputed whole.
+    """
+    if task.whole:
+        return [(0, task.rows)]
     blocks = list(row_blocks(task.rows, ROW_ALIGN))
     want = min(len(blocks), math.ceil(sample / ROW_ALIGN))
     rng = random.Random(task.name)

@@ -73,6 +73,7 @@ class Case:
     must_have: frozenset[str]  # tensor names the merged checkpoint must contain
     must_not_have: frozenset[str]  # tensor names it must not contain
     must_change: frozenset[str]  # tensors that must differ from the base (proves the adapter is non-trivial)
+    adapter_name: str | None = None  # sub-adapter of adapter_dir to merge (multi-adapter directories)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class _Spec:
     must_have: tuple[str, ...] = ()
     must_not_have: tuple[str, ...] = ()
     must_change: tuple[str, ...] = ()
+    save_kwargs: dict[str, Any] = field(default_factory=dict)  # PeftModel.save_pretrained kwargs
+    prepare_ref: Callable[[PreTrainedModel], None] | None = None  # applied to the reference base before PEFT
+    second_lora: dict[str, Any] | None = None  # add_adapter("second", ...): the case merges that one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,9 +156,7 @@ def qwen2() -> PreTrainedModel:
 
 def gpt2() -> PreTrainedModel:
     # GPT-2 ties wte/lm_head by default; LoRA here only touches Conv1D layers.
-    cfg = GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2
-    )
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     return GPT2LMHeadModel(cfg)
 
 
@@ -418,6 +420,154 @@ for _name in ("llama_tied_mts_lm_head", "llama_seq_cls"):
     _SPECS[_name + "_sharded"] = replace(_SPECS[_name], max_shard_size=MULTI_SHARD_SIZE, min_shards=3)
 
 CASES: tuple[str, ...] = tuple(_SPECS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 3 cases (tests/test_parity_adapters.py): DoRA, trainable tokens, resized vocab, hybrid, multi-adapter
+
+
+def perturb_named(*fragments: str) -> Callable[[PeftModel], None]:
+    """'Train' the parameters whose name holds any fragment (DoRA magnitudes, token deltas)."""
+
+    def train(pm: PeftModel) -> None:
+        _perturb(pm, lambda n: any(f in n for f in fragments), scale=0.2)
+
+    return train
+
+
+RESIZED_VOCAB = VOCAB + 6
+
+
+def resize_vocab(model: PreTrainedModel) -> None:
+    torch.manual_seed(SEED + 5)
+    model.resize_token_embeddings(RESIZED_VOCAB, mean_resizing=False)
+
+
+def resized_base(base_dir: Path) -> PreTrainedModel:
+    model = load_merged(AutoModelForCausalLM, base_dir)
+    resize_vocab(model)
+    return model
+
+
+def add_resized_head(adapter_dir: Path) -> None:
+    """PEFT saved only the targeted embedding; a trainer that resized the vocabulary also saves the
+    full (trained) lm_head, as ``save_embedding_layers="auto"`` does for an untargeted resized head."""
+    path = adapter_dir / "adapter_model.safetensors"
+    sd = load_file(path)
+    head = resized_base(adapter_dir.parent / "base").lm_head.weight.detach().float()
+    gen = torch.Generator().manual_seed(SEED + 17)
+    sd["base_model.model.lm_head.weight"] = head + torch.randn(head.shape, generator=gen) * 0.05
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def add_full_tensors(adapter_dir: Path) -> None:
+    """A hybrid adapter: trained full tensors saved beside the LoRA pairs (fp32 and bf16)."""
+    path = adapter_dir / "adapter_model.safetensors"
+    sd = load_file(path)
+    gen = torch.Generator().manual_seed(SEED + 13)
+    full = {
+        "model.layers.0.self_attn.q_proj.base_layer.weight": ((64, 64), torch.float32),  # targeted: LoRA on top
+        "model.norm.weight": ((64,), torch.float32),
+        "model.layers.1.mlp.down_proj.weight": ((64, 128), torch.bfloat16),
+    }
+    for name, (shape, dtype) in full.items():
+        sd["base_model.model." + name] = (torch.randn(shape, generator=gen) * 0.05 + (1 if "norm" in name else 0)).to(
+            dtype
+        )
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def to_bin_adapter(adapter_dir: Path) -> None:
+    """An old-style pickled adapter: adapter_model.bin only."""
+    path = adapter_dir / "adapter_model.safetensors"
+    torch.save(load_file(path), adapter_dir / "adapter_model.bin")
+    path.unlink()
+
+
+TOKENS = [3, 5, 70, 127]
+ADAPTER_SPECS: dict[str, _Spec] = {
+    "llama_dora": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "embed_tokens"], "use_dora": True},
+        train=perturb_named("lora_magnitude_vector"),
+        must_change=(EMB, L0 + "self_attn.q_proj.weight", L0 + "self_attn.v_proj.weight"),
+    ),
+    "llama_dora_tied_lm_head": _Spec(
+        make_base=llama(tie_word_embeddings=True),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["lm_head", "q_proj"], "use_dora": True},
+        train=perturb_named("lora_magnitude_vector"),
+        expect_config={"tie_word_embeddings": True},
+        must_not_have=("lm_head.weight",),
+        must_change=(EMB, L0 + "self_attn.q_proj.weight"),
+    ),
+    "gpt2_dora_conv1d": _Spec(
+        make_base=gpt2,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "use_dora": True},
+        train=perturb_named("lora_magnitude_vector"),
+        expect_config={"tie_word_embeddings": True},
+        must_change=("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"),
+    ),
+    "llama_tokens_list": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "trainable_token_indices": TOKENS},
+        train=perturb_named("trainable_tokens_delta"),
+        must_change=(EMB,),
+    ),
+    "llama_tokens_list_tied": _Spec(
+        make_base=llama(tie_word_embeddings=True),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "trainable_token_indices": TOKENS},
+        train=perturb_named("trainable_tokens_delta"),
+        expect_config={"tie_word_embeddings": True},
+        must_not_have=("lm_head.weight",),
+        must_change=(EMB,),
+    ),
+    "llama_tokens_dict_tied": _Spec(
+        make_base=llama(tie_word_embeddings=True),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+              "trainable_token_indices": {"embed_tokens": [3, 5], "lm_head": [9, 100]}},
+        train=perturb_named("trainable_tokens_delta"),
+        expect_config={"tie_word_embeddings": True},
+        must_not_have=("lm_head.weight",),
+        must_change=(EMB,),
+    ),
+    "llama_tokens_dict_untied": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+              "trainable_token_indices": {"embed_tokens": [3, 5], "lm_head": [9, 100]}},
+        train=perturb_named("trainable_tokens_delta"),
+        must_change=(EMB, "lm_head.weight"),
+    ),
+    "llama_resized_vocab": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "embed_tokens"]},
+        peft_base=resized_base,
+        save_kwargs={"save_embedding_layers": True},
+        edit_adapter=add_resized_head,
+        prepare_ref=resize_vocab,
+        expect_config={"vocab_size": RESIZED_VOCAB},
+        must_have=("lm_head.weight", EMB),
+        must_change=(L0 + "self_attn.q_proj.weight",),
+    ),
+    "llama_hybrid_full_tensors": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        edit_adapter=add_full_tensors,
+        must_change=(L0 + "self_attn.q_proj.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"),
+    ),
+    "llama_multi_adapter_dir": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]},
+        second_lora={"r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "o_proj"]},
+        must_change=(L0 + "self_attn.v_proj.weight", L0 + "self_attn.o_proj.weight"),
+    ),
+    "llama_bin_adapter": _Spec(
+        make_base=llama(),
+        lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "embed_tokens"]},
+        edit_adapter=to_bin_adapter,
+        must_change=(L0 + "self_attn.q_proj.weight", EMB),
+    ),
+}
+ADAPTER_CASES: tuple[str, ...] = tuple(ADAPTER_SPECS)
 # Cases whose merged model is reloaded and compared on logits.
 LOGITS_CASES: tuple[str, ...] = (
     "llama_all_linear",
@@ -476,7 +626,7 @@ def _write_tokenizer(base_dir: Path, vocab: int) -> None:
 
 def build_case(name: str, root: Path) -> Case:
     """Build base, adapter and PEFT reference for ``name`` under ``root / name`` (must not exist)."""
-    spec = _SPECS[name]
+    spec = _SPECS[name] if name in _SPECS else ADAPTER_SPECS[name]
     case_root = Path(root) / name
     base_dir, adapter_dir, ref_dir = case_root / "base", case_root / "adapter", case_root / "ref"
     case_root.mkdir(parents=True)
@@ -496,9 +646,11 @@ def build_case(name: str, root: Path) -> Case:
         wrapped = spec.peft_base(base_dir) if spec.peft_base else model
         torch.manual_seed(SEED + 2)
         pm = get_peft_model(wrapped, LoraConfig(init_lora_weights=False, **spec.lora))
+        if spec.second_lora is not None:
+            pm.add_adapter("second", LoraConfig(init_lora_weights=False, **spec.second_lora))
         if spec.train:
             spec.train(pm)
-        pm.save_pretrained(adapter_dir)
+        pm.save_pretrained(adapter_dir, **spec.save_kwargs)
         if spec.edit_adapter:
             spec.edit_adapter(adapter_dir)
         del pm, wrapped, model
@@ -508,7 +660,10 @@ def build_case(name: str, root: Path) -> Case:
         torch.manual_seed(SEED + 3)  # SEQ_CLS: the random score init is overwritten by the adapter anyway
         base_model = load_merged(spec.auto_class, base_dir, **spec.base_load_kwargs)
         base_logits = logits(base_model, input_ids)
-        merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+        if spec.prepare_ref is not None:
+            spec.prepare_ref(base_model)
+        ref_adapter = adapter_dir / "second" if spec.second_lora is not None else adapter_dir
+        merged = PeftModel.from_pretrained(base_model, ref_adapter).merge_and_unload()
         ref_logits = logits(merged, input_ids)
         merged.save_pretrained(ref_dir)
 
@@ -525,6 +680,7 @@ def build_case(name: str, root: Path) -> Case:
         must_have=frozenset(spec.must_have),
         must_not_have=frozenset(spec.must_not_have),
         must_change=frozenset(spec.must_change),
+        adapter_name="second" if spec.second_lora is not None else None,
     )
 
 
@@ -587,9 +743,7 @@ def diff_checkpoints(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
             problems.append(f"{key}: ours {a.dtype}{tuple(a.shape)} vs ref {b.dtype}{tuple(b.shape)}")
         elif not torch.equal(a, b):
             n_diff = int((a != b).sum())
-            problems.append(
-                f"{key}: {n_diff}/{a.numel()} elements differ, max abs diff {_max_abs_diff(a, b):.3g}"
-            )
+            problems.append(f"{key}: {n_diff}/{a.numel()} elements differ, max abs diff {_max_abs_diff(a, b):.3g}")
     return problems
 
 
@@ -610,9 +764,7 @@ def _summarize(case: Case) -> str:
     base_cfg = json.loads((case.base_dir / "config.json").read_text())
     ref_cfg = json.loads((case.ref_dir / "config.json").read_text())
     cfg_diff = {
-        k: (base_cfg.get(k), ref_cfg.get(k))
-        for k in set(base_cfg) | set(ref_cfg)
-        if base_cfg.get(k) != ref_cfg.get(k)
+        k: (base_cfg.get(k), ref_cfg.get(k)) for k in set(base_cfg) | set(ref_cfg) if base_cfg.get(k) != ref_cfg.get(k)
     }
     adapter_keys = sorted(load_file(case.adapter_dir / "adapter_model.safetensors"))
     non_lora = [k for k in adapter_keys if ".lora_" not in k]

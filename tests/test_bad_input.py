@@ -1,6 +1,7 @@
 """The bad-input corpus: every case is a real ``python -m streammerge merge`` subprocess that must
 
-* exit 2 with exactly ONE line on stderr, ``error: …``, naming the file or tensor at fault;
+* exit 2 with exactly ONE line on stderr (``-q``: no progress logs), ``error: …``, naming the file
+  or tensor at fault;
 * print no traceback;
 * leave every input file unchanged (SHA-256 of every file before == after);
 * leave nothing at the output path (or a pre-existing output untouched), except, after an
@@ -52,7 +53,7 @@ class Case:
 
     def args(self) -> list[str]:
         return ["merge", "--base", str(self.base_arg or self.base), "--adapter", str(self.adapter_arg or self.adapter),
-                "--out", str(self.out), "--device", "cpu", *self.extra]
+                "--out", str(self.out), "--device", "cpu", "-q", *self.extra]
 
     def command(self) -> list[str]:
         """The same run as a fresh ``python -m streammerge`` process."""
@@ -194,7 +195,7 @@ def index_tensor_in_wrong_shard(c):
     wm = json.loads((c.base / INDEX).read_text())["weight_map"]
     name = next(k for k, v in wm.items() if v == SHARD1)
     _edit_index(c, lambda m: m.update({name: SHARD2}))
-    return [str(c.base / INDEX), repr(name), f"indexed in {SHARD2} but is in {SHARD1}"]
+    return [str(c.base), repr(name), f"indexed in {SHARD2} but is in {SHARD1}"]
 
 
 def index_path_traversal(c):
@@ -338,9 +339,9 @@ def adapter_weights_missing(c):
     return [str(c.adapter / "adapter_model.safetensors"), "adapter weights not found"]
 
 
-def adapter_pickled_only(c):
+def adapter_pickle_not_a_zip(c):
     (c.adapter / "adapter_model.safetensors").rename(c.adapter / "adapter_model.bin")
-    return [str(c.adapter / "adapter_model.bin"), "pickled adapters are not supported"]
+    return [str(c.adapter / "adapter_model.bin"), "cannot read as a torch zip checkpoint with weights_only=True"]
 
 
 def adapter_header_corrupt(c):
@@ -438,7 +439,7 @@ CASES = {f.__name__: f for f in (
     missing_base, missing_adapter,
     different_base, missing_lora_b, lora_a_b_rank_mismatch, config_rank_disagrees, unknown_adapter_key,
     adapter_config_bad_json, adapter_config_not_object, missing_peft_type, unknown_peft_type, rank_not_a_number,
-    target_modules_wrong_type, dora, pissa, layer_replication, adapter_weights_missing, adapter_pickled_only,
+    target_modules_wrong_type, dora, pissa, layer_replication, adapter_weights_missing, adapter_pickle_not_a_zip,
     adapter_header_corrupt, adapter_truncated, nan_in_lora_b, inf_in_lora_a, out_is_base, out_inside_adapter,
     out_contains_base, out_not_empty, out_is_a_file, out_parent_is_a_file, out_not_writable, disk_full,
     memory_budget_too_small, negative_workers,

@@ -104,3 +104,38 @@ def test_tokenizer_comes_from_the_adapter_when_it_has_one(tmp_path, llama):
     streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {"source": "adapter"}
     assert not list((tmp_path / "out").glob("adapter*"))
+
+
+def test_lora_on_a_tied_head_lands_on_the_embedding_with_a_warning(tmp_path):
+    base = testing.make_checkpoint(tmp_path / "base", tied=True)
+    emb = testing.load_dir(base)["model.embed_tokens.weight"]
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, emb.shape[1], generator=gen), torch.randn(emb.shape[0], 4, generator=gen)
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_A.weight": a, "base_model.model.lm_head.lora_B.weight": b},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "target_modules": ["lm_head"]}))
+    report = streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
+    out = testing.load_dir(tmp_path / "out")
+    assert "lm_head.weight" not in out
+    assert torch.equal(out["model.embed_tokens.weight"], (emb.float() + (b @ a) * 2.0).to(emb.dtype))
+    assert any("tied to 'lm_head.weight'" in w for w in report.warnings)
+
+
+@pytest.mark.cuda
+def test_cuda_merge_matches_cpu_within_one_ulp(tmp_path, llama):
+    base, adapter = llama
+    streammerge.merge(base=base, adapter=adapter, out=tmp_path / "cpu", device="cpu")
+    report = streammerge.merge(base=base, adapter=adapter, out=tmp_path / "gpu", device="cuda", max_memory=1 << 20)
+    assert report.device.startswith("cuda")
+    cpu, gpu = testing.load_dir(tmp_path / "cpu"), testing.load_dir(tmp_path / "gpu")
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        a, b = cpu[name], gpu[name]
+        # cuBLAS and MKL may sum the r products in another order: at most one bf16 ulp apart.
+        ulps = (a.view(torch.int16).long() - b.view(torch.int16).long()).abs()
+        assert int(ulps.max()) <= 1, name

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streammerge.kernel import Factors, merge_block
-from streammerge.plan import row_blocks
+from streammerge.plan import LoraTerm, Step, TensorRef, TensorTask, row_blocks
 
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -71,9 +71,12 @@ def test_merge_is_within_one_ulp_of_float64_reference(case):
     st.integers(0, 2**31 - 1), st.data(),
 )
 def test_row_blocks_cut_at_multiples_of_64_equal_whole_tensor(dtype, k, tail, cols, r, transpose, seed, data):
-    """The executor cuts only where ``row_blocks`` says; cutting anywhere else can change MKL's fp32
-    sums (seen: a 4-row fp32 matrix cut after row 1, and 65 rows cut 64 + 1)."""
+    """The executor cuts only where ``row_blocks`` says, and transposed layouts only when their rows
+    are at least 64 wide (``TensorTask.whole``); cutting anywhere else can change MKL's fp32 sums
+    (seen: 65 rows cut 64 + 1; a 2-wide transposed product cut 64 + 65)."""
     rows = 64 * k + tail
+    if transpose:
+        cols += 63  # narrower transposed tasks are never cut: see test_narrow_transposed_tasks_are_whole
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen).to(dtype)
     out_f, in_f = (cols, rows) if transpose else (rows, cols)
@@ -139,3 +142,15 @@ def test_real_shapes_blocks_of_64_rows_are_bit_identical(shape, layout):
         parts = [merge_block(w[r0 : r0 + block], torch.bfloat16, steps, r0, min(r0 + block, rows))
                  for r0 in range(0, rows, block)]
         assert torch.equal(torch.cat(parts), whole), f"block of {block} rows differs"
+
+
+@pytest.mark.parametrize(("layout", "width", "whole"), [
+    ("linear", 2, False), ("linear_t", 11, True), ("embedding", 63, True), ("embedding", 64, False),
+    ("linear_t", 4096, False),
+])
+def test_narrow_transposed_tasks_are_whole(layout, width, whole):
+    ref = TensorRef("/x", "w", "BF16", (1000, width), 0)
+    a = TensorRef("/a", "a", "F32", (16, 1000 if layout != "linear" else width), 0)
+    b = TensorRef("/a", "b", "F32", (width if layout != "linear" else 1000, 16), 0)
+    task = TensorTask("w", "BF16", (1000, width), ref, (Step((LoraTerm(layout, a, b, 1.0),), "once"),), "merge")
+    assert task.whole is whole

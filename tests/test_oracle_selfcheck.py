@@ -56,8 +56,7 @@ def test_alpha_pattern_file_order_changes_the_merge(case_root: Path) -> None:
     unsorted = cached_case("llama_rslora_patterns", case_root)
     sorted_ = cached_case("llama_rslora_patterns_sorted", case_root)
     patterns = [
-        json.loads((c.adapter_dir / "adapter_config.json").read_text())["alpha_pattern"]
-        for c in (unsorted, sorted_)
+        json.loads((c.adapter_dir / "adapter_config.json").read_text())["alpha_pattern"] for c in (unsorted, sorted_)
     ]
     assert list(patterns[0]) != sorted(patterns[0])
     assert list(patterns[1]) == sorted(patterns[1])

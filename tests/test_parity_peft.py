@@ -45,6 +45,9 @@ CONFIG_KEYS_MERGE_MAY_CHANGE = frozenset(
 )
 # Config facts compared between our output and PEFT's reference, as transformers reads them.
 CONFIG_FACTS = ("model_type", "architectures", "tie_word_embeddings", "num_labels", "vocab_size")
+# PEFT's reference merge runs on CPU; bit-exactness is a same-ops-same-device contract (spec §3.1), so
+# streammerge computes on CPU here even where CUDA is available (its default device is "auto").
+DEVICE = "cpu"
 WEIGHT_FILES = ("*.safetensors", INDEX, "config.json")
 
 
@@ -86,7 +89,7 @@ def merged(request: pytest.FixtureRequest, case_root: Path, merged_cases: dict[s
             # streammerge may warn (e.g. tied lm_head, spec §6.1); record instead of failing on them.
             warnings.simplefilter("always")
             try:
-                report = streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out_dir)
+                report = streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out_dir, device=DEVICE)
             except Exception:
                 error = traceback.format_exc()
         merged_cases[name] = Merged(
@@ -160,9 +163,7 @@ def test_shard_layout_follows_base(merged: Merged) -> None:
     """Same shard file names as the base, and every surviving base tensor stays in its base shard."""
     base_loc = tensor_locations(merged.case.base_dir)
     our_loc = tensor_locations(merged.out_dir)
-    assert {p.name for p in shard_files(merged.out_dir)} == {
-        p.name for p in shard_files(merged.case.base_dir)
-    }
+    assert {p.name for p in shard_files(merged.out_dir)} == {p.name for p in shard_files(merged.case.base_dir)}
     moved = {k: (base_loc[k], f) for k, f in our_loc.items() if k in base_loc and base_loc[k] != f}
     assert moved == {}
 
@@ -212,9 +213,7 @@ def test_base_side_files_copied(merged: Merged) -> None:
     """Tokenizer and generation files of the base reach the output unchanged."""
     base_dir = merged.case.base_dir
     extras = sorted(
-        p.name
-        for p in base_dir.iterdir()
-        if p.is_file() and not any(p.match(pattern) for pattern in WEIGHT_FILES)
+        p.name for p in base_dir.iterdir() if p.is_file() and not any(p.match(pattern) for pattern in WEIGHT_FILES)
     )
     assert "tokenizer.json" in extras  # the oracle writes one
     missing = [n for n in extras if not (merged.out_dir / n).exists()]
@@ -257,7 +256,7 @@ def test_cli_merge_matches_peft(case_root: Path, tmp_path: Path) -> None:
     case = cached_case("llama_all_linear_sharded", case_root)
     out = tmp_path / "cli-out"
     cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(case.base_dir)]
-    cmd += ["--adapter", str(case.adapter_dir), "--out", str(out)]
+    cmd += ["--adapter", str(case.adapter_dir), "--out", str(out), "--device", DEVICE]
     # the child imports the same streammerge as this process
     env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).resolve().parents[1])}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
