@@ -22,6 +22,7 @@ from streammerge.errors import (
     UnsupportedAdapterError,
 )
 from streammerge.plan import Plan
+from streammerge.verify import VerifyReport, verify
 
 try:
     __version__ = version("streammerge")
@@ -39,10 +40,12 @@ __all__ = [
     "PlanError",
     "StreamMergeError",
     "UnsupportedAdapterError",
+    "VerifyReport",
     "__version__",
     "iter_merged",
     "merge",
     "plan_merge",
     "plan_unmerge",
     "unmerge",
+    "verify",
 ]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from streammerge import execute
+from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
-from streammerge.checkpoint import Checkpoint, read_checkpoint
-from streammerge.errors import StreamMergeError
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
@@ -186,6 +186,7 @@ def merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    resume: bool = False,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -211,6 +212,9 @@ def merge(
         seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
         heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
             where several adapters carry one; heads are never blended.
+        resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
+            (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
+            result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
 
     Returns:
         A :class:`MergeReport`.
@@ -225,26 +229,38 @@ def merge(
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+    options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
+               "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    return _run_plan(
+        plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
+        out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
+        overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
+        on_plan=on_plan,
+    )
+
+
+def _run_plan(
+    plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
+    options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
+    max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
+    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+) -> MergeReport:
+    """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
     dev = resolve_device(device)
     execute.check_budget(plan, max_memory)
-    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=overwrite)
+    if resume and overwrite:
+        raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
+    check_output(out, inputs, overwrite=overwrite or resume)
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        created = prepare_output(out, overwrite=overwrite)
-        try:
-            with TensorReader() as reader:
-                written = execute.write_shards(plan, plan.shards, out, reader, opts, on_progress)
-            write_side_files(out, ckpt.root, [a.root for a in loaded], ckpt.config, plan.config_updates)
-            if plan.write_index:
-                write_index(out, plan.index_json())
-        except BaseException:
-            _cleanup(out, created)
-            raise
+        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
+        written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
+                         on_progress=on_progress)
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
@@ -254,8 +270,43 @@ def merge(
     )
 
 
+def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+    """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
+
+    On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
+    shards and their progress record stay, for ``--resume``; temporary files are removed. On an
+    input problem found while executing (a non-finite result, a base file that changed) a
+    directory this run created is removed.
+    """
+    created = prepare_output(out, overwrite=overwrite)
+    try:
+        progress = manifest.Progress.start(out, identity, plan, resume=resume)
+        todo = [s for s in plan.shards if s.filename not in progress.kept]
+        kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
+        if on_progress is not None and kept_bytes:
+            on_progress(kept_bytes)
+        with TensorReader() as reader:
+            written = execute.write_shards(plan, todo, out, reader, opts, on_progress, on_shard=progress.record)
+        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
+        if plan.write_index:
+            write_index(out, plan.index_json())
+            files.append(INDEX_NAME)
+        progress.finish(files)
+    except StreamMergeError as e:
+        if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
+            manifest.remove_temporaries(out)
+        else:
+            _cleanup(out, created)
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it), or a bug: a resumable state stays
+        manifest.remove_temporaries(out)
+        raise
+    return written + kept_bytes
+
+
 def _cleanup(out: Path, created: bool) -> None:
-    """After a failure, leave nothing behind in a directory this run created."""
+    """After an input problem, leave nothing behind in a directory this run created."""
     if created:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -320,6 +371,7 @@ def unmerge(
     max_memory: int = DEFAULT_MAX_MEMORY,
     dry_run: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     allow_nonfinite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
@@ -327,7 +379,7 @@ def unmerge(
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
     The merged checkpoint was rounded once, so the result is the base only up to that rounding:
-    every element lies within ½ ulp(M) + ½ ulp(W) of the original W (README, "Unmerge").
+    every element U lies within ½ ulp(M) + ½ ulp(U) of the original W (README, "Unmerge").
     Tensors with no exact inverse (saved heads and other full tensors, DoRA, trainable tokens)
     are refused unless ``base`` (the original checkpoint) is given; they are then copied from it.
     Other arguments are those of :func:`merge`; config and tokenizer files come from ``merged``.
@@ -341,31 +393,11 @@ def unmerge(
     loaded = read_adapter(adapter, adapter_name)
     original = read_checkpoint(Path(base)) if base is not None else None
     plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
-    if on_plan is not None:
-        on_plan(plan)
-    dev = resolve_device(device)
-    execute.check_budget(plan, max_memory)
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    check_output(out, inputs, overwrite=overwrite)
-    for warning in plan.warnings:
-        LOG.warning("%s", warning)
-    written = 0
-    if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        created = prepare_output(out, overwrite=overwrite)
-        try:
-            with TensorReader() as reader:
-                written = execute.write_shards(plan, plan.shards, out, reader, opts, on_progress)
-            write_side_files(out, ckpt.root, [], ckpt.config, plan.config_updates)
-            if plan.write_index:
-                write_index(out, plan.index_json())
-        except BaseException:
-            _cleanup(out, created)
-            raise
-    c = plan.counts()
-    return MergeReport(
-        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
-        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
-        dry_run=dry_run,
+    options = {"operation": "unmerge", "weight": weight, "max_shard_size": max_shard_size,
+               "original_base": str(original.root) if original is not None else None}
+    return _run_plan(
+        plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
+        max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
+        on_progress=on_progress, on_plan=on_plan,
     )

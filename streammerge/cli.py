@@ -1,6 +1,6 @@
-"""Command line: ``python -m streammerge {merge,unmerge,demo} ...``. The only module that prints.
+"""Command line: ``python -m streammerge {merge,unmerge,verify,demo} ...``. The only module that prints.
 
-Exit status: 0 success, 2 bad input or environment (one ``error: …`` line on stderr, no
+Exit status: 0 success, 1 ``verify`` found a problem, 2 bad input or environment (one ``error: …`` line on stderr, no
 traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Unexpected exceptions keep their
 traceback: they are bugs.
 """
@@ -49,17 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: base_model_name_or_path of the adapter, local or in the HF cache)")
     m.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
-    m.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    m.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N] (default: auto)")
-    m.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
-    m.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
-                   help="re-shard the output (e.g. 5GB); default keeps the base's shard layout")
-    m.add_argument("--max-memory", type=parse_size, metavar="SIZE", default=None,
-                   help="working-memory budget for merge blocks (default 512MiB); RSS ≈ 250 MB + this")
-    m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    m.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
-    m.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+    _output_args(m)
     _combination_args(m)
     _common(m)
 
@@ -69,17 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--weight", type=float, default=1.0, metavar="W", help="weight it was merged with (default 1)")
     u.add_argument("--base", metavar="DIR", help="the original base: source of tensors that have no exact inverse "
                    "(saved heads, modules_to_save, DoRA, trainable tokens)")
-    u.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
-    u.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    u.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N] (default: auto)")
-    u.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
-    u.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="re-shard the output (e.g. 5GB)")
-    u.add_argument("--max-memory", type=parse_size, metavar="SIZE", default=None,
-                   help="working-memory budget for merge blocks (default 512MiB)")
-    u.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    u.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
-    u.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+    _output_args(u)
     _common(u)
+    v = sub.add_parser("verify", help="check a merged directory against its base and adapter(s); exit 0 good, 1 not")
+    v.add_argument("--out", required=True, metavar="DIR", help="the merged directory to check")
+    v.add_argument("--base", help="base checkpoint directory (default: base_model_name_or_path of the adapter)")
+    v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
+    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    v.add_argument("--sample", type=int, metavar="N",
+                   help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
+    v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
+    v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
+    _common(v)
 
     d = sub.add_parser("demo", help="build a tiny base + adapter in a temporary directory, merge, verify")
     d.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it (default: a temp dir)")
@@ -93,6 +84,24 @@ def parse_weights(text: str) -> list[float]:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)") from None
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that write a checkpoint (merge, unmerge)."""
+    p.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N] (default: auto)")
+    p.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
+    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                   help="re-shard the output (e.g. 5GB); default keeps the input's shard layout")
+    p.add_argument("--max-memory", type=parse_size, metavar="SIZE", default=None,
+                   help="working-memory budget for merge blocks (default 512MiB); RSS ≈ 250 MB + this")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --out: keep shards whose recorded inputs, options and "
+                   "checksum still match, recompute the rest (same bytes as an uninterrupted run)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
 
 
 def _combination_args(m: argparse.ArgumentParser) -> None:
@@ -139,6 +148,9 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_STOPPED = "no partial shard was left under a final name; rerun the same command with --resume to continue"
+
+
 @contextmanager
 def _logging(level: int) -> Iterator[None]:
     """Route the library's log records to stderr for this call only (the root logger is left alone)."""
@@ -166,10 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no partial shard was left under a final name", file=sys.stderr)
+        print(f"interrupted: {_STOPPED}", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated: no partial shard was left under a final name", file=sys.stderr)
+        print(f"terminated: {_STOPPED}", file=sys.stderr)
         return 143
 
 
@@ -180,7 +192,18 @@ def _run(args: argparse.Namespace) -> int:
         report = run_demo(args.keep)
         print(report)
         return 0
+    if args.command == "verify":
+        return _verify(args)
     return _merge(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from streammerge.verify import verify
+
+    report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
+                    sample=args.sample, device=args.device, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -191,7 +214,7 @@ def _merge(args: argparse.Namespace) -> int:
     from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
     from streammerge.execute import default_workers
 
-    workers = args.workers or default_workers()
+    workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise StreamMergeError(f"--workers {workers}: must be at least 1")
     # Each worker runs torch ops; split the cores between them instead of oversubscribing.
@@ -210,7 +233,7 @@ def _merge(args: argparse.Namespace) -> int:
         common = dict(
             adapter_name=args.adapter_name, device=args.device, workers=workers, max_shard_size=args.max_shard_size,
             max_memory=args.max_memory or DEFAULT_MAX_MEMORY, dry_run=args.dry_run, overwrite=args.overwrite,
-            allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan,
+            allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan, resume=args.resume,
         )
         if args.command == "unmerge":
             report = unmerge(args.merged, args.adapter, args.out, weight=args.weight, base=args.base, **common)

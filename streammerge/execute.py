@@ -21,6 +21,7 @@ computed by the same ops on the same rows whatever thread runs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import deque
@@ -116,6 +117,15 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
                     fut.cancel()
 
 
+def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task`` exactly as ``pieces`` does (``verify --sample`` uses it).
+
+    ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
+    (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
+    """
+    return _compute(task, r0, r1, reader, opts)
+
+
 def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
     w = reader.rows(task.source, r0, r1)
@@ -193,33 +203,38 @@ def write_shards(
     reader: TensorReader,
     opts: ExecOptions,
     on_progress: Callable[[int], None] | None = None,
-    on_shard: Callable[[ShardPlan], None] | None = None,
+    on_shard: Callable[[ShardPlan, str], None] | None = None,
 ) -> int:
-    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written."""
+    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written.
+
+    ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
+    """
     written = 0
-    stream = pieces([t for s in shards for t in s.tasks], reader, opts)
-    for shard in shards:
-        with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
-            for task in shard.tasks:
-                while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
-                    piece = next(stream)
-                    assert piece.task is task, "pieces out of order"
-                    if piece.data is None:
-                        w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
-                        n = task.source.nbytes
-                    else:
-                        buf = as_bytes(piece.data)
-                        w.write(buf)
-                        n = buf.nbytes
-                    written += n
-                    if on_progress is not None:
-                        on_progress(n)
-                    if piece.r1 >= task.rows:
-                        break
-        written += len(shard.header)
-        if on_shard is not None:
-            on_shard(shard)
-        LOG.debug("wrote %s", shard.filename)
+    # ``closing``: on any exception (Ctrl-C, a full disk) the pool is drained HERE, before the caller
+    # closes the reader: a worker still computing on a row view of an unmapped file would segfault.
+    with contextlib.closing(pieces([t for s in shards for t in s.tasks], reader, opts)) as stream:
+        for shard in shards:
+            with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
+                for task in shard.tasks:
+                    while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
+                        piece = next(stream)
+                        assert piece.task is task, "pieces out of order"
+                        if piece.data is None:
+                            w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
+                            n = task.source.nbytes
+                        else:
+                            buf = as_bytes(piece.data)
+                            w.write(buf)
+                            n = buf.nbytes
+                        written += n
+                        if on_progress is not None:
+                            on_progress(n)
+                        if piece.r1 >= task.rows:
+                            break
+            written += len(shard.header)
+            if on_shard is not None:
+                on_shard(shard, w.sha256)
+            LOG.debug("wrote %s", shard.filename)
     return written
 
 
@@ -231,8 +246,13 @@ def whole_tensors(
     tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Assemble ``pieces`` into whole tensors (fresh CPU tensors the caller owns), in order."""
+    with contextlib.closing(pieces(tasks, reader, opts)) as stream:  # drain the pool before the reader closes
+        yield from _assemble(stream, reader)
+
+
+def _assemble(stream: Iterator[Piece], reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
     out: torch.Tensor | None = None
-    for piece in pieces(tasks, reader, opts):
+    for piece in stream:
         task = piece.task
         if piece.data is None:
             # read(2) into the caller's tensor: no mapped pages, so RSS grows by that tensor alone

@@ -157,6 +157,13 @@ def parse_header(raw: bytes, *, file_size: int, path: str = "<bytes>") -> Safete
 
     metadata = _parse_metadata(doc.pop("__metadata__", None), path)
     infos = sorted((_parse_entry(name, entry, path) for name, entry in doc.items()), key=lambda t: (t.begin, t.end))
+    data_size = file_size - 8 - n
+    for info in infos:
+        if info.end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} has data_offsets [{info.begin}, {info.end}] beyond the file's "
+                f"{max(data_size, 0)} data bytes; the file is truncated or corrupt: re-download or re-save it"
+            )
     expected = 0
     for info in infos:
         if info.begin != expected:

@@ -2,12 +2,19 @@
 against the size its header promises, fsynced, and renamed. Nothing ever opens a final name for
 writing, so a crash or Ctrl-C never leaves a file with a final shard name that is incomplete, and
 no file that might be memory-mapped by a reader is truncated in place.
+
+Every byte that goes into a file also goes through SHA-256 on the way (``ShardWriter.sha256``),
+so the completion manifest can name each shard's content without reading the shard again. Raw
+copies (``copy_range``: ``copy_file_range`` moves the bytes inside the kernel) are hashed by
+reading the same source range back in ``_HASH_CHUNK`` pieces: it was just read by the copy, so
+this is a page-cache read, not a disk read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +23,7 @@ from types import TracebackType
 from streammerge.errors import OutputError
 
 _COPY_CHUNK = 1 << 30  # copy_file_range/sendfile move at most this many bytes per call
+_HASH_CHUNK = 8 << 20  # raw-copied bytes are read back for hashing in pieces of this size
 
 
 def output_error(path: Path, e: OSError) -> OutputError:
@@ -40,7 +48,10 @@ class ShardWriter:
         self._header = header
         self._fd = -1
         self._tmp = ""
+        self._hash = hashlib.sha256()
+        self._buf: bytearray | None = None
         self.written = 0
+        self.sha256 = ""  # hex digest of the whole file, set on a successful commit
 
     def __enter__(self) -> ShardWriter:
         try:
@@ -67,6 +78,7 @@ class ShardWriter:
         try:
             while view:
                 n = os.write(self._fd, view)
+                self._hash.update(view[:n])
                 view = view[n:]
                 self.written += n
         except OSError as e:
@@ -79,11 +91,25 @@ class ShardWriter:
                 n = _copy(src_fd, self._fd, offset, min(count, _COPY_CHUNK))
                 if n <= 0:
                     raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+                self._hash_source(src_fd, offset, n)
                 offset += n
                 count -= n
                 self.written += n
         except OSError as e:
             raise output_error(self.path, e) from e
+
+    def _hash_source(self, src_fd: int, offset: int, count: int) -> None:
+        """Feed ``count`` source bytes at ``offset`` (just copied, so in the page cache) to the hash."""
+        if self._buf is None:
+            self._buf = bytearray(_HASH_CHUNK)
+        view = memoryview(self._buf)
+        while count > 0:
+            n = os.preadv(src_fd, [view[: min(count, _HASH_CHUNK)]], offset)
+            if n <= 0:
+                raise OutputError(f"{self.path}: source ended early while hashing; is the base file truncated?")
+            self._hash.update(view[:n])
+            offset += n
+            count -= n
 
     def _commit(self) -> None:
         if self.written != self.expected:  # an internal invariant: the plan's header promised this size
@@ -96,6 +122,7 @@ class ShardWriter:
         except OSError as e:
             raise output_error(self.path, e) from e
         self._tmp = ""
+        self.sha256 = self._hash.hexdigest()
         fsync_dir(self.path.parent)
 
 
@@ -113,10 +140,16 @@ def _copy(src: int, dst: int, offset: int, count: int) -> int:
     return os.write(dst, data)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file (JSON, config) atomically."""
-    with ShardWriter(path, data, 0):
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write a small file (JSON, config) atomically. Returns its sha256 (hex)."""
+    with ShardWriter(path, data, 0) as w:
         pass
+    return w.sha256
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names ShardWriter gives its temporary files (``.<final name>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def fsync_dir(path: Path) -> None:

@@ -39,7 +39,7 @@ def test_merge_equals_reference_and_keeps_layout(tmp_path, llama):
         assert name in testing.load_dir(out) and (out / file).exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*(p.name for p in base.glob("*.safetensors")), "model.safetensors.index.json", "config.json",
-         "generation_config.json", "tokenizer_config.json"]
+         "generation_config.json", "tokenizer_config.json", "streammerge.json"]
     )
 
 

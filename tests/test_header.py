@@ -65,6 +65,10 @@ def _raw(doc: str) -> bytes:
         pytest.param(_raw('{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},'
                           '"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}') + b"xxx", "overlaps", id="overlap"),
         pytest.param(_raw('{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}') + b"xx", "hole", id="hole"),
+        pytest.param(_raw('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+                          '"b":{"dtype":"U8","shape":[2],"data_offsets":[1099511627776,1099511627778]}}') + b"x",
+                     "tensor 'b' has data_offsets \\[1099511627776, 1099511627778\\] beyond the file's 1 data bytes",
+                     id="offsets-beyond-file"),
         pytest.param(_raw('{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}') + b"x", "invalid shape",
                      id="negative-shape"),
         pytest.param(_raw('{"__metadata__":{"a":1}}'), "__metadata__", id="metadata-not-strings"),

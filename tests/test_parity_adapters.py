@@ -273,7 +273,7 @@ def test_bin_base_bit_identical_to_peft(tmp_path: Path, tmp_path_factory: pytest
     streammerge.merge(base=base, adapter=case.adapter_dir, out=out)
     names = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
     if shards == 1:
-        assert [n for n in names if n != "config.json" and n != "generation_config.json"
+        assert [n for n in names if n not in ("config.json", "generation_config.json", "streammerge.json")
                 and not n.startswith("tokenizer")] == ["model.safetensors"]
     else:
         assert "model-00001-of-00002.safetensors" in names and "model.safetensors.index.json" in names
