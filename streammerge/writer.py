@@ -56,6 +56,8 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         try:
             self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            # mkstemp makes the file private (0600); a checkpoint gets what open() would give it.
+            os.fchmod(self._fd, 0o666 & ~_umask())
         except OSError as e:
             raise output_error(self.path, e) from e
         self.write(self._header)
@@ -124,6 +126,17 @@ class ShardWriter:
         self._tmp = ""
         self.sha256 = self._hash.hexdigest()
         fsync_dir(self.path.parent)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc); 0o022 where that is unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _copy(src: int, dst: int, offset: int, count: int) -> int:

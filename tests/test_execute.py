@@ -139,3 +139,17 @@ def test_cuda_merge_matches_cpu_within_one_ulp(tmp_path, llama):
         # cuBLAS and MKL may sum the r products in another order: at most one bf16 ulp apart.
         ulps = (a.view(torch.int16).long() - b.view(torch.int16).long()).abs()
         assert int(ulps.max()) <= 1, name
+
+
+def test_output_files_get_the_permissions_open_would_give(tmp_path, llama):
+    import os
+    import stat
+
+    base, adapter = llama
+    old = os.umask(0o022)
+    try:
+        streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
