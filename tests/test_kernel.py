@@ -154,3 +154,16 @@ def test_narrow_transposed_tasks_are_whole(layout, width, whole):
     b = TensorRef("/a", "b", "F32", (width if layout != "linear" else 1000, 16), 0)
     task = TensorTask("w", "BF16", (1000, width), ref, (Step((LoraTerm(layout, a, b, 1.0),), "once"),), "merge")
     assert task.whole is whole
+
+
+@given(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(1, 300),
+       st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf")]), max_size=5), st.integers(0, 2**31 - 1),
+       st.sampled_from([1.0, 6e4]))
+def test_nonfinite_count_is_exact(dtype, n, bad, seed, scale):
+    """The sum filter never hides a NaN/inf, and an overflowing sum of finite values counts 0."""
+    from streammerge.kernel import nonfinite_count
+
+    t = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+    for i, value in enumerate(bad[:n]):
+        t[i] = value
+    assert nonfinite_count(t) == len(bad[:n])
