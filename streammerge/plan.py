@@ -530,14 +530,22 @@ def _check_rank(adapter: Adapter, module: str, r: int, problems: list[str]) -> b
     return True
 
 
-def _plan_linear(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems, order):
-    pair = _pair(adapter, module, roles, "lora_A", "lora_B", problems)
+def _pair_target(adapter, module, roles, a_role, b_role, infos, located, aliases, problems, what):
+    """The A/B pair of ``module`` and the base tensor it changes, or None (problems recorded)."""
+    pair = _pair(adapter, module, roles, a_role, b_role, problems)
     if pair is None:
-        return
-    a, b = infos[pair[0].key], infos[pair[1].key]
-    target = _resolve_target(adapter, module, "weight", located, aliases, problems, "LoRA")
+        return None
+    target = _resolve_target(adapter, module, "weight", located, aliases, problems, what)
     if target is None:
+        return None
+    return pair, infos[pair[0].key], infos[pair[1].key], target
+
+
+def _plan_linear(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems, order):
+    found = _pair_target(adapter, module, roles, "lora_A", "lora_B", infos, located, aliases, problems, "LoRA")
+    if found is None:
         return
+    pair, a, b, target = found
     w = located[target][1]
     shape = _shape(targets, target, w)
     conv_want = _conv_delta_shape(adapter, pair[0].key, a.shape, b.shape, shape) if len(a.shape) != 2 else None
@@ -622,13 +630,11 @@ def _magnitude(adapter: Adapter, module: str, roles, infos, out: int, problems: 
 
 
 def _plan_embedding(index, adapter, module, roles, infos, located, aliases, targets, problems, order):
-    pair = _pair(adapter, module, roles, "emb_A", "emb_B", problems)
-    if pair is None:
+    found = _pair_target(adapter, module, roles, "emb_A", "emb_B", infos, located, aliases, problems,
+                         "embedding LoRA")
+    if found is None:
         return
-    a, b = infos[pair[0].key], infos[pair[1].key]
-    target = _resolve_target(adapter, module, "weight", located, aliases, problems, "embedding LoRA")
-    if target is None:
-        return
+    pair, a, b, target = found
     r = a.shape[0] if a.shape else 0
     if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != r:
         problems.append(
