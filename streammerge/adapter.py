@@ -66,9 +66,6 @@ class AdapterConfig:
     def rank_for(self, module: str) -> int:
         return int(self.r_alpha_for(module)[0])
 
-    def alpha_for(self, module: str) -> float:
-        return self.r_alpha_for(module)[1]
-
     def r_alpha_for(self, module: str, rules: str | None = None) -> tuple[int, float]:
         r"""(r, α) of ``module`` under ``rules`` (default: this config's ``pattern_rules``), spec §6.6:
 
