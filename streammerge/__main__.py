@@ -1,0 +1,3 @@
+from streammerge.cli import main
+
+raise SystemExit(main())

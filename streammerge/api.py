@@ -1,0 +1,403 @@
+"""The library façade: ``plan_merge``, ``merge`` and ``iter_merged``.
+
+Each is a straight line: read headers → build the plan → execute. Errors are typed
+(``streammerge.errors``); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge import execute, manifest
+from streammerge.adapter import Adapter, read_adapter
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.errors import OutputError, StreamMergeError
+from streammerge.execute import ExecOptions
+from streammerge.locate import find_base
+from streammerge.output import check_output, prepare_output, write_index, write_side_files
+from streammerge.plan import (
+    CombineOptions,
+    Plan,
+    PlanOptions,
+    build_combined_plan,
+    build_plan,
+    build_unmerge_plan,
+)
+from streammerge.reader import TensorReader
+
+LOG = logging.getLogger(__name__)
+
+#: Default working-memory budget for merge blocks (see ``execute``): with the interpreter and
+#: torch (~250 MB) a merge stays under 1 GB of RSS whatever the model size.
+DEFAULT_MAX_MEMORY = 512 * 2**20
+
+PathLike = str | Path
+#: An adapter directory, or ``(directory, weight)`` for a weighted combination.
+AdapterSpec = PathLike | tuple[PathLike, float]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeReport:
+    """What a merge did. ``dry_run`` reports carry the plan and wrote nothing."""
+
+    out: str
+    tensors_merged: int
+    tensors_replaced: int
+    tensors_added: int
+    tensors_copied: int
+    tensors_dropped: int
+    bytes_written: int
+    seconds: float
+    device: str
+    shards: int
+    warnings: tuple[str, ...]
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        return (
+            f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
+            f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
+            f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
+        )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StreamMergeError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def _load(
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
+) -> tuple[Checkpoint, list[Adapter]]:
+    if not adapters:
+        raise StreamMergeError("no adapter given; pass --adapter DIR")
+    loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
+    base_path = Path(base) if base is not None else find_base(loaded[0])
+    return read_checkpoint(base_path), loaded
+
+
+def plan_merge(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    *,
+    adapters: Sequence[AdapterSpec] = (),
+    adapter_name: str | None = None,
+    max_shard_size: int | None = None,
+    weights: Sequence[float] | None = None,
+    combination: str | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    heads_from: str | int | None = None,
+    pattern_rules: str = "current",
+) -> Plan:
+    """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
+    paths, weights = _adapter_specs(adapter, adapters, weights)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+
+
+def _adapter_list(adapter: PathLike | None, adapters: Sequence[PathLike]) -> list[PathLike]:
+    return ([adapter] if adapter is not None else []) + list(adapters)
+
+
+def _adapter_specs(
+    adapter: PathLike | None, adapters: Sequence[AdapterSpec], weights: Sequence[float] | None
+) -> tuple[list[PathLike], list[float] | None]:
+    """Split ``adapters`` (paths or ``(path, weight)``) into paths and weights (None: all plain paths)."""
+    specs = _adapter_list(adapter, adapters)  # type: ignore[arg-type]
+    paths = [s[0] if isinstance(s, tuple) else s for s in specs]
+    inline = [float(s[1]) if isinstance(s, tuple) else None for s in specs]
+    if weights is not None:
+        if any(w is not None for w in inline):
+            raise StreamMergeError("give adapter weights either as (path, weight) pairs or as weights=, not both")
+        return paths, [float(w) for w in weights]
+    if all(w is None for w in inline):
+        return paths, None
+    return paths, [1.0 if w is None else w for w in inline]
+
+
+def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> int | None:
+    """``--heads-from`` as an adapter index: an index, a directory name or a path of one of ``adapters``."""
+    if value is None:
+        return None
+    text = str(value)
+    if text.isdigit() and int(text) < len(adapters):
+        return int(text)
+    found = [i for i, a in enumerate(adapters) if text in (a.root.name, str(a.root)) or Path(text) == a.root]
+    if len(found) != 1:
+        names = ", ".join(f"{i} ({a.root.name})" for i, a in enumerate(adapters))
+        what = "names several adapters" if found else "is not one of the adapters"
+        raise StreamMergeError(f"--heads-from {text!r} {what}; use an index or directory name: {names}")
+    return found[0]
+
+
+def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] | None, combination: str | None,
+          density: float | None, seed: int, heads_from: str | int | None, max_shard_size: int | None) -> Plan:
+    """One plain adapter: PEFT's own merge (``build_plan``). Several, or weights: ``build_combined_plan``."""
+    options = PlanOptions(max_shard_size=max_shard_size)
+    plain = weights is None or all(w == 1.0 for w in weights)
+    if combination is None and len(loaded) == 1 and plain and heads_from is None:
+        return build_plan(ckpt, loaded, options)
+    method = combination or "cat"
+    if method != "cat" and density is None:
+        raise StreamMergeError(
+            f"--combination {method} needs --density (the fraction of each adapter's delta kept, e.g. 0.5)"
+        )
+    combine = CombineOptions(
+        weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
+        density=1.0 if density is None else float(density), seed=int(seed),
+        heads_from=resolve_heads_from(heads_from, loaded),
+    )
+    return build_combined_plan(ckpt, loaded, combine, options)
+
+
+def merge(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    out: PathLike | None = None,
+    *,
+    adapters: Sequence[AdapterSpec] = (),
+    adapter_name: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    max_shard_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    weights: Sequence[float] | None = None,
+    combination: str | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    heads_from: str | int | None = None,
+    pattern_rules: str = "current",
+    resume: bool = False,
+) -> MergeReport:
+    """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
+
+    Args:
+        base: base checkpoint directory (or one ``.safetensors`` file); None resolves
+            ``base_model_name_or_path`` from the adapter config (local directory or HF cache).
+        adapter: PEFT adapter directory (``adapters`` may list more: paths, or ``(path, weight)``).
+        out: output directory; must not exist or be empty (unless ``overwrite``), and may not
+            alias an input.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        workers: compute threads (default: up to 4, by core count).
+        max_shard_size: re-shard the output to at most this many bytes per file.
+        max_memory: working-memory budget in bytes for merge blocks (see ``execute``).
+        dry_run: plan only; report what would be written.
+        on_progress: called with a byte count as output bytes are produced.
+        on_plan: called with the plan once it is built (the CLI prints it for --dry-run).
+        weights: one weight per adapter (or give ``(path, weight)`` pairs in ``adapters``).
+        combination: ``cat`` (default with several adapters or weights: W + Σ wᵢ·sᵢ·BᵢAᵢ with one
+            rounding), ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune`` (task-vector
+            operators on each tensor's full deltas; see ``streammerge.combine``). One adapter of
+            weight 1 with no combination is PEFT's own merge, bit for bit.
+        density: fraction of each delta the pruning combinations keep (required for them).
+        seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
+        heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
+            where several adapters carry one; heads are never blended.
+        resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
+            (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
+            result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        StreamMergeError: any bad input or output problem, with a one-line message.
+    """
+    if out is None:
+        raise StreamMergeError("no output directory given; pass --out DIR")
+    started = time.monotonic()
+    out = Path(out)
+    paths, weights = _adapter_specs(adapter, adapters, weights)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+    options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
+               "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    return _run_plan(
+        plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
+        out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
+        overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
+        on_plan=on_plan,
+    )
+
+
+def _run_plan(
+    plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
+    options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
+    max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
+    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+) -> MergeReport:
+    """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
+    if on_plan is not None:
+        on_plan(plan)
+    dev = resolve_device(device)
+    execute.check_budget(plan, max_memory)
+    if resume and overwrite:
+        raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
+    check_output(out, inputs, overwrite=overwrite or resume)
+    for warning in plan.warnings:
+        LOG.warning("%s", warning)
+    written = 0
+    if not dry_run:
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
+        written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
+                         on_progress=on_progress)
+    c = plan.counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
+        dry_run=dry_run,
+    )
+
+
+def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+    """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
+
+    On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
+    shards and their progress record stay, for ``--resume``; temporary files are removed. On an
+    input problem found while executing (a non-finite result, a base file that changed) a
+    directory this run created is removed.
+    """
+    created = prepare_output(out, overwrite=overwrite)
+    try:
+        progress = manifest.Progress.start(out, identity, plan, resume=resume)
+        todo = [s for s in plan.shards if s.filename not in progress.kept]
+        kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
+        if on_progress is not None and kept_bytes:
+            on_progress(kept_bytes)
+        with TensorReader() as reader:
+            written = execute.write_shards(plan, todo, out, reader, opts, on_progress, on_shard=progress.record)
+        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
+        if plan.write_index:
+            write_index(out, plan.index_json())
+            files.append(INDEX_NAME)
+        progress.finish(files)
+    except StreamMergeError as e:
+        if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
+            manifest.remove_temporaries(out)
+        else:
+            _cleanup(out, created)
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it), or a bug: a resumable state stays
+        manifest.remove_temporaries(out)
+        raise
+    return written + kept_bytes
+
+
+def _cleanup(out: Path, created: bool) -> None:
+    """After an input problem, leave nothing behind in a directory this run created."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def iter_merged(
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    *,
+    adapters: Sequence[AdapterSpec] = (),
+    adapter_name: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    allow_nonfinite: bool = False,
+    weights: Sequence[float] | None = None,
+    combination: str | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    heads_from: str | int | None = None,
+    pattern_rules: str = "current",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
+
+    Nothing is written to disk. Each yielded tensor is a fresh CPU tensor the caller owns; apart
+    from it, memory stays within ``max_memory`` (the same pipeline as ``merge``). This is the
+    in-process path for pushing merged weights into an inference engine, e.g.
+    ``llm.load_weights(streammerge.iter_merged(base=..., adapter=...))``. Adapter, weight and
+    combination arguments are those of :func:`merge`.
+    """
+    paths, weights = _adapter_specs(adapter, adapters, weights)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
+    execute.check_budget(plan, max_memory)
+    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
+                       check_finite=not allow_nonfinite)
+    with TensorReader() as reader:
+        yield from execute.whole_tensors(plan.tasks(), reader, opts)
+
+
+def plan_unmerge(
+    merged: PathLike, adapter: PathLike, *, weight: float = 1.0, base: PathLike | None = None,
+    adapter_name: str | None = None, max_shard_size: int | None = None,
+) -> Plan:
+    """The frozen plan of :func:`unmerge`; reads no tensor and writes nothing."""
+    loaded = read_adapter(adapter, adapter_name)
+    original = read_checkpoint(Path(base)) if base is not None else None
+    return build_unmerge_plan(read_checkpoint(Path(merged)), loaded, weight, original,
+                              PlanOptions(max_shard_size=max_shard_size))
+
+
+def unmerge(
+    merged: PathLike,
+    adapter: PathLike,
+    out: PathLike,
+    *,
+    weight: float = 1.0,
+    base: PathLike | None = None,
+    adapter_name: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    max_shard_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    allow_nonfinite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> MergeReport:
+    """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
+
+    The merged checkpoint was rounded once, so the result is the base only up to that rounding:
+    every element U lies within ½ ulp(M) + ½ ulp(U) of the original W (README, "Unmerge").
+    Tensors with no exact inverse (saved heads and other full tensors, DoRA, trainable tokens)
+    are refused unless ``base`` (the original checkpoint) is given; they are then copied from it.
+    Other arguments are those of :func:`merge`; config and tokenizer files come from ``merged``.
+
+    Raises:
+        StreamMergeError: bad input, no inverse, or an output problem, with a one-line message.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    ckpt = read_checkpoint(Path(merged))
+    loaded = read_adapter(adapter, adapter_name)
+    original = read_checkpoint(Path(base)) if base is not None else None
+    plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
+    inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
+    options = {"operation": "unmerge", "weight": weight, "max_shard_size": max_shard_size,
+               "original_base": str(original.root) if original is not None else None}
+    return _run_plan(
+        plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
+        max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
+        on_progress=on_progress, on_plan=on_plan,
+    )

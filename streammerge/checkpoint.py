@@ -1,0 +1,217 @@
+"""Discover a base checkpoint: its shards' headers, its index and its config. No tensor is read.
+
+A base is a directory holding ``model.safetensors.index.json`` and the shards it names, or a
+directory holding one ``model.safetensors`` (or any single ``*.safetensors``), or a path to one
+``.safetensors`` file (its ``config.json`` is then looked for beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+
+from streammerge.errors import CheckpointError
+from streammerge.header import SafetensorsHeader, TensorInfo, read_header
+
+LOG = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
+
+# Tensor-name suffixes and config keys that mark a quantized checkpoint. Merging a float delta
+# into packed integers is meaningless, so these are refused before planning (spec §6.3).
+_QUANT_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".weight.absmax", "bitsandbytes 4-bit"),
+    (".weight.quant_map", "bitsandbytes 4-bit"),
+    (".SCB", "bitsandbytes 8-bit"),
+    (".weight_format", "bitsandbytes 8-bit"),
+    (".qweight", "GPTQ/AWQ"),
+    (".qzeros", "GPTQ/AWQ"),
+    (".weight_scale_inv", "FP8"),
+    (".weight_scale", "FP8"),
+    ("_blocks", "MXFP4"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Headers of every shard of a base checkpoint, in shard order, plus its JSON side files."""
+
+    root: Path  # directory holding the shards and config.json
+    shards: tuple[SafetensorsHeader, ...]
+    shard_names: tuple[str, ...]  # file names relative to root, parallel to ``shards``
+    has_index: bool
+    index_metadata: Mapping[str, object]
+    config: Mapping[str, object]  # config.json ({} when absent)
+
+    def locate(self) -> dict[str, tuple[int, TensorInfo]]:
+        """Map every tensor name to (shard number, its slot)."""
+        return {t.name: (i, t) for i, shard in enumerate(self.shards) for t in shard.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_size for s in self.shards)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read the headers of the base checkpoint at ``path``.
+
+    Raises:
+        CheckpointError: missing or unreadable files, an index that disagrees with its shards or
+            points outside the directory, a quantized checkpoint.
+    """
+    path = Path(path)
+    if path.is_file():
+        root, names, index = path.parent, (path.name,), None
+    elif path.is_dir():
+        root = path
+        names, index = _discover(path)
+    else:
+        raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
+    shards = tuple(_read_shard(root / name) for name in names)
+    if index is not None:
+        _check_index(root, names, shards, index)
+    ckpt = Checkpoint(
+        root=root,
+        shards=shards,
+        shard_names=names,
+        has_index=index is not None,
+        index_metadata=MappingProxyType(dict(index.get("metadata") or {})) if index else MappingProxyType({}),
+        config=MappingProxyType(read_json(root / "config.json", CheckpointError, missing_ok=True)),
+    )
+    refuse_quantized(ckpt)
+    return ckpt
+
+
+def _read_shard(path: Path) -> SafetensorsHeader:
+    if path.suffix != ".bin":
+        return read_header(path)
+    from streammerge.reader import read_pickle_index  # torch is needed only for pickled checkpoints
+
+    LOG.info("%s: pickled shard, read with torch.load(weights_only=True, mmap=True)", path)
+    return read_pickle_index(path)
+
+
+def output_name(shard: str) -> str:
+    """The output file for a base shard: pickled ``pytorch_model*.bin`` shards become safetensors."""
+    if shard.endswith(".bin") and shard.startswith("pytorch_model"):
+        return "model" + shard.removeprefix("pytorch_model").removesuffix(".bin") + ".safetensors"
+    return shard
+
+
+def _discover(root: Path) -> tuple[tuple[str, ...], dict | None]:
+    index_path = root / INDEX_NAME
+    if not index_path.exists() and not any(root.glob("*.safetensors")) and (root / BIN_INDEX_NAME).exists():
+        index_path = root / BIN_INDEX_NAME
+    if index_path.exists():
+        index = read_json(index_path, CheckpointError)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no 'weight_map' object; the index is corrupt: re-download it")
+        names: list[str] = []
+        for tensor, file in weight_map.items():
+            _check_relative(index_path, tensor, file)
+            if file not in names:
+                names.append(file)
+        return tuple(sorted(names)), index
+    if (root / SINGLE_NAME).is_file():
+        return (SINGLE_NAME,), None
+    candidates = sorted(p.name for p in root.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return (candidates[0],), None
+    if not candidates:
+        if (root / BIN_SINGLE_NAME).is_file():
+            return (BIN_SINGLE_NAME,), None
+        bins = sorted(p.name for p in root.glob("pytorch_model*.bin"))
+        hint = f" (found {', '.join(bins)} but no {BIN_INDEX_NAME})" if bins else ""
+        raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}; pass --base DIR with the base model")
+    raise CheckpointError(
+        f"{root}: {len(candidates)} *.safetensors files but no {INDEX_NAME}; "
+        "restore the index file, or pass the path of a single .safetensors file as --base"
+    )
+
+
+def _check_relative(index_path: Path, tensor: str, file: object) -> None:
+    """Refuse index entries that escape the base directory (absolute paths, ``..``)."""
+    if not isinstance(file, str) or not file:
+        raise CheckpointError(
+            f"{index_path}: tensor {tensor!r} maps to {file!r}, not a file name; the index is corrupt"
+        )
+    p = PurePosixPath(file)
+    suffix = ".bin" if index_path.name == BIN_INDEX_NAME else ".safetensors"
+    if p.is_absolute() or ".." in p.parts or "\\" in file or not file.endswith(suffix):
+        raise CheckpointError(
+            f"{index_path}: tensor {tensor!r} maps to {file!r}, which is not a {suffix} file inside the "
+            "base directory; refusing to read outside it: fix the index"
+        )
+
+
+def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...], index: dict) -> None:
+    weight_map: dict[str, str] = index["weight_map"]
+    seen: dict[str, str] = {}
+    for name, shard in zip(names, shards, strict=True):
+        for t in shard.tensors:
+            if t.name in seen:
+                raise CheckpointError(
+                    f"{root}: tensor {t.name!r} is in both {seen[t.name]} and {name}; fix the checkpoint"
+                )
+            seen[t.name] = name
+    for tensor, file in weight_map.items():
+        if seen.get(tensor) != file:
+            where = f"is in {seen[tensor]}" if tensor in seen else "is in no shard"
+            raise CheckpointError(
+                f"{root}: tensor {tensor!r} is indexed in {file} but {where}; "
+                "the index and shards disagree"
+            )
+    extra = sorted(set(seen) - set(weight_map))
+    if extra:
+        raise CheckpointError(
+            f"{root / INDEX_NAME}: tensor {extra[0]!r} (in {seen[extra[0]]}) is missing from the index "
+            f"({len(extra)} unindexed in all); the index and shards disagree"
+        )
+
+
+def refuse_quantized(ckpt: Checkpoint) -> None:
+    """Raise if the checkpoint holds quantized weights (bitsandbytes, GPTQ/AWQ, FP8, MXFP4)."""
+    quant = ckpt.config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    for shard in ckpt.shards:
+        for t in shard.tensors:
+            for suffix, kind in _QUANT_SUFFIXES:
+                if t.name.endswith(suffix) or ".quant_state." in t.name:
+                    raise CheckpointError(
+                        f"{shard.path}: tensor {t.name!r} shows a {kind} quantized base; a LoRA delta cannot be "
+                        "merged into packed weights: merge into the full-precision (bf16/fp16) base instead"
+                    )
+    if method:
+        raise CheckpointError(
+            f"{ckpt.root / 'config.json'}: quantization_config.quant_method={method!r}: a quantized base; "
+            "merge into the full-precision (bf16/fp16) base instead"
+        )
+
+
+def read_json(path: Path, error: type[Exception], *, missing_ok: bool = False) -> dict:
+    """Load a JSON object file, raising ``error`` with the file name on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise error(f"{path}: file not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix or re-create the file"
+        ) from e
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc

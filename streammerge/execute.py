@@ -1,0 +1,273 @@
+"""Execute a plan: stream merged tensors out of the base shards, in output order.
+
+``pieces`` is the one code path. It cuts every tensor task into row blocks, computes merge blocks
+on a thread pool ahead of the consumer, and yields them in output order. Two consumers share it:
+``write_shards`` (bytes to atomic shard files; untouched tensors are copied as raw bytes by the
+kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use).
+
+Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
+consumed never need more than ``max_memory`` bytes of working memory, as estimated by
+``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
+the fp32 factors). Block heights are
+multiples of ``plan.ROW_ALIGN`` rows chosen so that ``workers + 1`` blocks fit the budget; raw copies
+take no budget (the kernel moves those bytes). A budget below the plan's minimum (one 64-row block
+of its widest merged tensor) is refused up front with the budget needed. The interpreter, torch
+and the page cache are outside this budget: expect RSS ≈ 250 MB + ``max_memory`` at most.
+
+Threads, not processes: torch kernels and mmap reads release the GIL, threads share the maps,
+and CUDA does not survive ``fork``. Results do not depend on the worker count: each block is
+computed by the same ops on the same rows whatever thread runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge import kernel
+from streammerge.errors import BudgetError, NonFiniteError
+from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.reader import TensorReader
+from streammerge.writer import ShardWriter
+
+LOG = logging.getLogger(__name__)
+
+#: Upper bound on one block's working set: big enough to amortise per-block overhead, small enough
+#: that reading, computing and writing overlap.
+MAX_BLOCK_BYTES = 64 << 20
+#: At most this many pieces are queued ahead of the consumer (copies included).
+MAX_AHEAD = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOptions:
+    device: torch.device
+    workers: int
+    max_memory: int
+    check_finite: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Rows ``[r0, r1)`` of one output tensor; ``data`` is None when the rows are the source's bytes."""
+
+    task: TensorTask
+    r0: int
+    r1: int
+    data: torch.Tensor | None
+
+
+def block_rows(task: TensorTask, opts: ExecOptions) -> int:
+    """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
+    if task.rows <= ROW_ALIGN or task.whole:
+        return task.rows
+    target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
+    per_row = block_bytes(task, 1) - block_bytes(task, 0)
+    rows = max(ROW_ALIGN, (target - block_bytes(task, 0)) // max(per_row, 1) // ROW_ALIGN * ROW_ALIGN)
+    return min(rows, task.rows)
+
+
+def check_budget(plan: Plan, max_memory: int) -> None:
+    need = plan.min_memory()
+    if need > max_memory:
+        raise BudgetError(
+            f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
+            f"{need / 2**20:.0f} MiB (one {ROW_ALIGN}-row block of its widest merged tensor); "
+            f"pass --max-memory {-(-need // 2**20)}MiB or more"
+        )
+
+
+def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
+    """Yield every task's rows in order; merge blocks are computed ahead on ``opts.workers`` threads."""
+    units: deque[tuple[TensorTask, int, int, int]] = deque()
+    for task in tasks:
+        if task.is_raw_copy:
+            units.append((task, 0, task.rows, 0))
+            continue
+        for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
+            units.append((task, r0, r1, block_bytes(task, r1 - r0)))
+    if not units:
+        return
+    pending: deque[tuple[tuple[TensorTask, int, int, int], Future[torch.Tensor] | None]] = deque()
+    in_use = 0
+    with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="streammerge") as pool:
+        try:
+            while units or pending:
+                while units and len(pending) < MAX_AHEAD and (not pending or in_use + units[0][3] <= opts.max_memory):
+                    unit = units.popleft()
+                    task, r0, r1, cost = unit
+                    fut = None if task.is_raw_copy else pool.submit(_compute, task, r0, r1, reader, opts)
+                    in_use += cost
+                    pending.append((unit, fut))
+                (task, r0, r1, cost), fut = pending.popleft()
+                data = fut.result() if fut is not None else None
+                yield Piece(task, r0, r1, data)
+                in_use -= cost
+        finally:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+
+
+def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task`` exactly as ``pieces`` does (``verify --sample`` uses it).
+
+    ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
+    (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
+    """
+    return _compute(task, r0, r1, reader, opts)
+
+
+def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
+    w = reader.rows(task.source, r0, r1)
+    if opts.device.type == "cuda":
+        out = _compute_cuda(task, w, r0, r1, reader, opts.device)
+    else:
+        steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms], step.combination)
+                 for step in task.steps]
+        chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
+        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
+    if opts.check_finite:
+        bad = kernel.nonfinite_count(out)
+        if bad and bad > kernel.nonfinite_count(w):
+            origins = ", ".join(sorted({t.origin for s in task.steps for t in s.terms})) or "a replacement"
+            raise NonFiniteError(
+                f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
+                "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
+            )
+    reader.release(task.source, r0, r1)
+    for term in (t for s in task.steps for t in s.terms):
+        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
+        # (safe under other threads: the private, never-written mapping faults them back in from the file).
+        for ref in (term.a, term.b):
+            if ref is not None:
+                reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
+    return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
+
+
+def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader,
+                  device: torch.device) -> torch.Tensor:
+    """The same merge on a GPU: rows staged through pinned host buffers, copies asynchronous on
+    this call's own stream, so blocks of different workers overlap transfer and compute.
+
+    cuBLAS sums fp32 products in another order than MKL, so a merged element can differ from the
+    CPU result by one ulp of the stored dtype (spec §3.1); everything after the GEMM is the same ops.
+    """
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+        staged.copy_(w)
+        w_dev = staged.to(device, non_blocking=True)
+        steps = [(step.rounding, [_factors(t, reader, device) for t in step.terms], step.combination)
+                 for step in task.steps]
+        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, None)
+        out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
+        out.copy_(merged, non_blocking=True)
+    stream.synchronize()
+    return out
+
+
+def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors:
+    # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
+    a = reader.tensor(term.a).to(device=device, dtype=torch.float32, non_blocking=True) if term.a is not None else None
+    b = reader.tensor(term.b).to(device=device, dtype=torch.float32, non_blocking=True)
+    m = reader.tensor(term.magnitude).to(device=device, dtype=torch.float32) if term.magnitude is not None else None
+    return kernel.Factors(term.layout, a, b, term.scale, term.weight, m, term.indices, term.expert, term.task)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def as_bytes_writable(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_shards(
+    plan: Plan,
+    shards: Sequence[ShardPlan],
+    out: Path,
+    reader: TensorReader,
+    opts: ExecOptions,
+    on_progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[ShardPlan, str], None] | None = None,
+) -> int:
+    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written.
+
+    ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
+    """
+    written = 0
+    # ``closing``: on any exception (Ctrl-C, a full disk) the pool is drained HERE, before the caller
+    # closes the reader: a worker still computing on a row view of an unmapped file would segfault.
+    with contextlib.closing(pieces([t for s in shards for t in s.tasks], reader, opts)) as stream:
+        for shard in shards:
+            with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
+                for task in shard.tasks:
+                    while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
+                        piece = next(stream)
+                        assert piece.task is task, "pieces out of order"
+                        if piece.data is None:
+                            w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
+                            n = task.source.nbytes
+                        else:
+                            buf = as_bytes(piece.data)
+                            w.write(buf)
+                            n = buf.nbytes
+                        written += n
+                        if on_progress is not None:
+                            on_progress(n)
+                        if piece.r1 >= task.rows:
+                            break
+            written += len(shard.header)
+            if on_shard is not None:
+                on_shard(shard, w.sha256)
+            LOG.debug("wrote %s", shard.filename)
+    return written
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def whole_tensors(
+    tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Assemble ``pieces`` into whole tensors (fresh CPU tensors the caller owns), in order."""
+    with contextlib.closing(pieces(tasks, reader, opts)) as stream:  # drain the pool before the reader closes
+        yield from _assemble(stream, reader)
+
+
+def _assemble(stream: Iterator[Piece], reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
+    out: torch.Tensor | None = None
+    for piece in stream:
+        task = piece.task
+        if piece.data is None:
+            # read(2) into the caller's tensor: no mapped pages, so RSS grows by that tensor alone
+            out = torch.empty(task.shape, dtype=kernel.TORCH_DTYPES[task.dtype])
+            reader.read_into(task.source, as_bytes_writable(out))
+            yield task.name, out
+            out = None
+            continue
+        if not task.shape:
+            yield task.name, piece.data
+            continue
+        if piece.r0 == 0:
+            out = torch.empty(task.shape, dtype=kernel.TORCH_DTYPES[task.dtype])
+        assert out is not None
+        out[piece.r0 : piece.r1] = piece.data
+        if piece.r1 >= task.rows:
+            yield task.name, out
+            out = None

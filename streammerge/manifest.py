@@ -1,0 +1,294 @@
+"""The completion manifest and the resume records of an output directory.
+
+A merge writes its shards first, then config/tokenizer files and the index, and LAST
+``streammerge.json``: the tool version, the identities of its inputs, the options that change
+bytes, and every output file's size and SHA-256. A directory without it is visibly incomplete.
+
+While shards are being written, ``.streammerge-progress.json`` records each committed shard with
+its *identity*: the SHA-256 of everything its bytes depend on (tool version, every input's
+identity, the byte-changing options, the shard's precomputed header and its task list with
+sources named relative to the inputs). ``--resume`` keeps a shard only when its recorded identity
+equals the current plan's AND the file still has the recorded size and SHA-256; everything else is
+recomputed. Inputs are identified by content, cheaply: a base shard by file name, size and the
+SHA-256 of its header bytes (of its tensor index for a pickled ``.bin``; the tensor bytes are not
+hashed: that would read the whole base, so a base edited in place with the same header and size is
+not noticed by --resume, only by ``verify``); an adapter by the SHA-256 of ``adapter_config.json``
+and of its weights file (small).
+
+Crash safety (SIGKILL at any moment): every file is written to a temporary name and renamed; the
+progress record is rewritten atomically *after* its shard is renamed, so a record never names a
+shard that is not complete (a complete shard without a record is simply recomputed). A resume
+first writes the pruned record, then deletes the old manifest and every other file, so at every
+instant the directory either has no manifest or a manifest that describes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from streammerge.adapter import CONFIG_NAME, Adapter
+from streammerge.checkpoint import Checkpoint
+from streammerge.errors import CheckpointError, OutputError
+from streammerge.header import SafetensorsHeader
+from streammerge.plan import Plan, ShardPlan, TensorRef
+from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST_NAME = "streammerge.json"
+PROGRESS_NAME = ".streammerge-progress.json"
+FORMAT = "streammerge-manifest/1"
+_READ_CHUNK = 8 << 20
+
+
+def tool_version() -> str:
+    """The installed distribution's version (``0+unknown`` from a source tree that is not installed)."""
+    try:
+        return importlib.metadata.version("streammerge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a whole file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _optional_sha(path: Path) -> str | None:
+    return file_sha256(path) if path.is_file() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a merge's bytes depend on, as JSON-able values; ``labels`` names input files portably."""
+
+    tool: str
+    inputs: Mapping[str, object]
+    options: Mapping[str, object]
+    labels: Mapping[str, str]  # absolute input file path -> "base/<file>" | "adapter<i>/<file>"
+
+    def shard(self, shard: ShardPlan) -> str:
+        """The identity of one output shard of the current plan (hex SHA-256)."""
+        doc = {
+            "tool": self.tool, "inputs": self.inputs, "options": self.options, "file": shard.filename,
+            "header_sha256": _sha(shard.header), "tasks": [_portable(t, self.labels) for t in shard.tasks],
+        }
+        return _sha(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
+def identify(ckpt: Checkpoint, adapters: Sequence[Adapter], options: Mapping[str, object]) -> Identity:
+    """Identify the inputs by content (headers and sizes of base shards; adapter files hashed)."""
+    labels = {h.path: f"base/{name}" for h, name in zip(ckpt.shards, ckpt.shard_names, strict=True)}
+    adapter_docs = []
+    for i, a in enumerate(adapters):
+        labels[a.weights.path] = f"adapter{i}/{Path(a.weights.path).name}"
+        adapter_docs.append({
+            "name": a.name,
+            "config_sha256": file_sha256(a.root / CONFIG_NAME),
+            "weights_file": Path(a.weights.path).name,
+            "weights_size": _size(Path(a.weights.path)),
+            "weights_sha256": file_sha256(Path(a.weights.path)),
+        })
+    inputs = {
+        "base": {
+            "config_sha256": _optional_sha(ckpt.root / "config.json"),
+            "shards": [{"file": name, "size": _size(Path(h.path)), "header_sha256": _header_sha(h)}
+                       for h, name in zip(ckpt.shards, ckpt.shard_names, strict=True)],
+        },
+        "adapters": adapter_docs,
+    }
+    return Identity(tool_version(), inputs, dict(options), labels)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot stat ({e.strerror or e})") from e
+
+
+def _header_sha(header: SafetensorsHeader) -> str:
+    """SHA-256 of a safetensors header's bytes; for a pickled ``.bin`` (no header bytes), of its tensor index."""
+    if header.raw:
+        return _sha(header.raw)
+    index = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in header.tensors]
+    return _sha(json.dumps(["pickle-index", index], separators=(",", ":")).encode("utf-8"))
+
+
+def _portable(value: object, labels: Mapping[str, str]) -> object:
+    """A task (any plan dataclass) as JSON values, input paths replaced by their labels."""
+    if isinstance(value, TensorRef):
+        doc = {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)}
+        doc["path"] = labels.get(value.path, value.path)
+        return doc
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_portable(v, labels) for v in value]
+    return value
+
+
+def read_json_file(path: Path) -> dict | None:
+    """A JSON object file, or None when missing or unreadable as one (callers then trust nothing in it)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        LOG.warning("%s: ignored (%s)", path, e)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _records(doc: dict | None) -> list[dict]:
+    shards = doc.get("shards") if doc else None
+    if not isinstance(shards, list):
+        return []
+    return [r for r in shards if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("file", "sha256",
+            "identity")) and isinstance(r.get("size"), int)]
+
+
+class Progress:
+    """The resume record of one output directory while a merge writes it."""
+
+    def __init__(self, out: Path, identity: Identity, plan: Plan, kept: Mapping[str, dict]) -> None:
+        self.out = out
+        self.identity = identity
+        self.plan = plan
+        self._ids = {s.filename: identity.shard(s) for s in plan.shards}
+        self._done: dict[str, dict] = dict(kept)
+        self.kept = frozenset(kept)
+
+    @classmethod
+    def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool) -> Progress:
+        """Record a fresh start, or (``resume``) keep the shards whose identity and content still match.
+
+        Raises:
+            OutputError: ``resume`` on a non-empty directory that holds no streammerge record.
+        """
+        kept: dict[str, dict] = {}
+        if resume:
+            kept = cls._reusable(out, identity, plan)
+        progress = cls(out, identity, plan, kept)
+        progress._save()
+        if resume:
+            progress._remove_others()
+        return progress
+
+    @classmethod
+    def _reusable(cls, out: Path, identity: Identity, plan: Plan) -> dict[str, dict]:
+        names = _entries(out)
+        for name in names:
+            if is_temporary(name):
+                _unlink(out / name)
+        names = [n for n in names if not is_temporary(n)]
+        progress, manifest = read_json_file(out / PROGRESS_NAME), read_json_file(out / MANIFEST_NAME)
+        if names and progress is None and manifest is None:
+            raise OutputError(
+                f"{out}: --resume found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
+                "to resume; choose a new --out, or pass --overwrite to replace its contents"
+            )
+        candidates: dict[str, list[dict]] = {}
+        for rec in _records(progress) + _records(manifest):
+            candidates.setdefault(rec["file"], []).append(rec)
+        kept = {}
+        for shard in plan.shards:
+            want = identity.shard(shard)
+            size = len(shard.header) + shard.data_size
+            recs = [r for r in candidates.get(shard.filename, ()) if r["identity"] == want and r["size"] == size]
+            path = out / shard.filename
+            if recs and path.is_file() and path.stat().st_size == size:
+                digest = file_sha256(path)
+                match = next((r for r in recs if r["sha256"] == digest), None)
+                if match is not None:
+                    kept[shard.filename] = {"file": shard.filename, "size": size, "sha256": digest, "identity": want}
+                    continue
+            LOG.debug("resume: %s will be recomputed", shard.filename)
+        LOG.info("resume: keeping %d of %d shard(s)", len(kept), len(plan.shards))
+        return kept
+
+    def _remove_others(self) -> None:
+        """Delete everything but the kept shards and the progress record (a fresh run would not have it)."""
+        for name in _entries(self.out):
+            if name in self.kept or name == PROGRESS_NAME:
+                continue
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                raise OutputError(f"{path}: unexpected directory in a streammerge output; remove it and rerun")
+            _unlink(path)
+        fsync_dir(self.out)
+
+    def record(self, shard: ShardPlan, sha256: str) -> None:
+        """Note ``shard`` as committed (called after its file was renamed into place)."""
+        size = len(shard.header) + shard.data_size
+        self._done[shard.filename] = {"file": shard.filename, "size": size, "sha256": sha256,
+                                      "identity": self._ids[shard.filename]}
+        self._save()
+
+    def _save(self) -> None:
+        doc = {"format": FORMAT, "complete": False, "shards": [self._done[s.filename] for s in self.plan.shards
+                                                               if s.filename in self._done]}
+        write_atomic(self.out / PROGRESS_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+
+    def finish(self, files: Iterable[str]) -> dict:
+        """Write the manifest (last), then drop the progress record. Returns the manifest."""
+        missing = [s.filename for s in self.plan.shards if s.filename not in self._done]
+        if missing:  # an internal invariant: write_shards wrote every shard not kept
+            raise AssertionError(f"shards not written: {missing}")
+        doc = {
+            "format": FORMAT,
+            "tool": {"name": "streammerge", "version": self.identity.tool},
+            "inputs": self.identity.inputs,
+            "options": self.identity.options,
+            "shards": [self._done[s.filename] for s in self.plan.shards],
+            "files": [{"file": n, "size": (self.out / n).stat().st_size, "sha256": file_sha256(self.out / n)}
+                      for n in files],
+        }
+        write_atomic(self.out / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        _unlink(self.out / PROGRESS_NAME)
+        fsync_dir(self.out)
+        return doc
+
+
+def remove_temporaries(out: Path) -> None:
+    """Best effort, after a failure: delete temporary files of an interrupted writer (never a final name)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out):
+            if is_temporary(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(out / name)
+
+
+def _entries(out: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(out))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise output_error(out, e) from e
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise output_error(path, e) from e

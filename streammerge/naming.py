@@ -1,0 +1,135 @@
+"""Pure string functions: parse PEFT adapter keys, and map module paths to base tensor names.
+
+Key grammar (peft-merge-spec §2.3): a key holding ``.lora_`` or ``token_adapter.`` is adapter
+math; any other key is a full tensor that replaces ``key.replace(".base_layer.", ".")``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from streammerge import renames
+
+PEFT_PREFIX = "base_model.model."
+
+# role -> suffix after the module path. Order matters: longer, more specific suffixes first.
+_LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_A", ".lora_A.weight"),
+    ("lora_B", ".lora_B.weight"),
+    ("lora_B_bias", ".lora_B.bias"),
+    ("emb_A", ".lora_embedding_A"),
+    ("emb_B", ".lora_embedding_B"),
+    ("magnitude", ".lora_magnitude_vector"),
+    ("magnitude", ".lora_magnitude_vector.weight"),
+)
+
+#: Output-layer module names: PEFT walks ``named_modules`` and these come after the backbone.
+HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "embed_out", "output"})
+
+#: Suffixes of input-embedding tensors, used to find what a tied ``lm_head`` aliases.
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                    "tok_embeddings.weight", "shared.weight")
+
+#: ``base_model_prefix`` values: an adapter trained on ``XForCausalLM`` names ``model.layers…``
+#: while a checkpoint saved from the bare ``XModel`` has ``layers…``, and the reverse.
+BASE_PREFIXES = ("model.", "transformer.", "bert.", "roberta.", "gpt_neox.", "language_model.")
+
+#: Architectures whose linear layers are HF ``Conv1D`` (weight stored (in, out)); PEFT forces
+#: ``fan_in_fan_out=True`` for these whatever the config says (spec §3.2, ``dispatch_default``).
+CONV1D_MODULES: Mapping[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "imagegpt": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+    "decision_transformer": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterKey:
+    """One on-disk adapter key, classified."""
+
+    key: str
+    module: str  # module path relative to the wrapped HF model, e.g. "model.layers.0.self_attn.q_proj"
+    role: str  # lora_A | lora_B | lora_B_bias | emb_A | emb_B | magnitude | token_delta | other_lora | tensor
+    target: str  # for role "tensor": the base tensor it replaces; "" otherwise
+
+
+def parse_key(key: str) -> AdapterKey:
+    """Classify one adapter key (``base_model.model.`` prefix optional: ``save_peft_format=False``)."""
+    stem = key.removeprefix(PEFT_PREFIX)
+    for role, suffix in _LORA_SUFFIXES:
+        if stem.endswith(suffix):
+            return AdapterKey(key, stem[: -len(suffix)], role, "")
+    if ".token_adapter." in stem:
+        return AdapterKey(key, stem.split(".token_adapter.")[0], "token_delta", "")
+    if ".lora_" in stem:
+        return AdapterKey(key, stem.split(".lora_")[0], "other_lora", "")
+    target = stem.replace(".base_layer.", ".")
+    return AdapterKey(key, target.rpartition(".")[0], "tensor", target)
+
+
+def module_order(module: str) -> tuple[int, str]:
+    """Sort key approximating ``named_modules`` order: the backbone first, output heads last."""
+    return (1 if module.rpartition(".")[2] in HEAD_NAMES else 0, module)
+
+
+def input_embedding(names: Collection[str]) -> str | None:
+    """The input-embedding tensor of a checkpoint (shortest name with a known suffix), if any."""
+    found = [n for n in names if n.endswith(INPUT_EMBEDDINGS) and "vision" not in n]
+    return min(found, key=lambda n: (n.count("."), n)) if found else None
+
+
+def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> dict[str, str]:
+    """Tensor names that exist in memory but not on disk because they are tied (spec §6.1).
+
+    transformers drops ``lm_head.weight`` from checkpoints with ``tie_word_embeddings`` (which
+    defaults to true in ``PretrainedConfig``); the head then *is* the input embedding.
+    """
+    text = config.get("text_config")
+    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
+    emb = input_embedding(names)
+    if not tie or emb is None:
+        return {}
+    # The head sits beside the backbone: Llava-style checkpoints nest both under "language_model.".
+    head = "language_model.lm_head.weight" if emb.startswith("language_model.") else "lm_head.weight"
+    return {} if head in names else {head: emb}
+
+
+def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
+    """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4).
+
+    Exact name, tied alias, ``base_model_prefix`` change; then the same for each transformers v5 rename of the
+    name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
+    """
+    found = _resolve_direct(name, names, aliases)
+    for cand in () if found is not None else renames.disk_candidates(name):
+        found = _resolve_direct(cand, names, aliases)
+        if found is not None:
+            break
+    return found
+
+
+def _resolve_direct(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
+    if name in names:
+        return name
+    if name in aliases:
+        return aliases[name]
+    for prefix in BASE_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix) :] in names:
+            return name[len(prefix) :]
+        if prefix + name in names:
+            return prefix + name
+    return None
+
+
+def suggest(name: str, names: Collection[str]) -> str:
+    """A 'did you mean' clause for an unknown name, or ''."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
+    return f" (closest base tensor: {close[0]!r})" if close else ""
+
+
+def is_conv1d(module: str, model_type: object) -> bool:
+    """True when ``module`` is an HF ``Conv1D`` in this architecture (weight stored transposed)."""
+    return module.rpartition(".")[2] in CONV1D_MODULES.get(str(model_type), frozenset())

@@ -1,0 +1,316 @@
+"""Check a merged directory against its inputs: ``streammerge verify --out DIR --base DIR --adapter DIR``.
+
+Rebuilds the plan from the base and adapter(s) with the options recorded in ``streammerge.json``
+and checks, without trusting anything in the output directory:
+
+* the manifest exists and records the same inputs (by content identity) and options;
+* every file the manifest lists has its recorded size and SHA-256, and no stray shard, temporary
+  file or progress record is left;
+* each shard's header is the plan's header byte for byte, and the index is the plan's index;
+* every tensor: untouched ones byte-identical to their source (the base, or the adapter for a
+  saved module); computed ones byte-identical to a recomputation through the same plan and
+  kernel (``execute.pieces`` for all rows, or ``sample`` rows per tensor in whole 64-row blocks
+  via ``execute.compute_rows``).
+
+Bytes are compared, not values, so NaN payloads and signed zeros count too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import mmap
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streammerge import execute, manifest
+from streammerge.adapter import read_adapter
+from streammerge.api import DEFAULT_MAX_MEMORY, resolve_device
+from streammerge.checkpoint import INDEX_NAME, read_checkpoint
+from streammerge.errors import OutputError, StreamMergeError
+from streammerge.execute import ExecOptions
+from streammerge.locate import find_base
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, build_plan, row_blocks
+from streammerge.reader import TensorReader
+from streammerge.writer import is_temporary
+
+LOG = logging.getLogger(__name__)
+
+PathLike = str | Path
+_CHUNK = 64 << 20
+_MAX_PROBLEMS = 50  # a report lists at most this many problems (and counts the rest)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What ``verify`` found. ``ok`` is True when there is no problem."""
+
+    out: str
+    problems: tuple[str, ...]
+    tensors_checked: int
+    tensors_recomputed: int
+    rows_recomputed: int
+    bytes_hashed: int
+    seconds: float
+    sample: int | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        rows = "all rows" if self.sample is None else f"{self.sample} sampled row(s) per tensor"
+        head = (f"{'OK' if self.ok else 'FAILED'}: {self.out}: {self.tensors_checked} tensors checked "
+                f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
+                f"{self.bytes_hashed / 1e9:.3f} GB hashed in {self.seconds:.1f} s")
+        return "\n".join([head, *(f"problem: {p}" for p in self.problems)])
+
+
+class _Findings:
+    """Problems found so far (bounded list, full count)."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.count = 0
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if len(self.items) < _MAX_PROBLEMS:
+            self.items.append(text)
+
+    def result(self) -> tuple[str, ...]:
+        more = self.count - len(self.items)
+        return (*self.items, f"... and {more} more") if more else tuple(self.items)
+
+
+def verify(
+    out: PathLike,
+    base: PathLike | None = None,
+    adapter: PathLike | None = None,
+    *,
+    adapters: Sequence[PathLike] = (),
+    adapter_name: str | None = None,
+    sample: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> VerifyReport:
+    """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
+
+    Raises:
+        StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
+    """
+    started = time.monotonic()
+    out = Path(out)
+    if not out.is_dir():
+        raise OutputError(f"{out}: not a directory; pass --out DIR with a merged checkpoint")
+    if sample is not None and sample < 1:
+        raise StreamMergeError(f"--sample {sample}: must be at least 1 row")
+    paths = ([adapter] if adapter is not None else []) + list(adapters)
+    if not paths:
+        raise StreamMergeError("no adapter given; pass --adapter DIR (the adapter(s) that were merged)")
+    loaded = [read_adapter(a, adapter_name) for a in paths]
+    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
+    found = _Findings()
+    doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
+    if doc is None:
+        found.add(f"{out / manifest.MANIFEST_NAME}: missing or unreadable: the merge did not complete "
+                  "(rerun it with --resume)")
+        doc = {}
+    options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
+    max_shard_size = options.get("max_shard_size")
+    plan = build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size if isinstance(max_shard_size, int)
+                                                 else None))
+    identity = manifest.identify(ckpt, loaded, options)
+    if doc:
+        _check_manifest(out, doc, identity, plan, found)
+    _check_files(out, doc, plan, found)
+    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
+    shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
+    counts = _check_tensors(out, plan, opts, sample, shas, found)
+    return VerifyReport(
+        out=str(out), problems=found.result(), tensors_checked=counts[0], tensors_recomputed=counts[1],
+        rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
+    )
+
+
+def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
+    where = out / manifest.MANIFEST_NAME
+    if doc.get("format") != manifest.FORMAT:
+        found.add(f"{where}: format {doc.get('format')!r} is not {manifest.FORMAT!r}")
+    inputs = doc.get("inputs")
+    if inputs != json.loads(json.dumps(identity.inputs)):
+        found.add(f"{where}: records other inputs than the base and adapter given ({_input_diff(inputs, identity)}); "
+                  "was this directory merged from them?")
+    recorded = {r.get("file"): r for r in doc.get("shards") or [] if isinstance(r, dict)}
+    if sorted(recorded) != sorted(s.filename for s in plan.shards):
+        found.add(f"{where}: lists shards {sorted(map(str, recorded))}, the plan has "
+                  f"{sorted(s.filename for s in plan.shards)}")
+    same_tool = (doc.get("tool") or {}).get("version") == identity.tool
+    for shard in plan.shards:
+        rec = recorded.get(shard.filename)
+        if rec is not None and same_tool and rec.get("identity") != identity.shard(shard):
+            found.add(f"{where}: shard {shard.filename} was recorded for another plan (identity differs)")
+
+
+def _input_diff(inputs: object, identity: manifest.Identity) -> str:
+    if not isinstance(inputs, dict):
+        return "no inputs recorded"
+    want = json.loads(json.dumps(identity.inputs))
+    if inputs.get("adapters") != want["adapters"]:
+        return "the adapter files differ"
+    return "the base files differ"
+
+
+def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
+    """Stray files, listed side files' checksums, and the index text."""
+    expected = {s.filename for s in plan.shards} | {manifest.MANIFEST_NAME}
+    for rec in doc.get("files") or []:
+        name = rec.get("file") if isinstance(rec, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            found.add(f"{out / manifest.MANIFEST_NAME}: bad file entry {rec!r}")
+            continue
+        expected.add(name)
+        path = out / name
+        if not path.is_file():
+            found.add(f"{path}: listed in the manifest but missing")
+        elif manifest.file_sha256(path) != rec.get("sha256"):
+            found.add(f"{path}: content differs from the manifest's sha256 (modified after the merge?)")
+    for name in sorted(os.listdir(out)):
+        if name == manifest.PROGRESS_NAME or is_temporary(name):
+            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with --resume")
+        elif name not in expected and (name.endswith(".safetensors") or name == INDEX_NAME):
+            found.add(f"{out / name}: not part of this merge's output")
+    index = out / INDEX_NAME
+    if plan.write_index:
+        if not index.is_file():
+            found.add(f"{index}: missing")
+        elif index.read_text(encoding="utf-8", errors="replace") != plan.index_json():
+            found.add(f"{index}: differs from the index of this merge (weight_map or total_size)")
+
+
+def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
+                   found: _Findings) -> tuple[int, int, int, int]:
+    checked = recomputed = rows = hashed = 0
+    with TensorReader() as reader, ExitStack() as stack:
+        for shard in plan.shards:
+            path = out / shard.filename
+            mm = _open_shard(path, shard, found, stack)
+            if mm is None:
+                continue
+            hashed += len(mm)
+            if shard.filename in shas:
+                _check_sha(path, mm, shas[shard.filename], found)
+            if mm[: len(shard.header)] != shard.header:
+                found.add(f"{path}: header differs from the plan's header")
+            base = len(shard.header)
+            offsets = {}
+            for task in shard.tasks:
+                offsets[task.name] = base
+                base += task.nbytes
+            for task in shard.tasks:
+                if task.is_raw_copy and task.nbytes:
+                    _compare_copy(path, mm, offsets[task.name], task, reader, found)
+            merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
+            with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
+                for task, r0, r1, data in blocks:
+                    row_bytes = task.nbytes // task.rows
+                    start = offsets[task.name] + r0 * row_bytes
+                    _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
+                             execute.as_bytes(data), "the recomputation", found)
+                    rows += r1 - r0
+            checked += len(shard.tasks)
+            recomputed += len(merged)
+    return checked, recomputed, rows, hashed
+
+
+def _open_shard(path: Path, shard: ShardPlan, found: _Findings, stack: ExitStack) -> mmap.mmap | None:
+    size = len(shard.header) + shard.data_size
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        found.add(f"{path}: missing")
+        return None
+    if actual != size:
+        found.add(f"{path}: {actual} bytes, the plan needs {size}; the shard is truncated or not from this merge")
+        return None
+    if size == 0:
+        return None
+    with path.open("rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    stack.callback(mm.close)
+    return mm
+
+
+def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings) -> None:
+    h = hashlib.sha256()
+    view = memoryview(mm)
+    for i in range(0, len(mm), _CHUNK):
+        h.update(view[i : i + _CHUNK])
+    view.release()
+    if h.hexdigest() != recorded:
+        found.add(f"{path}: sha256 differs from the manifest (modified after the merge, or a disk error)")
+
+
+def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reader: TensorReader,
+                  found: _Findings) -> None:
+    src = reader.tensor(task.source)
+    src_bytes = execute.as_bytes(src)
+    step = max(1, _CHUNK // max(task.nbytes // task.rows, 1))
+    row_bytes = task.nbytes // task.rows
+    for r0 in range(0, task.rows, step):
+        r1 = min(task.rows, r0 + step)
+        a, b = r0 * row_bytes, r1 * row_bytes
+        if not _compare(path, task, r0, r1, mm[start + a : start + b], src_bytes[a:b],
+                        f"its source in {task.source.path}", found):
+            break
+    reader.release(task.source, 0, task.rows)
+
+
+def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: bytes, want: memoryview, against: str,
+             found: _Findings) -> bool:
+    if got == want:
+        return True
+    diff = np.frombuffer(got, dtype=np.uint8) != np.frombuffer(want, dtype=np.uint8)
+    first = int(np.argmax(diff))
+    found.add(f"{path}: tensor {task.name!r} rows {r0}..{r1}: {int(diff.sum())} byte(s) differ from {against} "
+              f"(first at byte {first} of those rows)")
+    return False
+
+
+def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions,
+                sample: int | None) -> Iterator[tuple[TensorTask, int, int, torch.Tensor]]:
+    """Merged rows of ``tasks``: every piece (the merge's own path), or sampled 64-row blocks."""
+    if sample is None:
+        with contextlib.closing(execute.pieces(tasks, reader, opts)) as stream:
+            for piece in stream:
+                assert piece.data is not None, "only computed tasks are recomputed"
+                yield piece.task, piece.r0, piece.r1, piece.data
+        return
+    for task in tasks:
+        for r0, r1 in sample_blocks(task, sample):
+            yield task, r0, r1, execute.compute_rows(task, r0, r1, reader, opts)
+
+
+def sample_blocks(task: TensorTask, sample: int) -> list[tuple[int, int]]:
+    """At least ``sample`` rows of ``task`` as whole ROW_ALIGN blocks, chosen by a seed from its name.
+
+    A task the merge computes in one piece (``TensorTask.whole``) is recomputed whole.
+    """
+    if task.whole:
+        return [(0, task.rows)]
+    blocks = list(row_blocks(task.rows, ROW_ALIGN))
+    want = min(len(blocks), math.ceil(sample / ROW_ALIGN))
+    rng = random.Random(task.name)
+    return sorted(rng.sample(blocks, want))
