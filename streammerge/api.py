@@ -109,15 +109,11 @@ def plan_merge(
     return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
 
 
-def _adapter_list(adapter: PathLike | None, adapters: Sequence[PathLike]) -> list[PathLike]:
-    return ([adapter] if adapter is not None else []) + list(adapters)
-
-
 def _adapter_specs(
     adapter: PathLike | None, adapters: Sequence[AdapterSpec], weights: Sequence[float] | None
 ) -> tuple[list[PathLike], list[float] | None]:
     """Split ``adapters`` (paths or ``(path, weight)``) into paths and weights (None: all plain paths)."""
-    specs = _adapter_list(adapter, adapters)  # type: ignore[arg-type]
+    specs = ([adapter] if adapter is not None else []) + list(adapters)
     paths = [s[0] if isinstance(s, tuple) else s for s in specs]
     inline = [float(s[1]) if isinstance(s, tuple) else None for s in specs]
     if weights is not None:
@@ -287,7 +283,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
         with TensorReader() as reader:
-            written = execute.write_shards(plan, todo, out, reader, opts, on_progress, on_shard=progress.record)
+            written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
         if plan.write_index:
             write_index(out, plan.index_json())

@@ -8,10 +8,10 @@ kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use
 Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
 ``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
-the fp32 factors). Block heights are
-multiples of ``plan.ROW_ALIGN`` rows chosen so that ``workers + 1`` blocks fit the budget; raw copies
-take no budget (the kernel moves those bytes). A budget below the plan's minimum (one 64-row block
-of its widest merged tensor) is refused up front with the budget needed. The interpreter, torch
+the fp32 factors). Block heights are multiples of ``plan.ROW_ALIGN`` rows chosen so that
+``workers + 1`` blocks fit the budget; raw copies
+take no budget (the kernel moves those bytes). A budget below the plan's minimum (``Plan.min_memory``:
+its largest indivisible block) is refused up front with the budget needed. The interpreter, torch
 and the page cache are outside this budget: expect RSS ≈ 250 MB + ``max_memory`` at most.
 
 Threads, not processes: torch kernels and mmap reads release the GIL, threads share the maps,
@@ -80,7 +80,8 @@ def check_budget(plan: Plan, max_memory: int) -> None:
     if need > max_memory:
         raise BudgetError(
             f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
-            f"{need / 2**20:.0f} MiB (one {ROW_ALIGN}-row block of its widest merged tensor); "
+            f"{need / 2**20:.0f} MiB (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
+            "tensor, or a whole tensor where the merge needs every row at once); "
             f"pass --max-memory {-(-need // 2**20)}MiB or more"
         )
 
@@ -132,10 +133,8 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
     if opts.device.type == "cuda":
         out = _compute_cuda(task, w, r0, r1, reader, opts.device)
     else:
-        steps = [(step.rounding, [_factors(t, reader, opts.device) for t in step.terms], step.combination)
-                 for step in task.steps]
         chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
-        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, chunk)
+        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, opts.device), r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
@@ -167,13 +166,17 @@ def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: T
         staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         staged.copy_(w)
         w_dev = staged.to(device, non_blocking=True)
-        steps = [(step.rounding, [_factors(t, reader, device) for t in step.terms], step.combination)
-                 for step in task.steps]
-        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], steps, r0, r1, None)
+        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, device), r0, r1, None)
         out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
         out.copy_(merged, non_blocking=True)
     stream.synchronize()
     return out
+
+
+def _steps(task: TensorTask, reader: TensorReader, device: torch.device) -> list[tuple]:
+    """``task``'s steps as the kernel takes them: (rounding, factors on ``device``, combination)."""
+    return [(step.rounding, [_factors(t, reader, device) for t in step.terms], step.combination)
+            for step in task.steps]
 
 
 def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors:
@@ -185,19 +188,13 @@ def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    """The raw little-endian bytes of a CPU tensor. For a contiguous tensor this is a writable view
+    of its own storage (no copy); otherwise of a contiguous copy."""
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def as_bytes_writable(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's storage."""
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def write_shards(
-    plan: Plan,
     shards: Sequence[ShardPlan],
     out: Path,
     reader: TensorReader,
@@ -205,7 +202,7 @@ def write_shards(
     on_progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardPlan, str], None] | None = None,
 ) -> int:
-    """Write ``shards`` of ``plan`` into ``out`` (atomic per shard). Returns bytes written.
+    """Write ``shards`` into ``out`` (atomic per shard). Returns bytes written.
 
     ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
     """
@@ -257,7 +254,7 @@ def _assemble(stream: Iterator[Piece], reader: TensorReader) -> Iterator[tuple[s
         if piece.data is None:
             # read(2) into the caller's tensor: no mapped pages, so RSS grows by that tensor alone
             out = torch.empty(task.shape, dtype=kernel.TORCH_DTYPES[task.dtype])
-            reader.read_into(task.source, as_bytes_writable(out))
+            reader.read_into(task.source, as_bytes(out))  # ``out`` is contiguous: the view is its storage
             yield task.name, out
             out = None
             continue

@@ -216,7 +216,6 @@ class Plan:
     config_updates: tuple[tuple[str, object], ...]
     warnings: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
-    adapters: tuple[str, ...] = field(default=())
 
     def tasks(self) -> tuple[TensorTask, ...]:
         return tuple(t for s in self.shards for t in s.tasks)
@@ -397,7 +396,6 @@ def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[st
         config_updates=tuple(config_updates.items()),
         warnings=tuple(warnings),
         dropped=tuple(sorted(drop)),
-        adapters=tuple(str(a.root) for a in adapters),
     )
 
 
