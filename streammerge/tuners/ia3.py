@@ -1,0 +1,59 @@
+"""IA³ (``peft_type`` IA3): W ← rnd(W ⊙ l): a scaling, not an addition.
+
+PEFT 0.21 ``tuners/ia3/layer.py``:
+
+* ``Linear.merge``: ``torch.mul(W, transpose(l, fan_in_fan_out)).to(W.dtype)``; l is (out, 1) for a
+  non-feed-forward module (scales output rows) or (1, in) for a ``feedforward_modules`` one (scales
+  input columns). A non-feed-forward layer also scales its bias: ``torch.mul(b, l.reshape(b.shape))``.
+  HF ``Conv1D`` (W stored (in, out)) has ``fan_in_fan_out`` forced on, so l is transposed.
+* ``_ConvNd.merge``: l is (1, C, 1, …); non-feed-forward uses lᵀ (C, 1, 1, …) over output channels,
+  feed-forward (groups=1) uses l over input channels.
+* ``unmerge``: ``torch.div(W, l + 1e-8)`` (and the bias likewise).
+
+Every element is scaled independently, so row blocks are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PEFT_TYPE = "IA3"
+SUFFIXES = {"l": ".ia3_l"}
+ROW_BLOCKS = True
+INVERTIBLE = True
+
+
+def factor(vec: torch.Tensor, w_dim: int, fan_in_fan_out: bool, feedforward: bool) -> torch.Tensor:
+    """The tensor W is multiplied by (broadcast), from the stored ``ia3_l``."""
+    if w_dim == 2:
+        return vec.T if fan_in_fan_out else vec  # (out, 1) | (1, in), transposed for Conv1D
+    return vec if feedforward else vec.transpose(0, 1)  # conv: (1, in, 1, …) | (out, 1, 1, …)
+
+
+def merge(w: torch.Tensor, vec: torch.Tensor, fan_in_fan_out: bool = False, feedforward: bool = False,
+          r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of rnd(W ⊙ l); ``w`` holds those rows."""
+    f = factor(vec, w.dim(), fan_in_fan_out, feedforward)
+    if f.shape[0] != 1:
+        f = f[r0:r1]
+    return torch.mul(w, f).to(w.dtype)
+
+
+def merge_bias(b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Non-feed-forward layers: ``torch.mul(b, l.reshape(b.shape)).to(b.dtype)``."""
+    return torch.mul(b, vec.reshape(b.shape)).to(b.dtype)
+
+
+def unmerge(w: torch.Tensor, vec: torch.Tensor, fan_in_fan_out: bool = False, feedforward: bool = False,
+            r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    if w.dim() == 2:
+        f = (vec.T if fan_in_fan_out else vec) + 1e-8  # PEFT: transpose(l, fan_in_fan_out) + 1e-8
+    else:
+        f = factor(vec, w.dim(), fan_in_fan_out, feedforward) + 1e-8
+    if f.shape[0] != 1:
+        f = f[r0:r1]
+    return torch.div(w, f).to(w.dtype)
+
+
+def unmerge_bias(b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    return torch.div(b, vec.reshape(b.shape) + 1e-8).to(b.dtype)
