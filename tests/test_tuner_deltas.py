@@ -278,6 +278,8 @@ def test_oft(dtype, target, kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("target", "kw"), [("lin", {"boft_block_size": 8}),
                                             ("lin", {"boft_block_num": 4, "boft_block_size": 0}),
+                                            ("lin", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}),
+                                            ("lin", {"boft_block_size": 2, "boft_n_butterfly_factor": 3}),
                                             ("conv", {"boft_block_size": 8})])
 def test_boft(dtype, target, kw):
     cfg = peft.BOFTConfig(target_modules=[target], init_weights=False, **kw)
