@@ -19,11 +19,13 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from streammerge import experts, naming
+from streammerge import experts, naming, plan_tuners
 from streammerge.adapter import Adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, output_name
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.header import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, encode_header
+from streammerge.tuners.base import TunerTerm
+from streammerge.tuners.registry import TUNERS
 
 #: Rows per kernel block are a multiple of this. MKL's fp32 GEMM gave different sums for a
 #: 2730-row block of a 70B q_proj than for the whole matrix; multiples of 64 matched (design §7).
@@ -86,6 +88,10 @@ class LoraTerm:
     expert: experts.ExpertSlice | None = None  # layouts expert / expert_t only
     task: int = 0  # which adapter (task vector) the term belongs to, for a Step's ``combination``
 
+    def refs(self) -> tuple[TensorRef, ...]:
+        """The adapter tensors this term reads."""
+        return tuple(r for r in (self.a, self.b, self.magnitude) if r is not None)
+
 
 #: ``--combination`` values. ``cat`` sums weighted LoRA deltas (exact); the others are task-vector
 #: operators applied per tensor to the adapters' full deltas ΔWᵢ (``streammerge.combine``).
@@ -122,9 +128,10 @@ class Step:
     ``delta_first``: W ← rnd(W + rnd(ΣΔ))   (PEFT Embedding ``W.data += ΔW.to(W.dtype)``)
     ``dora``:        W ← rnd((m/‖W+ΔW‖)·(W+ΔW))  (one term; ``kernel.dora_block``)
     ``rows``:        W[idx] ← rnd(rows)       (one term; trainable tokens, ``kernel.replace_rows``)
+    ``tuner``:       W ← the tuner's merge    (one ``TunerTerm``; LoHa, IA³, OFT, …: ``streammerge.tuners``)
     """
 
-    terms: tuple[LoraTerm, ...]
+    terms: tuple[LoraTerm | TunerTerm, ...]
     rounding: str
     combination: Combination | None = None  # None: plain sum of the terms (each with its ``weight``)
 
@@ -166,10 +173,12 @@ class TensorTask:
         * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than
           ROW_ALIGN: blocks slice A's columns, and MKL's fp32 sums then differ from the whole product for
           widths up to 11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small;
-        * a combination that ranks elements over the whole tensor (ties, magnitude_prune).
+        * a combination that ranks elements over the whole tensor (ties, magnitude_prune);
+        * a tuner update whose rows are not independent (``Update.row_blocks``: rotations, FFTs, Kronecker).
         """
         return any(
-            term.layout == "conv"
+            (step.rounding == "tuner" and not term.row_blocks)
+            or term.layout == "conv"
             or (step.rounding == "dora" and term.layout != "linear")
             or (term.layout in ("linear_t", "embedding", "expert_t") and self.row_numel < ROW_ALIGN)
             for step in self.steps
@@ -300,12 +309,11 @@ def block_bytes(task: TensorTask, rows: int) -> int:
     per_element += max((combine_bytes_per_element(s) for s in task.steps), default=0)
     scratch_rows = rows if task.whole or combined else min(rows, 2 * chunk_rows(row))
     chunk = scratch_rows * row * per_element if task.steps else 0
-    factors = sum(
-        _fp32_bytes(term.a) + _fp32_bytes(term.b) + _fp32_bytes(term.magnitude)
-        for step in task.steps
-        for term in step.terms
-    )
-    return block + chunk + factors
+    factors = sum(_fp32_bytes(ref) for step in task.steps for term in step.terms for ref in term.refs())
+    # a tuner's own scratch for a whole-tensor update (rotation matrices, FFTs: ``Update.work_elements``)
+    tuned = sum(4 * term.update.work_elements for step in task.steps for term in step.terms
+                if isinstance(term, TunerTerm))
+    return block + chunk + factors + tuned
 
 
 #: Working bytes per element of a combined block, per adapter: its fp32 task vector in the stack,
@@ -430,6 +438,10 @@ def _plan_adapter(
     cfg = adapter.config
     header = adapter.weights
     infos = header.by_name()
+    if cfg.peft_type in TUNERS:
+        _plan_tuner_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop,
+                            problems)
+        return
     keys = [naming.parse_key(k) for k in header.names()]
     by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
     where = f"{header.path}"
@@ -462,6 +474,33 @@ def _plan_adapter(
     warnings.extend(experts.v4_warnings(where, cfg, model_type, by_module))
     for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
         _plan_module(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems)
+
+
+def _plan_tuner_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop,
+                        problems):
+    """A tuner adapter (``streammerge.tuners``): full tensors replace first, then one step per changed tensor."""
+    tuner = TUNERS[adapter.config.peft_type]
+    infos = adapter.weights.by_name()
+    _, _, others = plan_tuners.split_keys(adapter, tuner)
+    for key in others:
+        k = naming.parse_key(key)
+        if k.role != "tensor":
+            problems.append(
+                f"{adapter.weights.path}: tensor {key!r} is not a {tuner.peft_type} tensor (its peft_type is "
+                f"{tuner.peft_type} in adapter_config.json); the config and weights disagree"
+            )
+            continue
+        _plan_replacement(index, adapter, k, infos[key], ckpt, located, aliases, targets, added, config_updates,
+                          warnings, drop, problems)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return _shape(targets, name, located[name][1])
+
+    for p in plan_tuners.plan_modules(adapter, tuner, located, aliases, ckpt.config.get("model_type"), shape_of,
+                                      problems):
+        term = TunerTerm(tuner.peft_type, tuple((r, _ref(adapter.weights, i)) for r, i in p.tensors), p.update,
+                         origin=p.module)
+        targets[p.target].steps.append((p.order, index, Step((term,), "tuner")))
 
 
 def _plan_module(index, adapter, module, roles, infos, located, aliases, model_type, targets, problems):
@@ -978,6 +1017,13 @@ def _check_combination(adapters: Sequence[Adapter], combine: CombineOptions) -> 
         raise PlanError(f"--density {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
     if combine.heads_from is not None and not 0 <= combine.heads_from < len(adapters):
         raise PlanError(f"--heads-from {combine.heads_from}: there are only {len(adapters)} adapters")
+    tuned = [a for a in adapters if a.config.peft_type in TUNERS]
+    if tuned:
+        raise UnsupportedAdapterError(
+            f"{tuned[0].root}: a {tuned[0].config.peft_type} adapter cannot be weighted or combined with other "
+            "adapters: its merge is not a low-rank delta that scales or sums (PEFT's add_weighted_adapter is "
+            "LoRA-only); merge it alone"
+        )
     tokens = [a for a in adapters if any(naming.parse_key(k).role == "token_delta" for k in a.weights.names())]
     if tokens and len(adapters) > 1:
         raise UnsupportedAdapterError(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+
 PEFT_TYPE = "BOFT"
 SUFFIXES = {"R": ".boft_R", "s": ".boft_s"}
 ROW_BLOCKS = False
@@ -93,3 +95,29 @@ def unmerge(w: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     out = torch.transpose(torch.mm(m.t(), torch.transpose(flat, 0, 1).to(m.dtype)), 0, 1)
     out = out * (1 / (s if w.dim() == 2 else s.transpose(0, 1)))
     return out.reshape(w.shape).to(w.dtype)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("R", "s"):
+        return []
+    w = v.weight.shape
+    if v.conv1d or len(w) not in (2, 4) or (len(w) == 4 and w[2] != w[3]):
+        v.problem("BOFT on this layer cannot be merged: PEFT supports Linear and square-kernel Conv2d layers only")
+        return []
+    r, s = v.tensors["R"].shape, v.tensors["s"].shape
+    inn, out = in_features(v.weight, False), w[0]
+    if len(r) != 4 or r[2] != r[3] or r[1] * r[2] != inn or s not in ((out, 1), (1, out)):
+        v.problem(f"boft_R {r} / boft_s {s} do not fit base weight {w}; the adapter was trained on a different base")
+        return []
+    return [Update("weight", (("in_features", inn),), work_elements=(3 + r[0]) * inn * inn)]
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, rotation(t["R"], p["in_features"]), t["s"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, rotation(t["R"], p["in_features"]), t["s"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.fft import fft, ifft
 
+from streammerge.tuners.base import ModuleView, Tuner, Update
+
 PEFT_TYPE = "C3A"
 SUFFIXES = {"kernel": ".c3a_kernel"}
 ROW_BLOCKS = False
@@ -36,3 +38,29 @@ def merge(w: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 def unmerge(w: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return w - delta(kernel, w.dtype, w.size(-1))
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("kernel"):
+        return []
+    if v.conv1d or len(v.weight.shape) != 2:
+        v.problem("C3A on this layer cannot be merged: PEFT supports Linear layers only")
+        return []
+    out, inn = v.weight.shape
+    k = v.tensors["kernel"].shape
+    if len(k) != 3 or k[0] * k[2] != out or k[1] * k[2] != inn:
+        v.problem(f"c3a_kernel has shape {k}; base weight {v.weight.shape} needs (out/b, in/b, b): the adapter was "
+                  "trained on a different base model")
+        return []
+    return [Update("weight", work_elements=8 * inn * inn)]  # complex (in, in) FFT scratch, twice
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, t["kernel"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, t["kernel"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update, in_features, out_features
+
 PEFT_TYPE = "FOURIERFT"
 SUFFIXES = {"spectrum": ".fourierft_spectrum"}
 ROW_BLOCKS = False
@@ -46,3 +48,31 @@ def merge(w: torch.Tensor, spectrum: torch.Tensor, seed: int, scaling: float,
 def unmerge(w: torch.Tensor, spectrum: torch.Tensor, seed: int, scaling: float,
             fan_in_fan_out: bool = False) -> torch.Tensor:
     return (w - _delta_for(w, spectrum, seed, scaling, fan_in_fan_out)).to(w.dtype)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("spectrum"):
+        return []
+    if len(v.weight.shape) != 2:
+        v.problem("FourierFT on this layer cannot be merged: PEFT supports Linear and HF Conv1D layers only")
+        return []
+    out, inn = out_features(v.weight, v.conv1d), in_features(v.weight, v.conv1d)
+    n = v.tensors["spectrum"].shape
+    if len(n) != 1 or not 0 < n[0] <= out * inn:
+        v.problem(f"fourierft_spectrum has shape {n}; base weight {v.weight.shape} has {out * inn} positions")
+        return []
+    cfg = v.config
+    flags = (("seed", int(cfg.get("random_loc_seed", 777))), ("scaling", float(cfg.get("scaling", 150.0))),
+             ("fan_in_fan_out", v.conv1d))
+    return [Update("weight", flags, work_elements=6 * out * inn)]  # dense S, complex ifft2, its real part
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, t["spectrum"], p["seed"], p["scaling"], p["fan_in_fan_out"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, t["spectrum"], p["seed"], p["scaling"], p["fan_in_fan_out"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

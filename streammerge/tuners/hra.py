@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+
 PEFT_TYPE = "HRA"
 SUFFIXES = {"u": ".hra_u"}
 ROW_BLOCKS = False
@@ -44,3 +46,29 @@ def merge(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 unmerge = merge  # with H = householder(u, apply_gs, reverse=True)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("u"):
+        return []
+    w = v.weight.shape
+    if v.conv1d or len(w) not in (2, 4):
+        v.problem("HRA on this layer cannot be merged: PEFT supports Linear and Conv2d layers only")
+        return []
+    inn, u = in_features(v.weight, False), v.tensors["u"].shape
+    if len(u) != 2 or u[0] != inn:
+        v.problem(f"hra_u has shape {u} but base weight {w} has {inn} inputs; the adapter was trained on a "
+                  "different base model")
+        return []
+    return [Update("weight", (("apply_GS", bool(v.config.get("apply_GS", False))),), work_elements=3 * inn * inn)]
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, householder(t["u"], p["apply_GS"]))
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, householder(t["u"], p["apply_GS"], reverse=True))
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

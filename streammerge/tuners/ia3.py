@@ -15,7 +15,11 @@ Every element is scaled independently, so row blocks are exact.
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+from streammerge.tuners.base import ModuleView, Tuner, Update
 
 PEFT_TYPE = "IA3"
 SUFFIXES = {"l": ".ia3_l"}
@@ -57,3 +61,47 @@ def unmerge(w: torch.Tensor, vec: torch.Tensor, fan_in_fan_out: bool = False, fe
 
 def unmerge_bias(b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return torch.div(b, vec.reshape(b.shape) + 1e-8).to(b.dtype)
+
+
+def feedforward(config, module: str) -> bool:
+    """``IA3Model._check_target_module_feedforward``: regex fullmatch, or a list of name suffixes."""
+    ff = config.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return re.fullmatch(ff, module) is not None
+    return any(module.endswith(k) for k in ff)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("l"):
+        return []
+    ff = feedforward(v.config, v.module)
+    w = v.weight.shape
+    fifo = v.conv1d  # PEFT forces fan_in_fan_out on for Conv1D and off for Linear
+    out, inn = (w[1], w[0]) if fifo else (w[0], w[1] if len(w) > 1 else 0)
+    # Linear/Conv1D: (1, in) | (out, 1); conv (out, in, *k): (1, C, 1, …)
+    want = ((1, inn) if ff else (out, 1)) if len(w) == 2 else (1, inn if ff else out, *(1,) * (len(w) - 2))
+    if v.tensors["l"].shape != want:
+        v.problem(f"ia3_l has shape {v.tensors['l'].shape} but base weight {w} "
+                  f"({'feed-forward' if ff else 'not feed-forward'} per feedforward_modules) needs {want}; "
+                  "the config and weights disagree")
+        return []
+    flags = (("fan_in_fan_out", fifo), ("feedforward", ff))
+    updates = [Update("weight", flags, row_blocks=True)]
+    if not ff and v.bias is not None:
+        updates.append(Update("bias", flags, row_blocks=True))
+    return updates
+
+
+def _apply(w, t, p, r0, r1):
+    if w.dim() == 1:
+        return merge_bias(w, t["l"].reshape(-1)[r0:r1])
+    return merge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1)
+
+
+def _invert(w, t, p, r0, r1):
+    if w.dim() == 1:
+        return unmerge_bias(w, t["l"].reshape(-1)[r0:r1])
+    return unmerge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1)
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update
+
 PEFT_TYPE = "LOHA"
 #: role -> key suffix after the module path
 SUFFIXES = {"w1a": ".hada_w1_a", "w1b": ".hada_w1_b", "w2a": ".hada_w2_a", "w2b": ".hada_w2_b",
@@ -51,3 +53,49 @@ def unmerge(w: torch.Tensor, t: Mapping[str, torch.Tensor], scale: float, r0: in
     """``LycorisLayer.unmerge``: ``W.data -= ΔW`` (one rounding)."""
     d = delta(t, scale, shape or tuple(w.shape), r0, r1)
     return (w - d).to(w.dtype)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    """Linear W (out, in) or Conv W (out, in, *k): ΔW has W's element count, reshaped as PEFT does."""
+    if not v.need("w1a", "w1b", "w2a", "w2b"):
+        return []
+    cp = "t1" in v.tensors or "t2" in v.tensors
+    if (cp and not v.need("t1", "t2")) or v.conv1d:
+        if v.conv1d:
+            v.problem("LoHa on an HF Conv1D layer, which PEFT does not support (it refuses to create it)")
+        return []
+    w1a, w1b = v.tensors["w1a"].shape, v.tensors["w1b"].shape
+    if v.tensors["w2a"].shape != w1a or v.tensors["w2b"].shape != w1b or len(w1a) != 2 or len(w1b) != 2:
+        v.problem(f"LoHa factors have shapes {w1a}, {w1b}, {v.tensors['w2a'].shape}, {v.tensors['w2b'].shape}; "
+                  "the two Hadamard pairs must match: the adapter file is corrupt")
+        return []
+    r = w1b[0]
+    if v.rank is not None and r != v.rank:
+        v.problem(f"has rank {r} in its tensors but adapter_config.json gives r={v.rank} (r / rank_pattern); "
+                  "the config and weights disagree")
+        return []
+    numel = 1
+    for d in v.weight.shape:
+        numel *= d
+    if cp:  # t (r, r, k1, k2), w_b (r, in), w_a (r, out) -> (out, in, k1, k2)
+        t1 = v.tensors["t1"].shape
+        made = w1a[1] * w1b[1] * t1[2] * t1[3] if len(t1) == 4 else -1
+    else:  # (out, r) @ (r, in·∏k)
+        made = w1a[0] * w1b[1]
+    if made != numel or (not cp and w1a[0] != v.weight.shape[0]):
+        v.problem(f"LoHa makes a delta of {made} elements but base weight has shape {v.weight.shape}; "
+                  "the adapter was trained on a different base model")
+        return []
+    return [Update("weight", (("scale", v.scale), ("shape", v.weight.shape)), row_blocks=not cp,
+                   work_elements=2 * numel if cp else 0)]
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, t, p["scale"], r0, r1, p["shape"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, t, p["scale"], r0, r1, p["shape"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert, alpha_field="alpha")

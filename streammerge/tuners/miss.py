@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update
+
 PEFT_TYPE = "MISS"
 SUFFIXES = {"block": ".miss_block"}
 ROW_BLOCKS = True  # default and mini; "bat" is whole (``row_blocks``)
@@ -74,3 +76,39 @@ def unmerge(w: torch.Tensor, block: torch.Tensor, mode: object = True, mini_r: i
     if mode == "bat":
         return _bat(w, block, True).to(w.dtype)
     return _miss(w, _full_block(block, out_features or w.size(0), mode, mini_r), -1, r0, r1).to(w.dtype)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("block"):
+        return []
+    if v.conv1d or len(v.weight.shape) != 2:
+        v.problem("MiSS on this layer cannot be merged: PEFT supports Linear layers only")
+        return []
+    out, inn = v.weight.shape
+    mode = v.config.get("init_weights", True)
+    mini_r = int(v.config.get("mini_r", 1))
+    b = v.tensors["block"].shape
+    r = b[-1] if mode == "bat" else (b[0] if b else 0)
+    if mode == "bat":
+        ok = len(b) == 3 and b == (out // r, r, r) and inn % r == 0 and out % r == 0
+    elif mode == "mini":
+        ok = len(b) == 2 and b[1] == mini_r and out % mini_r == 0 and 0 < r <= inn
+    else:
+        ok = len(b) == 2 and b[1] == out and 0 < r <= inn
+    if not ok:
+        v.problem(f"miss_block has shape {b}, which does not fit base weight {v.weight.shape} with init_weights="
+                  f"{mode!r}; the config and weights disagree")
+        return []
+    flags = (("mode", mode), ("mini_r", mini_r), ("out_features", out))
+    return [Update("weight", flags, row_blocks=row_blocks(mode), work_elements=3 * out * inn if mode == "bat" else 0)]
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, t["block"], p["mode"], p["mini_r"], r0, r1, p["out_features"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, t["block"], p["mode"], p["mini_r"], r0, r1, p["out_features"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+
 PEFT_TYPE = "OFT"
 SUFFIXES = {"R": ".oft_R.weight", "emb_R": ".oft_embedding_R.weight"}
 ROW_BLOCKS = False
@@ -102,3 +104,47 @@ def unmerge(w: torch.Tensor, r: torch.Tensor, embedding: bool = False) -> torch.
         return torch.mm(w.to(r.dtype), inv).to(w.dtype)
     flat = w.reshape(w.shape[0], -1)
     return torch.mm(inv.to(r.dtype), flat.t().to(r.dtype)).t().to(w.dtype).reshape(w.shape)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    emb = "emb_R" in v.tensors
+    q = v.tensors.get("emb_R") or v.tensors.get("R")
+    if q is None or v.conv1d or len(v.weight.shape) not in (2, 4):
+        v.problem("OFT on this layer cannot be merged: PEFT supports Linear, Conv2d and Embedding layers only")
+        return []
+    w = v.weight.shape
+    if len(w) == 4 and w[2] != w[3]:
+        raise_square = f"OFT on a Conv2d with kernel {w[2:]}: PEFT's merge views W with kernel_size[0]² and fails"
+        v.problem(raise_square + " on non-square kernels; keep this adapter unmerged")
+        return []
+    inn = w[1] if emb else in_features(v.weight, False)
+    b = block_size(q.shape[1]) if len(q.shape) == 2 else 0
+    share = bool(v.config.get("block_share", False))
+    rank = q.shape[0] if len(q.shape) == 2 else 0
+    if b == 0 or inn % b != 0 or (rank != 1 if share else rank * b != inn):
+        v.problem(f"oft_R has shape {q.shape}, which is no set of b×b skew blocks covering the {inn} inputs of base "
+                  f"weight {w} (block_share={share}); the adapter was trained on a different base model")
+        return []
+    cfg = v.config
+    flags = (("in_features", inn), ("embedding", emb), ("coft", bool(cfg.get("coft", False))),
+             ("eps", float(cfg.get("eps", 6e-5))), ("block_share", share),
+             ("neumann", bool(cfg.get("use_cayley_neumann", True))),
+             ("terms", int(cfg.get("num_cayley_neumann_terms", 5))))
+    return [Update("weight", flags, work_elements=3 * inn * inn)]
+
+
+def _rotation(t, p) -> torch.Tensor:
+    q = t["emb_R"] if p["embedding"] else t["R"]
+    return rotation(q, p["in_features"], coft=p["coft"], eps=p["eps"], block_share=p["block_share"],
+                    neumann=p["neumann"], terms=p["terms"])
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, _rotation(t, p), p["embedding"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, _rotation(t, p), p["embedding"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

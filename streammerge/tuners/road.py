@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update
+
 PEFT_TYPE = "ROAD"
 SUFFIXES = {"theta": ".road_theta", "alpha": ".road_alpha"}
 ROW_BLOCKS = False
@@ -53,3 +55,46 @@ def merge(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def unmerge(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     inv = torch.linalg.inv(r.to(torch.float32)).to(w.dtype)
     return torch.matmul(inv, w).contiguous()
+
+
+_PARAMS_PER_OUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("theta", "alpha"):
+        return []
+    if v.conv1d or len(v.weight.shape) != 2:
+        v.problem("RoAd on this layer cannot be merged: PEFT supports Linear layers only")
+        return []
+    out = v.weight.shape[0]
+    variant = str(v.config.get("variant", "road_1"))
+    group = int(v.config.get("group_size", 64))
+    if variant not in _PARAMS_PER_OUT or group % 2 or out % group:
+        v.problem(f"RoAd variant {variant!r} with group_size {group} cannot rotate {out} outputs; "
+                  "the config is not one PEFT can load")
+        return []
+    want = (int(out * _PARAMS_PER_OUT[variant]),)
+    if v.tensors["theta"].shape != want or v.tensors["alpha"].shape != want:
+        v.problem(f"road_theta {v.tensors['theta'].shape} / road_alpha {v.tensors['alpha'].shape} do not fit "
+                  f"{out} outputs with variant {variant!r} (want {want}); the config and weights disagree")
+        return []
+    flags = (("variant", variant), ("group_size", group))
+    updates = [Update("weight", flags, work_elements=2 * out * out)]
+    if v.bias is not None:
+        updates.append(Update("bias", flags, work_elements=2 * out * out))
+    return updates
+
+
+def _rotation(t, p):
+    return rotation(p["variant"], p["group_size"], t["theta"], t["alpha"])
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, _rotation(t, p))
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, _rotation(t, p))
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update
+
 PEFT_TYPE = "SHIRA"
 SUFFIXES = {"weight": ".shira_weight", "indices": ".shira_indices"}
 ROW_BLOCKS = True
@@ -40,3 +42,28 @@ def unmerge(w: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, r0: int = 
             shape: tuple[int, int] | None = None) -> torch.Tensor:
     d = delta(weight, idx, shape or tuple(w.shape), r0, r1)
     return (w - d).to(w.dtype)
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("weight", "indices"):
+        return []
+    if v.conv1d or len(v.weight.shape) != 2:
+        v.problem("SHiRA on this layer cannot be merged: PEFT supports Linear layers only")
+        return []
+    n, idx = v.tensors["weight"].shape, v.tensors["indices"].shape
+    if len(n) != 1 or idx != (2, n[0]) or v.tensors["indices"].dtype not in ("I32", "I64", "I16", "U8", "I8"):
+        v.problem(f"shira_weight {n} / shira_indices {idx} ({v.tensors['indices'].dtype}) do not form n "
+                  "(row, column) integer positions; the adapter file is corrupt")
+        return []
+    return [Update("weight", (("shape", v.weight.shape),), row_blocks=True)]
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, t["weight"], t["indices"], r0, r1, p["shape"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, t["weight"], t["indices"], r0, r1, p["shape"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
+from streammerge.tuners.base import ModuleView, Tuner, Update, in_features, out_features
+
 PEFT_TYPE = "VERA"
 SUFFIXES = {"lambda_b": ".vera_lambda_b", "lambda_d": ".vera_lambda_d"}
 #: Shared projections, keys without a module path.
@@ -65,3 +67,56 @@ def regenerate(seed: int, r: int, out_max: int, in_max: int) -> tuple[torch.Tens
     a = _kaiming_init((r, in_max), generator)
     b = _kaiming_init((out_max, r), generator)
     return a, b
+
+
+def _plan(v: ModuleView) -> list[Update]:
+    if not v.need("lambda_b", "lambda_d"):
+        return []
+    out, inn = out_features(v.weight, v.conv1d), in_features(v.weight, v.conv1d)
+    r = v.tensors["lambda_d"].shape[0] if v.tensors["lambda_d"].shape else 0
+    if v.tensors["lambda_b"].shape != (out,) or v.tensors["lambda_d"].shape != (r,) or len(v.weight.shape) != 2:
+        v.problem(f"vera_lambda_b {v.tensors['lambda_b'].shape} / vera_lambda_d {v.tensors['lambda_d'].shape} do not "
+                  f"fit base weight {v.weight.shape}; the adapter was trained on a different base model")
+        return []
+    flags: tuple = (("fan_in_fan_out", v.conv1d), ("shape", v.weight.shape))
+    if "A" in v.tensors and "B" in v.tensors:
+        a, b = v.tensors["A"].shape, v.tensors["B"].shape
+        if a[0] != r or b[1] != r or a[1] < inn or b[0] < out:
+            v.problem(f"shared projections vera_A {a} / vera_B {b} are too small for rank {r} and base weight "
+                      f"{v.weight.shape}; the adapter file is corrupt")
+            return []
+    elif v.config.get("save_projection", True) is False:
+        # VeraModel._find_dim: the largest (out, in) over every targeted layer
+        out_max = max(out_features(s, c) for s, c in v.extent)
+        in_max = max(in_features(s, c) for s, c in v.extent)
+        flags += (("regenerate", (int(v.config.get("projection_prng_key", 0)), r, out_max, in_max)),)
+    else:
+        v.problem("the adapter file has no base_model.vera_A / base_model.vera_B projections although "
+                  "save_projection is true; the adapter file is incomplete: re-save it")
+        return []
+    return [Update("weight", flags, row_blocks=not v.conv1d)]
+
+
+_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tensors(t, p):
+    if "regenerate" not in p:
+        return t
+    key = p["regenerate"]
+    if key not in _CACHE:  # tiny next to the model: one (A, B) pair per adapter
+        _CACHE[key] = regenerate(*key)
+    a, b = _CACHE[key]
+    device = t["lambda_b"].device
+    return {**t, "A": a.to(device), "B": b.to(device)}
+
+
+def _apply(w, t, p, r0, r1):
+    return merge(w, _tensors(t, p), p["fan_in_fan_out"], r0, r1, p["shape"])
+
+
+def _invert(w, t, p, r0, r1):
+    return unmerge(w, _tensors(t, p), p["fan_in_fan_out"], r0, r1, p["shape"])
+
+
+TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert, shared=SHARED)
