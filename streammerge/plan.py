@@ -1158,6 +1158,9 @@ def _touched(adapter: Adapter, located: Mapping[str, object], aliases: Mapping[s
 
 def _no_inverse(adapter: Adapter) -> str | None:
     """Why merging ``adapter`` as a whole cannot be undone by subtraction, or None when it can."""
+    tuner = TUNERS.get(adapter.config.peft_type)
+    if tuner is not None:
+        return None if tuner.invert is not None else tuner.no_inverse
     roles = {naming.parse_key(k).role for k in adapter.weights.names()}
     if adapter.config.use_dora or "magnitude" in roles:
         return "DoRA rescales each column by a norm of the merged weight, so W cannot be solved back exactly"
@@ -1188,6 +1191,11 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     aliases = naming.tied_aliases(frozenset(located), merged.config)
     problems: list[str] = []
     reason = _no_inverse(adapter)
+    if adapter.config.peft_type in TUNERS and weight != 1.0:
+        raise UnsupportedAdapterError(
+            f"{adapter.root}: cannot unmerge a {adapter.config.peft_type} adapter with weight {weight}: PEFT's unmerge "
+            "undoes the whole adapter, and a fraction of it is not defined for this tuner; use weight 1"
+        )
     if reason is not None:
         if base is None:
             raise UnsupportedAdapterError(
@@ -1217,9 +1225,15 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     for name, t in one.targets.items():
         if name in targets:
             continue
+        target = _Target()
+        if any(step.rounding == "tuner" for _, _, step in t.steps):
+            # PEFT's own unmerge of each update, last merged first (``Tuner.invert``)
+            for _, _, step in sorted(t.steps, key=lambda s: s[0], reverse=True):
+                target.steps.append(((0, ""), 0, Step((replace(step.terms[0], inverse=True),), "tuner")))
+            targets[name] = target
+            continue
         terms = tuple(_retag(term, -weight, 0) for _, _, step in sorted(t.steps, key=lambda s: s[0])
                       for term in step.terms)
-        target = _Target()
         if terms:
             target.steps.append(((0, ""), 0, Step(terms, "once")))
         targets[name] = target

@@ -100,23 +100,26 @@ def _plan(v: ModuleView) -> list[Update]:
 _CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tensors(t, p):
+def _tensors(t, p, dtype: torch.dtype):
+    """The projections: saved, or redrawn. PEFT moves the drawn fp32 buffers to the base layer's dtype
+    (``_move_adapter_to_device_of_base_layer``), then upcasts them back (``cast_adapter_dtype``): one rounding."""
     if "regenerate" not in p:
         return t
-    key = p["regenerate"]
+    key = (*p["regenerate"], dtype)
     if key not in _CACHE:  # tiny next to the model: one (A, B) pair per adapter
-        _CACHE[key] = regenerate(*key)
+        a, b = regenerate(*p["regenerate"])
+        _CACHE[key] = a.to(dtype).float(), b.to(dtype).float()
     a, b = _CACHE[key]
     device = t["lambda_b"].device
     return {**t, "A": a.to(device), "B": b.to(device)}
 
 
 def _apply(w, t, p, r0, r1):
-    return merge(w, _tensors(t, p), p["fan_in_fan_out"], r0, r1, p["shape"])
+    return merge(w, _tensors(t, p, w.dtype), p["fan_in_fan_out"], r0, r1, p["shape"])
 
 
 def _invert(w, t, p, r0, r1):
-    return unmerge(w, _tensors(t, p), p["fan_in_fan_out"], r0, r1, p["shape"])
+    return unmerge(w, _tensors(t, p, w.dtype), p["fan_in_fan_out"], r0, r1, p["shape"])
 
 
 TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert, shared=SHARED)
