@@ -34,10 +34,10 @@ import torch
 
 from streammerge import kernel
 from streammerge.errors import BudgetError, NonFiniteError
+from streammerge.formats.reader import TensorReader
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
-from streammerge.reader import TensorReader
+from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
-from streammerge.tuners.registry import TUNERS
 from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The ``Tuner`` protocol: what one PEFT tuner (LoHa, IA³, OFT, …) tells the planner and the kernel.
 
 A tuner is one file under ``streammerge/tuners/`` ending in ``TUNER = Tuner(...)`` and one line in the
-registry (``streammerge/tuners/__init__.py``). The planner (``plan.tuned``) and the kernel
+registry (``TUNERS`` in ``streammerge/tuners/__init__.py``). The planner (``plan.tuned``) and the kernel
 (``kernel.merge_block``) never name a tuner; they call these hooks:
 
 * ``peft_type`` and ``suffixes`` (role -> key suffix after the module path, e.g. ``"w1a": ".hada_w1_a"``)
@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from streammerge.plan.types import TunerTerm, Update
+
+__all__ = ["ApplyFn", "LoadedTerm", "ModuleView", "Shape", "Tuner", "TunerTerm", "Update", "in_features",
+           "out_features", "params"]
 
 #: The merged rows: ``apply(w, tensors, params, r0, r1)``.
 ApplyFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, Any], int, int], torch.Tensor]
@@ -68,16 +73,6 @@ class ModuleView:
         return not missing
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
-    """One base tensor a tuner changes for one module (the planner's unit)."""
-
-    param: str  # "weight" | "bias"
-    params: tuple[tuple[str, Any], ...] = ()  # hashable per-module values the apply function reads
-    row_blocks: bool = False  # True: rows [r0, r1) can be merged alone, bit-identically to the whole
-    work_elements: int = 0  # fp32 scratch elements of a whole-tensor update beyond W and ΔW (rotations, FFTs)
-
-
 @dataclass(frozen=True)
 class Tuner:
     peft_type: str
@@ -114,29 +109,6 @@ def in_features(w: Shape, conv1d: bool) -> int:
 
 def out_features(w: Shape, conv1d: bool) -> int:
     return w.shape[1] if conv1d else w.shape[0]
-
-
-@dataclass(frozen=True, slots=True)
-class TunerTerm:
-    """A tuner's update of one base tensor for one module: the single term of a ``Step`` with rounding
-    ``"tuner"`` (the tuner applies its own rounding, PEFT's). ``tensors`` are the module's adapter
-    tensors (role -> ``TensorRef``); ``inverse`` selects the tuner's ``invert`` (unmerge)."""
-
-    tuner: str  # peft_type: the registry key
-    tensors: tuple[tuple[str, Any], ...]  # (role, TensorRef)
-    update: Update
-    origin: str = ""
-    inverse: bool = False
-    weight: float = 1.0  # fields every step term has (combinations never hold tuner terms)
-    task: int = 0
-    layout: str = "tuner"
-
-    def refs(self) -> tuple[Any, ...]:
-        return tuple(ref for _, ref in self.tensors)
-
-    @property
-    def row_blocks(self) -> bool:
-        return self.update.row_blocks
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Planning for the tuners beyond LoRA (``streammerge.tuners``): adapter keys in, planned updates out.
+"""Planning for the tuners beyond LoRA (``streammerge.tuners``): adapter keys in, ``tuner`` steps out.
 
 Generic over the ``Tuner`` protocol: keys are grouped by module with the tuner's suffixes, each module's
 base weight (and bias) is resolved on the checkpoint, and the tuner's ``plan`` decides from headers
@@ -9,13 +9,17 @@ what changes. Keys that are not the tuner's are handed back (full tensors: ``mod
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from streammerge import naming
 from streammerge.adapter import Adapter
-from streammerge.header import FLOAT_DTYPES, TensorInfo
-from streammerge.tuners.base import ModuleView, Shape, Tuner, Update
+from streammerge.formats.dtypes import FLOAT_DTYPES
+from streammerge.formats.safetensors import TensorInfo
+from streammerge.plan.draft import AdapterInput, Draft, PlanContext
+from streammerge.plan.heads import plan_replacement
+from streammerge.plan.types import Step
+from streammerge.tuners import TUNERS
+from streammerge.tuners.base import ModuleView, Shape, Tuner, TunerTerm, Update
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +51,33 @@ def split_keys(adapter: Adapter, tuner: Tuner) -> tuple[dict[str, dict[str, str]
     return by_module, shared, others
 
 
-def plan_modules(adapter: Adapter, tuner: Tuner, located: Mapping[str, tuple[int, TensorInfo]],
-                 aliases: Mapping[str, str], model_type: object, shape_of: Callable[[str], tuple[int, ...]],
-                 problems: list[str]) -> list[Planned]:
-    """Every module's updates, in ``named_modules`` order; problems are appended, not raised."""
+def plan_tuned(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
+    """A tuner adapter: its full tensors replace first (as PEFT's ``load_state_dict``), then one ``tuner`` step
+    per changed base tensor, module by module in ``named_modules`` order."""
+    tuner = TUNERS[src.adapter.config.peft_type]
+    _, _, others = split_keys(src.adapter, tuner)
+    for key in others:
+        k = naming.parse_key(key)
+        if k.role != "tensor":
+            draft.problems.append(
+                f"{src.where}: tensor {key!r} is not a {tuner.peft_type} tensor (adapter_config.json says "
+                f"peft_type {tuner.peft_type}); the config and weights disagree"
+            )
+            continue
+        plan_replacement(ctx, src, draft, k)
+    for p in plan_modules(ctx, src, draft, tuner):
+        term = TunerTerm(tuner.peft_type, tuple((r, src.ref(i)) for r, i in p.tensors), p.update, origin=p.module)
+        draft.add_step(p.target, p.order, src.index, Step((term,), "tuner"))
+
+
+def plan_modules(ctx: PlanContext, src: AdapterInput, draft: Draft, tuner: Tuner) -> list[Planned]:
+    """Every module's updates, in ``named_modules`` order; problems go to ``draft``, none is raised."""
+    adapter, located, aliases, problems = src.adapter, ctx.located, ctx.aliases, draft.problems
+    model_type = ctx.model_type
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return draft.shape_of(name, ctx.info(name))
+
     cfg = adapter.config
     where = str(adapter.weights.path)
     infos = adapter.weights.by_name()

@@ -1,7 +1,12 @@
-"""Every tuner streammerge merges besides LoRA, by ``peft_type``; and the ones it refuses, with the reason.
+"""PEFT tuners: how each adapter type's keys become planned steps on base tensors.
 
-Adding a tuner: one file ``streammerge/tuners/<name>.py`` ending in ``TUNER = Tuner(...)`` (see
-``base.py``), and one entry in ``TUNERS`` below.
+``lora`` (LoRA, DoRA, ``lora_bias``, Conv and Embedding LoRA), ``experts`` (``target_parameters`` on fused MoE
+experts), ``tokens`` (trainable tokens): planned by ``streammerge.plan`` itself. Every other tuner is one file
+speaking the ``base.Tuner`` protocol, registered in ``TUNERS`` below.
+
+Adding a tuner: write ``streammerge/tuners/<name>.py`` ending in ``TUNER = Tuner(...)`` (see ``base.py``), and add
+it to ``TUNERS``. Nothing else names a tuner: the planner (``plan.tuned``), the kernel (step ``"tuner"``), the
+executor, verify, resume and unmerge all go through the protocol.
 """
 
 from __future__ import annotations
