@@ -72,14 +72,14 @@ def test_logits_match_peft(built, tuner, family):
 
 
 @pytest.mark.parametrize("tuner", TUNERS)
-def test_verify_passes_catches_a_flip_and_resume_keeps_shards(built, tuner):
-    case, out = _case(built, tuner, "llama")
-    report = streammerge.verify(out=out, base=case.base_dir, adapter=case.adapter_dir, device="cpu")
+def test_verify_and_resume_from_out_alone_and_a_flip_is_caught(built, tuner, capsys):
+    """The round trip of the brief: merge, then ``verify`` and ``--resume`` with nothing but ``--out``."""
+    _, out = _case(built, tuner, "llama")
+    assert main(["verify", "--out", str(out), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    report = streammerge.verify(out=out, device="cpu")
     assert report.ok and report.tensors_recomputed == 14, report.problems
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.safetensors")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu", resume=True)
+    assert main(["merge", "--out", str(out), "--resume", "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.safetensors")} == stamps
     flipped = out.parent / "flipped"
     shutil.copytree(out, flipped)
@@ -89,9 +89,10 @@ def test_verify_passes_catches_a_flip_and_resume_keeps_shards(built, tuner):
     data = bytearray(shard.read_bytes())
     data[header.data_start + info.begin + info.nbytes - 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    report = streammerge.verify(out=flipped, base=case.base_dir, adapter=case.adapter_dir, device="cpu")
+    report = streammerge.verify(out=flipped, device="cpu")
     hits = [p for p in report.problems if repr(FLIPPED) in p]
     assert len(hits) == 1 and "1 byte(s) differ from the recomputation" in hits[0], report.problems
+    assert main(["verify", "--out", str(flipped), "--device", "cpu", "-q"]) == 1
 
 
 def _peft_unmerged(case: tc.TunerCase) -> dict[str, torch.Tensor]:
@@ -112,6 +113,8 @@ def test_unmerge_is_peft_unmerge(built, tuner, family):
     back = out.parent / "unmerged"
     streammerge.unmerge(merged=out, adapter=case.adapter_dir, out=back, device="cpu")
     assert oracle.diff_checkpoints(oracle.load_checkpoint(back), _peft_unmerged(case)) == []
+    report = streammerge.verify(out=back, device="cpu")  # the unmerge is replayed from its manifest too
+    assert report.ok, report.problems
 
 
 # ------------------------------------------------------------------------------------------------ refusals
