@@ -80,13 +80,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load(
-    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
         raise StreamMergeError("no adapter given; pass --adapter DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
-    return read_checkpoint(base_path), loaded
+    return read_checkpoint(base_path, base_subfolder), loaded
 
 
 def plan_merge(
@@ -102,10 +103,11 @@ def plan_merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
 
 
@@ -183,6 +185,7 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    base_subfolder: str | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -208,6 +211,8 @@ def merge(
         seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
         heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
             where several adapters carry one; heads are never blended.
+        base_subfolder: the model inside a multi-model repository (``text_encoder``, ``transformer``):
+            its weights, config and side files are read from ``base/base_subfolder``; recorded in the manifest.
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
@@ -223,10 +228,12 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
     options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
                "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    if base_subfolder:
+        options["base_subfolder"] = base_subfolder
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
@@ -261,7 +268,8 @@ def _run_plan(
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
+        warnings=(*ckpt.notes, *plan.warnings),
         dry_run=dry_run,
     )
 
@@ -323,6 +331,7 @@ def iter_merged(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -333,7 +342,7 @@ def iter_merged(
     combination arguments are those of :func:`merge`.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,

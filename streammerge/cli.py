@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: base_model_name_or_path of the adapter, local or in the HF cache)")
     m.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    _subfolder_arg(m)
     _output_args(m)
     _combination_args(m)
     _common(m)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--base", help="base checkpoint directory (default: base_model_name_or_path of the adapter)")
     v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
     v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    _subfolder_arg(v)
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
     v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
@@ -121,6 +123,11 @@ def _combination_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--pattern-rules", choices=("current", "0.14", "pre-0.14"), default="current",
                    help="how rank_pattern/alpha_pattern keys match module names: 'current' as PEFT >= 0.15 "
                    "(what PEFT 0.21 applies to every adapter; default), or the rules of older PEFT versions")
+
+
+def _subfolder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-subfolder", metavar="NAME", help="the model inside a multi-model base repository "
+                   "(e.g. text_encoder, transformer); verify defaults to the one the merge recorded")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -201,7 +208,7 @@ def _verify(args: argparse.Namespace) -> int:
     from streammerge.verify import verify
 
     report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
-                    sample=args.sample, device=args.device, workers=args.workers)
+                    sample=args.sample, device=args.device, workers=args.workers, base_subfolder=args.base_subfolder)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -241,7 +248,7 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, **common,
+                pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

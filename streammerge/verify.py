@@ -105,6 +105,7 @@ def verify(
     device: str | torch.device = "cpu",
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    base_subfolder: str | None = None,
 ) -> VerifyReport:
     """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
 
@@ -121,7 +122,6 @@ def verify(
     if not paths:
         raise StreamMergeError("no adapter given; pass --adapter DIR (the adapter(s) that were merged)")
     loaded = [read_adapter(a, adapter_name) for a in paths]
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
     found = _Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
@@ -129,6 +129,9 @@ def verify(
                   "(rerun it with --resume)")
         doc = {}
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
+    subfolder = base_subfolder if base_subfolder is not None else options.get("base_subfolder")
+    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]),
+                           subfolder if isinstance(subfolder, str) else None)
     max_shard_size = options.get("max_shard_size")
     plan = build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size if isinstance(max_shard_size, int)
                                                  else None))
