@@ -17,6 +17,7 @@ import torch
 
 from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
+from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
@@ -59,6 +60,9 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
+    #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
+    changes: tuple[TensorChange, ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
@@ -259,18 +263,23 @@ def _run_plan(
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
+    tally = ChangeTally()
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           changes=tally)
         identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress)
     c = plan.counts()
+    changes = tally.result()
+    noops = tuple(ch.warning() for ch in changes if ch.unchanged)
+    for warning in noops:
+        LOG.warning("%s", warning)
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
-        warnings=(*ckpt.notes, *plan.warnings),
-        dry_run=dry_run,
+        warnings=(*ckpt.notes, *plan.warnings, *noops), dry_run=dry_run, changes=changes,
     )
 
 

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
     v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
     _subfolder_arg(v)
+    v.add_argument("--against-base", action="store_true",
+                   help="fail when a tensor the adapter targets equals the base bit for bit (the merge did nothing)")
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
     v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
@@ -205,11 +207,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from streammerge import changes
     from streammerge.verify import verify
 
     report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
-                    sample=args.sample, device=args.device, workers=args.workers, base_subfolder=args.base_subfolder)
+                    sample=args.sample, device=args.device, workers=args.workers, base_subfolder=args.base_subfolder,
+                    against_base=args.against_base)
     print(report.summary())
+    if not args.quiet:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
     return 0 if report.ok else 1
 
 
@@ -218,6 +224,7 @@ def _merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from streammerge import changes
     from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
     from streammerge.execute import default_workers
 
@@ -252,6 +259,8 @@ def _merge(args: argparse.Namespace) -> int:
             )
     if not args.quiet or args.dry_run:
         print(report.summary())
+    if not args.quiet and not args.dry_run:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
     return 0
 
 

@@ -34,14 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streammerge import execute, manifest
+from streammerge import changes, execute, manifest
 from streammerge.adapter import read_adapter
 from streammerge.api import DEFAULT_MAX_MEMORY, resolve_device
-from streammerge.checkpoint import INDEX_NAME, read_checkpoint
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, build_plan, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, build_plan, row_blocks
 from streammerge.reader import TensorReader
 from streammerge.writer import is_temporary
 
@@ -64,6 +64,9 @@ class VerifyReport:
     bytes_hashed: int
     seconds: float
     sample: int | None
+    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``)
+    changes: tuple[changes.TensorChange, ...] = ()
+    warnings: tuple[str, ...] = ()  # targeted tensors equal to the base (problems under ``against_base``)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +77,7 @@ class VerifyReport:
         head = (f"{'OK' if self.ok else 'FAILED'}: {self.out}: {self.tensors_checked} tensors checked "
                 f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
                 f"{self.bytes_hashed / 1e9:.3f} GB hashed in {self.seconds:.1f} s")
-        return "\n".join([head, *(f"problem: {p}" for p in self.problems)])
+        return "\n".join([head, *(f"problem: {p}" for p in self.problems), *(f"warning: {w}" for w in self.warnings)])
 
 
 class _Findings:
@@ -106,8 +109,13 @@ def verify(
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     base_subfolder: str | None = None,
+    against_base: bool = False,
 ) -> VerifyReport:
     """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
+
+    Every targeted tensor's change against the base is measured (``VerifyReport.changes``); one equal
+    to the base bit for bit is a warning, or a problem when ``against_base``. An untargeted tensor that
+    differs from the base is always a problem (its bytes must be the base's).
 
     Raises:
         StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
@@ -142,10 +150,32 @@ def verify(
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
+    measured = _measure_changes(out, plan, ckpt)
+    noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
+    for text in noops if against_base else ():
+        found.add(text)
     return VerifyReport(
         out=str(out), problems=found.result(), tensors_checked=counts[0], tensors_recomputed=counts[1],
         rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
+        changes=measured, warnings=() if against_base else tuple(noops),
     )
+
+
+def _measure_changes(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[changes.TensorChange, ...]:
+    """``changes.measure`` over the output shards that have the plan's size (others are already problems)."""
+    placed: dict[str, TensorRef] = {}
+    for shard in plan.shards:
+        path = out / shard.filename
+        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
+            continue
+        offset = len(shard.header)
+        for t in shard.tasks:
+            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
+            offset += t.nbytes
+    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
+            for name, (i, info) in ckpt.locate().items()}
+    with TensorReader() as reader:
+        return changes.measure(plan, placed, base, reader.rows, reader.release)
 
 
 def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
