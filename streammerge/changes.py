@@ -108,7 +108,7 @@ def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, floa
     wsq = dsq = 0.0
     for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
         w = w_flat[i : i + _CHUNK_ELEMS].float()  # (n,) fp32 copies: the scratch is bounded by the chunk
-        d = m_flat[i : i + _CHUNK_ELEMS].float().sub_(w)
+        d = m_flat[i : i + _CHUNK_ELEMS].float() - w  # never in place: .float() of fp32 is the output itself
         wsq += float(torch.dot(w, w))
         dsq += float(torch.dot(d, d))
     return wsq, dsq
