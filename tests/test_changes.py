@@ -144,3 +144,13 @@ def test_bit_equality_is_bits_not_values():
     tally = ChangeTally()
     tally.add(_task((1, 2)), 0, torch.zeros(1, 2), torch.tensor([[0.0, 3.0]]))
     assert tally.result()[0].relative == math.inf
+
+
+def test_measuring_an_fp32_merge_leaves_its_bytes_alone(tmp_path):
+    """``.float()`` of an fp32 block is the block itself: the tally must not subtract in place."""
+    base = testing.make_checkpoint(tmp_path / "base", layers=1, hidden=64, intermediate=128, vocab=64,
+                                   dtype=torch.float32)
+    adapter = testing.make_adapter(tmp_path / "adapter", base, targets=testing.LLAMA_LINEAR)
+    report = streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
+    assert len(report.changes) == 7 and all(c.relative > 0 for c in report.changes)
+    assert not testing.changed(testing.load_dir(tmp_path / "out"), testing.reference_merge(base, adapter))
