@@ -16,7 +16,7 @@ from types import MappingProxyType
 
 from streammerge.errors import CheckpointError
 from streammerge.header import SafetensorsHeader, TensorInfo, read_header
-from streammerge.layout import INDEX_NAME, discover, resolve_subfolder
+from streammerge.layout import INDEX_NAME, discover, resolve_subfolder  # noqa: F401 (INDEX_NAME: re-exported)
 
 LOG = logging.getLogger(__name__)
 
@@ -66,18 +66,19 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
     """
     path = Path(path)
     notes: tuple[str, ...] = ()
+    index_path = None
     if path.is_file() and not subfolder:
         root, names, index = path.parent, (path.name,), None
     elif path.exists():
         root = resolve_subfolder(path, subfolder)
         found = discover(root)
-        names, index, notes = found.names, found.index, found.notes
+        names, index, index_path, notes = found.names, found.index, found.index_path, found.notes
     else:
         raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
     shards = tuple(_read_shard(root / name) for name in names)
     _check_unique(root, names, shards)
-    if index is not None:
-        _check_index(root, names, shards, index)
+    if index is not None and index_path is not None:
+        _check_index(root, index_path, names, shards, index)
     ckpt = Checkpoint(
         root=root,
         shards=shards,
@@ -122,7 +123,8 @@ def _check_unique(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsH
     return seen
 
 
-def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...], index: dict) -> None:
+def _check_index(root: Path, index_path: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...],
+                 index: dict) -> None:
     weight_map: dict[str, str] = {t: str(PurePosixPath(f)) for t, f in index["weight_map"].items()}
     seen = _check_unique(root, names, shards)
     for tensor, file in weight_map.items():
@@ -135,7 +137,7 @@ def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHe
     extra = sorted(set(seen) - set(weight_map))
     if extra:
         raise CheckpointError(
-            f"{root / INDEX_NAME}: tensor {extra[0]!r} (in {seen[extra[0]]}) is missing from the index "
+            f"{index_path}: tensor {extra[0]!r} (in {seen[extra[0]]}) is missing from the index "
             f"({len(extra)} unindexed in all); the index and shards disagree"
         )
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -34,8 +35,9 @@ def merged(tmp_path_factory) -> tuple[Path, Path, Path, Path, Path]:
     tensors[key] = torch.zeros_like(tensors[key])
     save_file(tensors, str(noop / "adapter_model.safetensors"), metadata={"format": "pt"})
     for adapter in (good, noop):
-        assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(root / f"out-{adapter.name}"),
-                     "--device", "cpu", "-q"]) == 0
+        out = root / f"out-{adapter.name}"
+        assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", "cpu",
+                     "-q"]) == 0
     return base, good, root / "out-good", noop, root / "out-noop"
 
 
@@ -126,7 +128,7 @@ def test_block_tallies_add_up_to_the_whole_tensor_norms(rows, cols, cuts, seed, 
     m = (w.float() + torch.randn(rows, cols, generator=gen) * 0.01).to(dtype)
     tally = ChangeTally()
     edges = sorted({0, rows, *(c for c in cuts if c < rows)})
-    for r0, r1 in reversed(list(zip(edges, edges[1:], strict=False))):  # any order, as threads finish
+    for r0, r1 in reversed(list(itertools.pairwise(edges))):  # any order, as threads finish
         tally.add(_task((rows, cols)), r0, w[r0:r1], m[r0:r1])
     (change,) = tally.result()
     wd, md = w.double(), m.double()

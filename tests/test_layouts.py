@@ -180,7 +180,7 @@ def repo(template, tmp_path) -> tuple[Path, Path]:
 
 
 def test_base_subfolder_round_trip_merge_verify_resume(template, repo, tmp_path, capsys):
-    root, adapter = repo
+    _root, adapter = repo
     out = tmp_path / "out"
     argv = ["merge", "--adapter", str(adapter), "--base-subfolder", "text_encoder", "--out", str(out),
             "--device", "cpu", "-q"]
