@@ -56,8 +56,8 @@ class TensorChange:
 
     def warning(self) -> str:
         what = f"adapter module {', '.join(self.modules)}" if self.modules else "the adapter's saved module"
-        return (f"tensor {self.name!r} ({what}) equals the base bit for bit: the merge changed nothing there "
-                "(a zero lora_B or a zero scale?)")
+        hint = "a zero lora_B or a zero scale?" if self.modules else "saved without training?"
+        return f"tensor {self.name!r} ({what}) equals the base bit for bit: the merge changed nothing there ({hint})"
 
 
 def targeted(task: TensorTask) -> bool:

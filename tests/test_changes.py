@@ -156,3 +156,23 @@ def test_measuring_an_fp32_merge_leaves_its_bytes_alone(tmp_path):
     report = streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
     assert len(report.changes) == 7 and all(c.relative > 0 for c in report.changes)
     assert not testing.changed(testing.load_dir(tmp_path / "out"), testing.reference_merge(base, adapter))
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_verify_measures_saved_modules_too(tmp_path, trained, capsys):
+    base = testing.make_checkpoint(tmp_path / "base", layers=1, hidden=64, intermediate=128, vocab=64)
+    adapter = testing.make_adapter(tmp_path / "adapter", base, targets=("q_proj",),
+                                   config={"modules_to_save": ["lm_head"]})
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    head = testing.load_dir(base)["lm_head.weight"]  # the base's own head: saving it changes nothing
+    sd["base_model.model.lm_head.weight"] = head * 1.5 if trained else head
+    save_file(sd, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
+    report = streammerge.verify(tmp_path / "out", base, adapter, against_base=True)
+    (saved,) = [c for c in report.changes if c.kind == "replace"]
+    assert saved.name == "lm_head.weight" and saved.modules == ()
+    if trained:
+        assert report.ok and saved.relative == pytest.approx(0.5, rel=1e-3)
+    else:
+        assert report.problems == (f"{tmp_path / 'out'}: tensor 'lm_head.weight' (the adapter's saved module) equals "
+                                   "the base bit for bit: the merge changed nothing there (saved without training?)",)
