@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from streammerge.plan import ROW_ALIGN, Plan, TensorRef, TensorTask, row_blocks
+from streammerge.formats.refs import TensorRef
+from streammerge.plan.geometry import ROW_ALIGN, row_blocks
+from streammerge.plan.types import Plan, TensorTask
 
 _CHUNK_ELEMS = 1 << 20  # fp32 scratch per chunk: 4 MiB for each of M and W
 

@@ -7,7 +7,6 @@ directory holding one ``model.safetensors`` (or any single ``*.safetensors``), o
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from streammerge.errors import CheckpointError
-from streammerge.header import SafetensorsHeader, TensorInfo, read_header
+from streammerge.formats.jsonfile import read_json
+from streammerge.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
 from streammerge.layout import INDEX_NAME, discover, resolve_subfolder  # noqa: F401 (INDEX_NAME: re-exported)
 
 LOG = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class Checkpoint:
     index_metadata: Mapping[str, object]
     config: Mapping[str, object]  # config.json ({} when absent)
     notes: tuple[str, ...] = ()  # how the shards were found, when a user should know (``layout.Layout.notes``)
+    repository: Path | None = None  # the directory given, when ``root`` is a sub-folder of it (``subfolder``)
 
     def locate(self) -> dict[str, tuple[int, TensorInfo]]:
         """Map every tensor name to (shard number, its slot)."""
@@ -87,6 +88,7 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
         index_metadata=MappingProxyType(dict(index.get("metadata") or {})) if index else MappingProxyType({}),
         config=MappingProxyType(read_json(root / "config.json", CheckpointError, missing_ok=True)),
         notes=notes,
+        repository=path if subfolder else None,
     )
     for note in notes:
         LOG.warning("%s", note)
@@ -97,7 +99,7 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
 def _read_shard(path: Path) -> SafetensorsHeader:
     if path.suffix != ".bin":
         return read_header(path)
-    from streammerge.reader import read_pickle_index  # torch is needed only for pickled checkpoints
+    from streammerge.formats.torchbin import read_pickle_index  # torch is needed only for pickled checkpoints
 
     LOG.info("%s: pickled shard, read with torch.load(weights_only=True, mmap=True)", path)
     return read_pickle_index(path)
@@ -159,24 +161,3 @@ def refuse_quantized(ckpt: Checkpoint) -> None:
             f"{ckpt.root / 'config.json'}: quantization_config.quant_method={method!r}: a quantized base; "
             "merge into the full-precision (bf16/fp16) base instead"
         )
-
-
-def read_json(path: Path, error: type[Exception], *, missing_ok: bool = False) -> dict:
-    """Load a JSON object file, raising ``error`` with the file name on any problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if missing_ok:
-            return {}
-        raise error(f"{path}: file not found") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix or re-create the file"
-        ) from e
-    if not isinstance(doc, dict):
-        raise error(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc

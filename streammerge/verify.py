@@ -35,14 +35,16 @@ import numpy as np
 import torch
 
 from streammerge import changes, execute, manifest
-from streammerge.adapter import read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, resolve_device
+from streammerge.adapter import Adapter, read_adapter
+from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
+from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, build_plan, row_blocks
-from streammerge.reader import TensorReader
+from streammerge.options import MergeOptions
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, row_blocks
+from streammerge.plan.unmerge import build_unmerge_plan
 from streammerge.writer import is_temporary
 
 LOG = logging.getLogger(__name__)
@@ -105,13 +107,18 @@ def verify(
     adapters: Sequence[PathLike] = (),
     adapter_name: str | None = None,
     sample: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     base_subfolder: str | None = None,
     against_base: bool = False,
 ) -> VerifyReport:
-    """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
+    """Check the merged directory ``out`` against its inputs; see the module docstring.
+
+    The plan is rebuilt from the inputs and options ``streammerge.json`` records (weights, combination,
+    density, seed, pattern rules, adapter name, heads, shard size, unmerge weight). ``base``/``adapter(s)``/
+    ``adapter_name`` override the recorded inputs (a different number of adapters, or another adapter name,
+    is refused). ``device`` defaults to the recorded device class when it is available here, else the CPU.
 
     Every targeted tensor's change against the base is measured (``VerifyReport.changes``); one equal
     to the base bit for bit is a warning, or a problem when ``against_base``. An untargeted tensor that
@@ -126,10 +133,6 @@ def verify(
         raise OutputError(f"{out}: not a directory; pass --out DIR with a merged checkpoint")
     if sample is not None and sample < 1:
         raise StreamMergeError(f"--sample {sample}: must be at least 1 row")
-    paths = ([adapter] if adapter is not None else []) + list(adapters)
-    if not paths:
-        raise StreamMergeError("no adapter given; pass --adapter DIR (the adapter(s) that were merged)")
-    loaded = [read_adapter(a, adapter_name) for a in paths]
     found = _Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
@@ -137,16 +140,20 @@ def verify(
                   "(rerun it with --resume)")
         doc = {}
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
-    subfolder = base_subfolder if base_subfolder is not None else options.get("base_subfolder")
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]),
-                           subfolder if isinstance(subfolder, str) else None)
-    max_shard_size = options.get("max_shard_size")
-    plan = build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size if isinstance(max_shard_size, int)
-                                                 else None))
+    recorded = MergeOptions.from_record(options)
+    paths = ([adapter] if adapter is not None else []) + list(adapters)
+    ckpt, loaded, original = _inputs(out, doc, recorded, base, paths, adapter_name, base_subfolder)
+    if recorded.operation == "unmerge":
+        plan = build_unmerge_plan(ckpt, loaded[0], recorded.weight if recorded.weight is not None else 1.0, original,
+                                  PlanOptions(max_shard_size=recorded.max_shard_size))
+    else:
+        plan = plan_with(ckpt, loaded, recorded)
     identity = manifest.identify(ckpt, loaded, options)
     if doc:
         _check_manifest(out, doc, identity, plan, found)
     _check_files(out, doc, plan, found)
+    if device is None:
+        device = "cuda" if options.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
@@ -159,6 +166,39 @@ def verify(
         rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
         changes=measured, warnings=() if against_base else tuple(noops),
     )
+
+
+def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None, paths: Sequence[PathLike],
+            adapter_name: str | None, subfolder: str | None) -> tuple[Checkpoint, list[Adapter], Checkpoint | None]:
+    """The base and adapters to check against: those given, else those the manifest records."""
+    sources = doc.get("sources") if isinstance(doc.get("sources"), dict) else {}
+    recorded_adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
+    if not paths:
+        if not recorded_adapters:
+            raise StreamMergeError(
+                f"{out}: no adapter given and no streammerge.json recording the inputs; pass the adapter(s) that "
+                "were merged (and the base)"
+            )
+        paths = recorded_adapters
+    elif recorded_adapters and len(paths) != len(recorded_adapters):
+        raise StreamMergeError(
+            f"{out}: {len(paths)} adapter(s) given but streammerge.json records {len(recorded_adapters)} "
+            f"({', '.join(recorded_adapters)}); pass the same adapters in the same order, or none to use the "
+            "recorded ones"
+        )
+    if adapter_name is not None and recorded.adapter_name not in (None, adapter_name):
+        raise StreamMergeError(
+            f"{out}: adapter name {adapter_name!r} given but streammerge.json records {recorded.adapter_name!r}; "
+            "pass the recorded name or none"
+        )
+    name = adapter_name if adapter_name is not None else recorded.adapter_name
+    loaded = [read_adapter(a, name, recorded.pattern_rules) for a in paths]
+    if base is None and isinstance(sources.get("base"), str):
+        base = sources["base"]
+    subfolder = subfolder if subfolder is not None else recorded.base_subfolder
+    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]), subfolder)
+    original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
+    return ckpt, loaded, original
 
 
 def _measure_changes(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[changes.TensorChange, ...]:

@@ -18,7 +18,8 @@ import streammerge
 from streammerge import testing
 from streammerge.changes import ChangeTally
 from streammerge.cli import main
-from streammerge.plan import TensorRef, TensorTask
+from streammerge.formats.refs import TensorRef
+from streammerge.plan.types import TensorTask
 
 NOOP = "model.layers.1.self_attn.v_proj"
 

@@ -191,14 +191,19 @@ def test_base_subfolder_round_trip_merge_verify_resume(template, repo, tmp_path,
     assert "model_index.json" not in files
     assert json.loads((out / manifest.MANIFEST_NAME).read_text())["options"]["base_subfolder"] == "text_encoder"
     capsys.readouterr()
-    assert main(["verify", "--out", str(out), "--adapter", str(adapter)]) == 0, capsys.readouterr().out
+    assert main(["verify", "--out", str(out)]) == 0, capsys.readouterr().out  # the recorded inputs and sub-folder
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / SHARDS[1]).unlink()  # a lost shard: --resume keeps the others (their records match) and redoes it
     kept = (out / SHARDS[0]).stat().st_ino
-    assert main([*argv, "--resume"]) == 0
+    assert main(["merge", "--out", str(out), "--resume", "--device", "cpu", "-q"]) == 0
     assert (out / SHARDS[0]).stat().st_ino == kept  # kept, not rewritten: the recorded sub-folder matched
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert main(["verify", "--out", str(out), "--adapter", str(adapter), "--against-base"]) == 0
+    assert main([*argv, "--resume"]) == 0  # naming the inputs again: the same identity, nothing rewritten
+    assert (out / SHARDS[0]).stat().st_ino == kept
+    assert main(["verify", "--out", str(out), "--against-base"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--out", str(out), "--base-subfolder", "unet"]) == 2  # another model: refused
+    assert "the adapter was trained on a different base model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sub, message", [
