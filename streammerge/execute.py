@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from streammerge import kernel
+from streammerge.changes import ChangeTally
 from streammerge.errors import BudgetError, NonFiniteError
 from streammerge.formats.reader import TensorReader
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
@@ -55,6 +56,7 @@ class ExecOptions:
     workers: int
     max_memory: int
     check_finite: bool = True
+    changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,8 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
+    if opts.changes is not None and task.kind == "merge":
+        opts.changes.add(task, r0, w, out)
     reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):
         # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
