@@ -296,3 +296,17 @@ def test_a_budget_below_a_whole_tensor_tuner_task_is_refused_with_the_need(built
     code, err = _cli(capsys, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir),
                      "--out", str(out), "--max-memory", "100KB")
     assert code == 2 and "below this plan's minimum working set" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "boft"])
+def test_modules_to_save_beside_a_tuner_replace_first_then_the_tuner_merges(built, tuner):
+    """A trained lm_head (modules_to_save) is a full tensor: replaced as PEFT's load_state_dict does."""
+    case = tc.build(tuner, "llama", built["root"], modules_to_save=["lm_head"])
+    out = case.base_dir.parent / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu")
+    ours, base = oracle.load_checkpoint(out), oracle.load_checkpoint(case.base_dir)
+    assert oracle.diff_checkpoints(ours, case.ref) == []
+    assert not torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
+    assert torch.equal(tc.forward(tc.load_output("llama", out), "llama", case.inputs), case.ref_logits)
