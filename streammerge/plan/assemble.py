@@ -1,9 +1,9 @@
 """The planner's entry point: headers and configs in, a frozen :class:`~streammerge.plan.types.Plan` out.
 
 Pure: no torch, no file I/O. Every adapter key is accounted for: it becomes part of a
-:class:`~streammerge.plan.types.LoraTerm`, a replacement source, or an error. Every base tensor appears in
-the output exactly once (or is dropped for a stated reason, like ``lm_head`` under a sequence-classification
-head). All problems found are reported together.
+:class:`~streammerge.plan.types.LoraTerm` or :class:`~streammerge.plan.types.TunerTerm`, a replacement
+source, or an error. Every base tensor appears in the output exactly once (or is dropped for a stated reason,
+like ``lm_head`` under a sequence-classification head). All problems found are reported together.
 
 Ordering (PEFT ``merge_and_unload``, spec §3): saved tensors (``base_layer`` copies, biases,
 ``modules_to_save``) replace base values first (PEFT's ``load_state_dict``), then deltas are added module

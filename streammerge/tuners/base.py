@@ -30,7 +30,7 @@ import torch
 from streammerge.plan.types import TunerTerm, Update
 
 __all__ = ["ApplyFn", "LoadedTerm", "ModuleView", "Shape", "Tuner", "TunerTerm", "Update", "in_features",
-           "out_features", "params"]
+           "out_features"]
 
 #: The merged rows: ``apply(w, tensors, params, r0, r1)``.
 ApplyFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, Any], int, int], torch.Tensor]
@@ -91,10 +91,6 @@ class Tuner:
             if stem.endswith(suffix):
                 return stem[: -len(suffix)], role
         return None
-
-
-def params(update: Update) -> dict[str, Any]:
-    return dict(update.params)
 
 
 def in_features(w: Shape, conv1d: bool) -> int:
