@@ -134,3 +134,6 @@ def test_a_tuner_without_an_inverse_is_refused_by_name(monkeypatch):
     with pytest.raises(UnsupportedAdapterError) as e:
         build_unmerge_plan(checkpoint(), ad)
     assert str(e.value).startswith("/nowhere/t: cannot unmerge: the reflections were lost; pass --base ORIGINAL")
+    original = checkpoint()
+    restored = {t.name: t for t in build_unmerge_plan(checkpoint(), ad, base=original).tasks() if t.kind != "copy"}
+    assert list(restored) == [f"{Q0}.weight"] and restored[f"{Q0}.weight"].kind == "replace"
