@@ -239,6 +239,21 @@ def test_vera_without_saved_projections_regenerates_them(tmp_path):
     assert oracle.diff_checkpoints(oracle.load_checkpoint(out), want) == []
 
 
+@pytest.mark.parametrize(("tuner", "family", "bias"), [("boft", "conv", "boft_only"), ("hra", "conv", "hra_only"),
+                                                     ("vera", "gpt2", "vera_only"),
+                                                     ("fourierft", "gpt2", "fourier_only")])
+def test_trained_biases_beside_a_tuner(built, tuner, family, bias):
+    """``bias="<tuner>_only"``: PEFT saves the trained biases whole (``base_layer.bias``); they replace the base's."""
+    case = tc.build(tuner, family, built["root"], bias=bias)
+    out = case.base_dir.parent / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu")
+    saved = load_file(case.adapter_dir / "adapter_model.safetensors")
+    assert any(k.endswith(".base_layer.bias") for k in saved)
+    assert oracle.diff_checkpoints(oracle.load_checkpoint(out), case.ref) == []
+
+
 # ------------------------------------------------------------------------------------------ row blocks
 
 
