@@ -263,9 +263,9 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
     for name in sorted(os.listdir(out)):
         if name == manifest.PROGRESS_NAME or is_temporary(name):
             found.add(f"{out / name}: left by an unfinished merge; rerun the merge with --resume")
-        elif name not in expected and (name.endswith(".safetensors") or name == INDEX_NAME):
+        elif name not in expected and (name.endswith(".safetensors") or name in (INDEX_NAME, plan.index_name)):
             found.add(f"{out / name}: not part of this merge's output")
-    index = out / INDEX_NAME
+    index = out / plan.index_name
     if plan.write_index:
         if not index.is_file():
             found.add(f"{index}: missing")
