@@ -109,9 +109,9 @@ def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, floa
     w_flat, m_flat = base.reshape(-1), written.reshape(-1)
     wsq = dsq = 0.0
     for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
-        w = w_flat[i : i + _CHUNK_ELEMS].float()  # (n,) fp32 copies: the scratch is bounded by the chunk
-        d = m_flat[i : i + _CHUNK_ELEMS].float() - w  # never in place: .float() of fp32 is the output itself
-        wsq += float(torch.dot(w, w))
+        d = w_flat[i : i + _CHUNK_ELEMS].to(torch.float32, copy=True)  # (n,) fp32 scratch of our own, never a view
+        wsq += float(torch.dot(d, d))
+        d.neg_().add_(m_flat[i : i + _CHUNK_ELEMS])  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
         dsq += float(torch.dot(d, d))
     return wsq, dsq
 

@@ -129,8 +129,10 @@ def test_block_tallies_add_up_to_the_whole_tensor_norms(rows, cols, cuts, seed, 
     m = (w.float() + torch.randn(rows, cols, generator=gen) * 0.01).to(dtype)
     tally = ChangeTally()
     edges = sorted({0, rows, *(c for c in cuts if c < rows)})
+    w_before, m_before = w.clone(), m.clone()
     for r0, r1 in reversed(list(itertools.pairwise(edges))):  # any order, as threads finish
         tally.add(_task((rows, cols)), r0, w[r0:r1], m[r0:r1])
+    assert torch.equal(w, w_before) and torch.equal(m, m_before)  # measured, never touched (fp32 views too)
     (change,) = tally.result()
     wd, md = w.double(), m.double()
     assert change.base_norm == pytest.approx(float(wd.norm()), rel=1e-5)
