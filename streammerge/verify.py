@@ -43,7 +43,7 @@ from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base
 from streammerge.options import MergeOptions
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
 from streammerge.writer import is_temporary
 
@@ -157,7 +157,7 @@ def verify(
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
-    measured = _measure_changes(out, plan, ckpt)
+    measured = changes.measure_output(out, plan, ckpt)
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
         found.add(text)
@@ -199,23 +199,6 @@ def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None,
     ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]), subfolder)
     original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
     return ckpt, loaded, original
-
-
-def _measure_changes(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[changes.TensorChange, ...]:
-    """``changes.measure`` over the output shards that have the plan's size (others are already problems)."""
-    placed: dict[str, TensorRef] = {}
-    for shard in plan.shards:
-        path = out / shard.filename
-        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
-            continue
-        offset = len(shard.header)
-        for t in shard.tasks:
-            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
-            offset += t.nbytes
-    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
-            for name, (i, info) in ckpt.locate().items()}
-    with TensorReader() as reader:
-        return changes.measure(plan, placed, base, reader.rows, reader.release)
 
 
 def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
