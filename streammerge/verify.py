@@ -10,7 +10,9 @@ and checks, without trusting anything in the output directory:
 * every tensor: untouched ones byte-identical to their source (the base, or the adapter for a
   saved module); computed ones byte-identical to a recomputation through the same plan and
   kernel (``execute.pieces`` for all rows, or ``sample`` rows per tensor in whole 64-row blocks
-  via ``execute.compute_rows``).
+  via ``execute.compute_rows``);
+* every targeted tensor's change against the base (``changes.measure_output``): one equal to the base
+  bit for bit is a warning, a problem under ``against_base``.
 
 Bytes are compared, not values, so NaN payloads and signed zeros count too.
 """
