@@ -7,10 +7,10 @@ math; any other key is a full tensor that replaces ``key.replace(".base_layer.",
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
-from streammerge import renames
+from streammerge import model_rules, renames
 
 PEFT_PREFIX = "base_model.model."
 
@@ -81,29 +81,101 @@ def input_embedding(names: Collection[str]) -> str | None:
     return min(found, key=lambda n: (n.count("."), n)) if found else None
 
 
-def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> dict[str, str]:
+def tied_aliases(names: Collection[str], config: Mapping[str, object]) -> Aliases:
     """Tensor names that exist in memory but not on disk because they are tied (spec §6.1).
 
-    transformers drops ``lm_head.weight`` from checkpoints with ``tie_word_embeddings`` (which
-    defaults to true in ``PretrainedConfig``); the head then *is* the input embedding.
+    transformers drops the tied targets from the checkpoints it saves. The common case (``lm_head.weight`` of a
+    model with ``tie_word_embeddings``, which defaults to true, *is* the input embedding) is known without
+    transformers; every other tie (T5/BART ``shared``, Whisper ``proj_out``, RoBERTa ``lm_head.decoder``, ...)
+    comes from the model's own rules, read lazily (``Aliases``).
     """
     text = config.get("text_config")
     tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
     emb = input_embedding(names)
-    if not tie or emb is None:
-        return {}
-    # The head sits beside the backbone: Llava-style checkpoints nest both under "language_model.".
-    head = "language_model.lm_head.weight" if emb.startswith("language_model.") else "lm_head.weight"
-    return {} if head in names else {head: emb}
+    common: dict[str, str] = {}
+    if tie and emb is not None:
+        # The head sits beside the backbone: Llava-style checkpoints nest both under "language_model.".
+        head = "language_model.lm_head.weight" if emb.startswith("language_model.") else "lm_head.weight"
+        if head not in names:
+            common[head] = emb
+    return Aliases(names, config, common)
+
+
+class Aliases(Mapping[str, str]):
+    """In-memory name -> the disk tensor it is tied to, for names absent from the checkpoint.
+
+    The common lm_head tie is known up front; the model's rules (``model_rules.rules_for``: transformers' tied
+    keys and v5 renames, or the table) are read the first time a name misses, never for a merge whose names all
+    resolve directly. Iterating lists the common tie plus, once read, every rule tie that lands on disk.
+    """
+
+    def __init__(self, names: Collection[str], config: Mapping[str, object], common: Mapping[str, str]) -> None:
+        self._names = names
+        self._config = config
+        self._common = dict(common)
+        self._rules: model_rules.ModelRules | None = None
+
+    @property
+    def rules(self) -> model_rules.ModelRules:
+        if self._rules is None:
+            self._rules = model_rules.rules_for(self._config)
+        return self._rules
+
+    def face_order(self, order: tuple[int, str]) -> tuple[int, int, str]:
+        """Sort key of a LoRA step from ``module_order``: when the model's rules have been read (a tie other than
+        the common one was resolved), modules owning a tie sort in ``named_modules`` order, as PEFT merges them."""
+        rank = self._rules.rank(order[1]) if self._rules is not None else None
+        return (0, rank, "") if rank is not None else (1, order[0], order[1])
+
+    def renamed(self, name: str) -> str | None:
+        """The disk name the model's rules give the in-memory ``name``, when it is on disk."""
+        disk = self.rules.renames.get(name)
+        return disk if disk in self._names else None
+
+    def _tied(self, name: str) -> str | None:
+        if name in self._common:
+            return self._common[name]
+        if name in self._names:
+            return None
+        source = self.rules.tied.get(name)
+        if source is None:
+            return None
+        return source if source in self._names else self.renamed(source)
+
+    def __getitem__(self, name: str) -> str:
+        found = self._tied(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._tied(name) is not None
+
+    def _all(self) -> dict[str, str]:
+        out = dict(self._common)
+        if self._rules is not None:
+            for target in self._rules.tied:
+                found = None if "*" in target else self._tied(target)
+                if found is not None:
+                    out.setdefault(target, found)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> str | None:
     """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4).
 
-    Exact name, tied alias, ``base_model_prefix`` change; then the same for each transformers v5 rename of the
-    name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
+    Exact name, tied alias, ``base_model_prefix`` change; then the model's own v5 rename (``Aliases.renamed``:
+    transformers' conversion mapping); then the same for each hand-listed rename of the name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
     """
     found = _resolve_direct(name, names, aliases)
+    if found is None and isinstance(aliases, Aliases):
+        found = aliases.renamed(name)
     for cand in () if found is not None else renames.disk_candidates(name):
         found = _resolve_direct(cand, names, aliases)
         if found is not None:

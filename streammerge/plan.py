@@ -359,15 +359,14 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
 
     for index, adapter in enumerate(adapters):
         _plan_adapter(index, adapter, ckpt, located, aliases, targets, added, config_updates, warnings, drop, problems)
-    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options)
+    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options, aliases)
 
 
 def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[str, _Target],
               added: Mapping[str, TensorRef], config_updates: Mapping[str, object], warnings: Sequence[str],
-              drop: set[str], problems: list[str], options: PlanOptions) -> Plan:
+              drop: set[str], problems: list[str], options: PlanOptions, aliases: naming.Aliases) -> Plan:
     """Turn the per-tensor accumulators into the frozen plan (or raise every problem found)."""
     located = ckpt.locate()
-    aliases = naming.tied_aliases(frozenset(located), ckpt.config)
     warnings = list(warnings)
     for head, emb in aliases.items():
         if targets.get(emb) is not None and targets[emb].steps and config_updates.get("tie_word_embeddings", True):
@@ -384,7 +383,7 @@ def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[st
     for name, (shard_no, info) in located.items():
         if name in drop:
             continue
-        tasks_by_name[name] = _task(name, _ref(ckpt.shards[shard_no], info), targets.get(name))
+        tasks_by_name[name] = _task(name, _ref(ckpt.shards[shard_no], info), targets.get(name), aliases)
     for name, ref in added.items():
         tasks_by_name[name] = TensorTask(name, _added_dtype(ckpt, ref), ref.shape, ref, kind="add")
 
@@ -399,11 +398,12 @@ def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[st
     )
 
 
-def _task(name: str, base: TensorRef, target: _Target | None) -> TensorTask:
+def _task(name: str, base: TensorRef, target: _Target | None, aliases: naming.Aliases) -> TensorTask:
     if target is None:
         return TensorTask(name, base.dtype, base.shape, base)
     source = target.replacement or base
-    steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], s[0])))
+    # adapters in order; within one, modules in PEFT's merge order (tied faces: named_modules order)
+    steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], aliases.face_order(s[0]))))
     kind = "merge" if steps else "replace"
     return TensorTask(name, base.dtype, source.shape, source, steps, kind)
 
@@ -1061,7 +1061,7 @@ def build_combined_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], combine: 
     warnings = [f"{_label(adapters, i)}: {w}" for i, one in enumerate(each) for w in one.warnings]
     warnings += _peft_difference_warnings(adapters, combine)
     drop = set().union(*(one.drop for one in each))
-    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options)
+    return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options, aliases)
 
 
 def _combined_step(name: str, slots: Sequence[tuple[int, _Target]], combine: CombineOptions) -> Step | None:
@@ -1150,7 +1150,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
             )
         restore = {n: None for n in _touched(adapter, located, aliases)}
         targets = _restore_from(base, restore, located, problems)
-        return _assemble(merged, [adapter], targets, {}, {}, [], set(), problems, options)
+        return _assemble(merged, [adapter], targets, {}, {}, [], set(), problems, options, aliases)
 
     one = _plan_single(0, adapter, merged, located, aliases, problems)
     if one.added or one.drop:
@@ -1177,7 +1177,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
         if terms:
             target.steps.append(((0, ""), 0, Step(terms, "once")))
         targets[name] = target
-    return _assemble(merged, [adapter], targets, {}, {}, list(one.warnings), set(), problems, options)
+    return _assemble(merged, [adapter], targets, {}, {}, list(one.warnings), set(), problems, options, aliases)
 
 
 def _restore_from(base: Checkpoint | None, names: Mapping[str, None], located: Mapping[str, tuple[int, TensorInfo]],

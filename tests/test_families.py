@@ -28,20 +28,6 @@ ALL = frozenset({"tensors", "tie", "logits"})
 #: variant -> (why streammerge's merge differs from PEFT's today, the tests that show it). Strict xfails: fixing one
 #: fails the suite until its entry is removed.
 GAPS: dict[str, tuple[str, frozenset[str]]] = {
-    "gpt_neox": ("v5 names the head lm_head in memory, the checkpoint embed_out: refused", ALL),
-    "gpt_neox_mts_embed_out": ("modules_to_save lm_head is written as lm_head.weight, embed_out keeps the base "
-                               "values (silent)", frozenset({"tensors", "logits"})),
-    "t5": ("encoder/decoder.embed_tokens are tied to shared and absent on disk: refused", ALL),
-    "bart": ("model.encoder/decoder.embed_tokens are tied to model.shared and absent on disk: refused", ALL),
-    "whisper": ("proj_out is tied to model.decoder.embed_tokens and absent on disk: refused", ALL),
-    "whisper_mts_proj_out": ("modules_to_save on the tied proj_out leaves tie_word_embeddings true (silent)",
-                             frozenset({"tie"})),
-    "roberta": ("lm_head.decoder is tied to roberta.embeddings.word_embeddings: refused", ALL),
-    "roberta_lm_head_decoder": ("lm_head.decoder is tied to roberta.embeddings.word_embeddings: refused", ALL),
-    "vit": ("v5 renames (vit.layers.N.attention.q_proj in memory, vit.encoder.layer.N.attention.attention.query "
-            "on disk): refused", ALL),
-    "swin": ("v5 renames (attention.q_proj in memory, attention.self.query on disk): refused", ALL),
-    "dinov2": ("v5 renames (attention.q_proj in memory, attention.attention.query on disk): refused", ALL),
     "deepseek_v3": ("target_parameters experts: lm_head's LoRA is taken for a parameter LoRA: refused", ALL),
     "gpt_oss": ("experts stored fused 3-D on disk: refused", ALL),
     "bert_seq_cls_bias_all": ("bias='all' saves classifier.modules_to_save.bias: refused", ALL),
