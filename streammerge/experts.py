@@ -114,12 +114,17 @@ class ParamDelta:
 def targeted_params(module: str, target_parameters: Iterable[str]) -> list[str]:
     """Parameters of ``module`` that ``target_parameters`` targets, in registration order when known.
 
-    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex).
+    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex)
+    over the parameters the module *has*. Without the model: the fused expert parameters belong to a module named
+    ``experts`` (PEFT 0.21 adds bare ``down_proj``/``gate_up_proj`` entries for DeepSeek-V3, which must not
+    make ``lm_head.down_proj`` of a plain ``lm_head`` LoRA).
     """
     found: list[str] = []
     for t in target_parameters:
         param = t.rpartition(".")[2]
         full = f"{module}.{param}"
+        if param in FUSED_PARAMS and module.rpartition(".")[2] != "experts":
+            continue
         if (full == t or full.endswith("." + t)) and param not in found:
             found.append(param)
     return sorted(found, key=lambda p: FUSED_PARAMS.index(p) if p in FUSED_PARAMS else len(FUSED_PARAMS))
@@ -185,7 +190,7 @@ def plan_wrapped(
         problems.append(
             f"{where}: target_parameters LoRA {wp.a_key!r} adapts {wp.path!r}, which is neither in the base "
             f"checkpoint nor a fused expert tensor whose per-expert tensors are there"
-            f"{naming.suggest(wp.path, located.keys())}; is this adapter for a different base model?"
+            f"{naming.suggest(wp.path, located.keys(), aliases)}; is this adapter for a different base model?"
         )
         return []
     layout, names = disk

@@ -52,7 +52,8 @@ class AdapterKey:
 
     key: str
     module: str  # module path relative to the wrapped HF model, e.g. "model.layers.0.self_attn.q_proj"
-    role: str  # lora_A | lora_B | lora_B_bias | emb_A | emb_B | magnitude | token_delta | other_lora | tensor
+    role: str  # lora_A | lora_B | lora_B_bias | emb_A | emb_B | magnitude | token_delta | other_lora | tensor |
+    #            original_module
     target: str  # for role "tensor": the base tensor it replaces; "" otherwise
 
 
@@ -67,6 +68,11 @@ def parse_key(key: str) -> AdapterKey:
     if ".lora_" in stem:
         return AdapterKey(key, stem.split(".lora_")[0], "other_lora", "")
     target = stem.replace(".base_layer.", ".")
+    if ".original_module." in target:
+        # bias="all" on a modules_to_save module also saves the wrapper's untouched original: PEFT's merge drops it
+        return AdapterKey(key, target.split(".original_module.")[0], "original_module", "")
+    # ... and its trained copy under ``modules_to_save.`` (the same tensor PEFT saves as ``<module>.<param>``)
+    target = target.replace(".modules_to_save.", ".")
     return AdapterKey(key, target.rpartition(".")[0], "tensor", target)
 
 
@@ -171,7 +177,8 @@ def resolve(name: str, names: Collection[str], aliases: Mapping[str, str]) -> st
     """Map an in-memory tensor name to the checkpoint tensor holding it, or None (spec §2.4).
 
     Exact name, tied alias, ``base_model_prefix`` change; then the model's own v5 rename (``Aliases.renamed``:
-    transformers' conversion mapping); then the same for each hand-listed rename of the name (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
+    transformers' conversion mapping); then the same for each hand-listed rename of the name
+    (``renames.RENAMES``: Llava ``model.language_model.*``, the Mixtral router, legacy ``LayerNorm.gamma``).
     """
     found = _resolve_direct(name, names, aliases)
     if found is None and isinstance(aliases, Aliases):
@@ -196,10 +203,28 @@ def _resolve_direct(name: str, names: Collection[str], aliases: Mapping[str, str
     return None
 
 
-def suggest(name: str, names: Collection[str]) -> str:
-    """A 'did you mean' clause for an unknown name, or ''."""
-    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
-    return f" (closest base tensor: {close[0]!r})" if close else ""
+def candidates(name: str, aliases: Mapping[str, str] | None = None) -> list[str]:
+    """Every disk spelling ``resolve`` tries for the in-memory ``name``, in its order (for error messages)."""
+    out = [name]
+    for cand in (name, *renames.disk_candidates(name)):
+        out += [cand[len(p):] for p in BASE_PREFIXES if cand.startswith(p)] + [p + cand for p in BASE_PREFIXES]
+        if cand == name and isinstance(aliases, Aliases):
+            rules = aliases.rules
+            for mapped in (rules.tied.get(name), rules.renames.get(name)):
+                if mapped is not None:
+                    out.append(mapped)
+        out.append(cand)
+    return list(dict.fromkeys(out))
+
+
+def suggest(name: str, names: Collection[str], aliases: Mapping[str, str] | None = None) -> str:
+    """The names tried and the closest base tensors, as a parenthesised clause for an unknown ``name``."""
+    tried = candidates(name, aliases)
+    shown = ", ".join(repr(c) for c in tried[:6]) + (f" and {len(tried) - 6} more" if len(tried) > 6 else "")
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    nearest = f"closest base tensors: {', '.join(repr(c) for c in close)}" if close else "no base tensor is close"
+    source = f" with the rules of {aliases.rules.source}" if isinstance(aliases, Aliases) else ""
+    return f" (tried {shown}{source}; {nearest})"
 
 
 def is_conv1d(module: str, model_type: object) -> bool:

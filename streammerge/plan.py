@@ -430,7 +430,7 @@ def _plan_adapter(
     cfg = adapter.config
     header = adapter.weights
     infos = header.by_name()
-    keys = [naming.parse_key(k) for k in header.names()]
+    keys = [k for k in map(naming.parse_key, header.names()) if k.role != "original_module"]
     by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
     where = f"{header.path}"
 
@@ -512,7 +512,7 @@ def _resolve_target(adapter: Adapter, module: str, param: str, located: Mapping[
     if target is None:
         problems.append(
             f"{adapter.weights.path}: {what} for module {module!r} targets {name!r}, which is not in the base "
-            f"checkpoint{naming.suggest(name, located.keys())}; is this adapter for a different base model?"
+            f"checkpoint{naming.suggest(name, located.keys(), aliases)}; is this adapter for a different base model?"
         )
     return target
 
@@ -788,7 +788,8 @@ def _plan_replacement(index, adapter, k, info, ckpt, located, aliases, targets, 
             return
         problems.append(
             f"{adapter.weights.path}: adapter tensor {k.key!r} names {k.target!r}, which is not in the base "
-            f"checkpoint{naming.suggest(k.target, located.keys())}; is this adapter for a different base model?"
+            f"checkpoint{naming.suggest(k.target, located.keys(), aliases)}; is this adapter for a different base "
+            "model?"
         )
         return
     base = located[target][1]
@@ -1103,6 +1104,8 @@ def _touched(adapter: Adapter, located: Mapping[str, object], aliases: Mapping[s
     out = []
     for key in adapter.weights.names():
         k = naming.parse_key(key)
+        if k.role == "original_module":
+            continue
         name = k.target if k.role == "tensor" else f"{k.module}.{'bias' if k.role == 'lora_B_bias' else 'weight'}"
         target = naming.resolve(name, located.keys(), aliases)
         if target is not None and target not in out:
