@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 import torch
-from families import VARIANT_NAMES, Built, build, load, outputs
+from families import VARIANT_NAMES, VARIANTS, Built, build, load, outputs
 from oracle import diff_checkpoints, load_checkpoint
+from safetensors.torch import load_file
 
 import streammerge
+from streammerge import model_rules
 
 ALL = frozenset({"tensors", "tie", "logits"})
 #: variant -> (why streammerge's merge differs from PEFT's today, the tests that show it). Strict xfails: fixing one
@@ -125,3 +127,63 @@ def test_logits_equal_peft_merged_model(name: str, zoo: Path) -> None:
     assert not torch.equal(m.built.ref_logits, m.built.base_logits), "oracle: the adapter changes nothing"
     ours = outputs(load(m.built.model_class, m.out_dir), m.built.inputs)
     assert torch.equal(ours, m.built.ref_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saved heads (modules_to_save) land under their disk names, and the tie flag says what was written
+
+
+def _saved_full_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter's full tensors (modules_to_save copies), by in-memory name."""
+    sd = load_file(adapter_dir / "adapter_model.safetensors")
+    return {k.removeprefix("base_model.model."): v for k, v in sd.items() if ".lora_" not in k}
+
+
+def test_gpt_neox_saved_head_is_written_as_embed_out(zoo: Path) -> None:
+    """Regression: modules_to_save on v5's ``lm_head`` (disk ``embed_out``) once wrote an extra lm_head.weight
+    and left embed_out.weight as the base had it."""
+    m = _require("gpt_neox_mts_embed_out", zoo)
+    ours = load_checkpoint(m.out_dir)
+    saved = _saved_full_tensors(m.built.adapter_dir)["lm_head.weight"]
+    assert "lm_head.weight" not in ours
+    assert torch.equal(ours["embed_out.weight"], saved.to(ours["embed_out.weight"].dtype))
+    assert not torch.equal(ours["embed_out.weight"], load_checkpoint(m.built.base_dir)["embed_out.weight"])
+
+
+def test_whisper_saved_tied_proj_out_unties_in_config(zoo: Path) -> None:
+    """Regression: modules_to_save on the tied ``proj_out`` once kept ``tie_word_embeddings: true``, so the
+    loaded model re-tied the new head to the decoder's embeddings."""
+    m = _require("whisper_mts_proj_out", zoo)
+    ours, base = load_checkpoint(m.out_dir), load_checkpoint(m.built.base_dir)
+    saved = _saved_full_tensors(m.built.adapter_dir)["proj_out.weight"]
+    assert "proj_out.weight" not in base
+    assert torch.equal(ours["proj_out.weight"], saved.to(ours["proj_out.weight"].dtype))
+    assert torch.equal(ours["model.decoder.embed_tokens.weight"], base["model.decoder.embed_tokens.weight"])
+    assert json.loads((m.out_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    model = load(m.built.model_class, m.out_dir)
+    assert torch.equal(model.proj_out.weight, ours["proj_out.weight"])
+    assert model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr()
+
+
+_SAVES_HEADS = tuple(n for n in VARIANT_NAMES
+                     if VARIANTS[n].modules_to_save or VARIANTS[n].lora.get("task_type") == "SEQ_CLS")
+
+
+@pytest.mark.parametrize("name", _params(_SAVES_HEADS, "tensors"))
+def test_every_saved_head_lands_under_its_disk_name(name: str, zoo: Path) -> None:
+    """Each modules_to_save tensor is in the output under the name transformers saves it as (the model's own
+    rules), with the adapter's values; a saved tied head unties, and the config's tie flag says so."""
+    m = _require(name, zoo)
+    ours = load_checkpoint(m.out_dir)
+    config = json.loads((m.out_dir / "config.json").read_text())
+    rules = model_rules.from_transformers(json.loads((m.built.base_dir / "config.json").read_text()))
+    heads = {k: v for k, v in _saved_full_tensors(m.built.adapter_dir).items()
+             if k.rpartition(".")[0].rpartition(".")[2] in {*m.built.variant.modules_to_save, "classifier"}}
+    assert heads, "the variant saves no head"
+    for key, saved in heads.items():
+        disk = rules.renames.get(key, key)
+        assert torch.equal(ours[disk], saved.to(ours[disk].dtype)), disk
+        if key != disk:
+            assert key not in ours
+        if key in rules.tied:
+            assert config["tie_word_embeddings"] is False
