@@ -46,6 +46,9 @@ class ModelRules:
     #: modules owning a tied tensor, in ``named_modules`` order: the order PEFT's merge_and_unload visits (and so
     #: sums into the one stored tensor) the LoRAs on two faces of a tie.
     order: tuple[str, ...] = ()
+    #: fused MoE ``experts`` modules declared ``is_transposed`` (parameters (E, in, out), e.g. GPT-OSS): PEFT's
+    #: ParamWrapper keeps their in/out, so ΔP[e] = (B_e A_e)ᵀ; other experts are (E, out, in).
+    transposed: tuple[str, ...] = ()
 
     def rank(self, module: str) -> int | None:
         """Position of ``module`` (or of its index template) in ``order``; None when it owns no tie."""
@@ -54,13 +57,20 @@ class ModelRules:
                 return self.order.index(key)
         return None
 
+    def is_transposed(self, module: str) -> bool | None:
+        """Whether the fused experts ``module`` store (E, in, out); None when these rules know no model."""
+        if self.source == EMPTY_SOURCE:
+            return None
+        return module in self.transposed or template(module) in self.transposed
+
     def disk_name(self, name: str) -> str:
         """The name ``name`` (in memory) has in a checkpoint transformers saves: tie, then rename."""
         source = self.tied.get(name, name)
         return self.renames.get(source, source)
 
 
-EMPTY = ModelRules("none")
+EMPTY_SOURCE = "no known model"
+EMPTY = ModelRules(EMPTY_SOURCE)
 
 
 def rules_for(config: Mapping[str, object]) -> ModelRules:
@@ -116,6 +126,7 @@ def from_transformers(config: Mapping[str, object], *, all_ties: bool = False) -
     tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
     owners = {n.rpartition(".")[0] for pair in tied.items() for n in pair}
     order = tuple(n for n, _ in model.named_modules() if n in owners)
+    transposed = tuple(n for n, m in model.named_modules() if getattr(m, "is_transposed", False) is True)
     # save_pretrained's order (revert_weight_conversion): sub-models' transforms first, reversed; PrefixChange is
     # dropped for models not loaded from a checkpoint, and so here.
     convs = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
@@ -129,7 +140,7 @@ def from_transformers(config: Mapping[str, object], *, all_ties: bool = False) -
         disk = apply_renamings(name, renamings)
         if disk != name:
             renames[name] = disk
-    return ModelRules(f"transformers {transformers.__version__} ({archs[0]})", tied, renames, order)
+    return ModelRules(f"transformers {transformers.__version__} ({archs[0]})", tied, renames, order, transposed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +156,9 @@ def table_entry(arch: str, config: Mapping[str, object]) -> dict[str, object]:
     """One architecture's table row: tie templates per flag owner, rename templates (see ``from_table``)."""
     rules = from_transformers({**config, "architectures": [arch]}, all_ties=True)
     order = list(dict.fromkeys(template(m) for m in rules.order))
-    return {"tied": _templates(rules.tied), "renames": _templates(rules.renames), "order": order}
+    transposed = list(dict.fromkeys(template(m) for m in rules.transposed))
+    return {"tied": _templates(rules.tied), "renames": _templates(rules.renames), "order": order,
+            "transposed": transposed}
 
 
 def _templates(pairs: Mapping[str, str]) -> dict[str, str]:
@@ -170,7 +183,7 @@ def from_table(config: Mapping[str, object]) -> ModelRules:
         return EMPTY
     tie_on = _tie_flag(config)
     return _TemplateRules(f"table (transformers {TRANSFORMERS_VERSION})", entry["tied"] if tie_on else {},
-                          entry["renames"], tuple(entry["order"]))
+                          entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]))
 
 
 def _tie_flag(config: Mapping[str, object]) -> bool:
@@ -184,8 +197,8 @@ class _TemplateRules(ModelRules):
     """ModelRules over index templates: ``tied``/``renames`` are looked up through ``template``."""
 
     def __init__(self, source: str, tied: Mapping[str, str], renames: Mapping[str, str],
-                 order: tuple[str, ...]) -> None:
-        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order)
+                 order: tuple[str, ...], transposed: tuple[str, ...]) -> None:
+        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order, transposed)
 
 
 class _TemplateMap(Mapping[str, str]):

@@ -30,7 +30,6 @@ ALL = frozenset({"tensors", "tie", "logits"})
 #: variant -> (why streammerge's merge differs from PEFT's today, the tests that show it). Strict xfails: fixing one
 #: fails the suite until its entry is removed.
 GAPS: dict[str, tuple[str, frozenset[str]]] = {
-    "gpt_oss": ("experts stored fused 3-D on disk: refused", ALL),
 }
 
 #: variant -> tensor-name suffixes transformers upcasts to fp32 at load (``_keep_in_fp32_modules``: DeepSeek-V3's
