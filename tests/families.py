@@ -95,6 +95,10 @@ CONFIGS: dict[str, Callable[[], Any]] = {
                             decoder_start_token_id=1, suppress_tokens=[], begin_suppress_tokens=[], **_TEXT),
     "bert": lambda: _cfg("BertConfig", hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=48, max_position_embeddings=64, num_labels=3, **_TEXT),
+    "bert_mlm": lambda: _cfg("BertConfig", hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=48, max_position_embeddings=64, **_TEXT),
+    "roberta_cls": lambda: _cfg("RobertaConfig", hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=64, num_labels=3, **_TEXT),
     "roberta": lambda: _cfg("RobertaConfig", hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=48, max_position_embeddings=64, num_labels=3, **_TEXT),
     "vit": lambda: _cfg("ViTConfig", hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -158,6 +162,7 @@ CLASSES: dict[str, str] = {
     "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM", "opt": "OPTForCausalLM",
     "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration",
     "whisper": "WhisperForConditionalGeneration", "bert": "BertForSequenceClassification",
+    "bert_mlm": "BertForMaskedLM", "roberta_cls": "RobertaForSequenceClassification",
     "roberta": "RobertaForMaskedLM", "vit": "ViTForImageClassification", "swin": "SwinForImageClassification",
     "dinov2": "Dinov2ForImageClassification", "clip": "CLIPModel", "llava": "LlavaForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -175,7 +180,7 @@ class Variant:
     """One adapter on one family. ``targets=None``: every Linear/Conv1D/Embedding leaf name but ``exclude``."""
 
     family: str
-    targets: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | str | None = None  # a str is PEFT's own spelling ("all-linear")
     exclude: tuple[str, ...] = ()
     modules_to_save: tuple[str, ...] = ()
     target_parameters: tuple[str, ...] = ()
@@ -192,6 +197,11 @@ VARIANTS: dict[str, Variant] = {name: Variant(name) for name in FAMILY_NAMES}
 VARIANTS.update({
     # task heads are trained whole (PEFT's SEQ_CLS adds classifier/score to modules_to_save)
     "bert": Variant("bert", exclude=_CLS, lora={"task_type": "SEQ_CLS"}, train=("modules_to_save",)),
+    # the classification head (classifier.dense, classifier.out_proj) is saved whole; LoRA on every other Linear
+    "roberta_cls": Variant("roberta_cls", targets=("query", "key", "value", "output.dense", "intermediate.dense",
+                                                   "word_embeddings", "position_embeddings",
+                                                   "token_type_embeddings"),
+                           lora={"task_type": "SEQ_CLS"}, train=("modules_to_save",)),
     "vit": Variant("vit", exclude=_CLS, modules_to_save=_CLS, train=("modules_to_save",)),
     "swin": Variant("swin", exclude=_CLS, modules_to_save=_CLS, train=("modules_to_save",)),
     "dinov2": Variant("dinov2", exclude=_CLS, modules_to_save=_CLS, train=("modules_to_save",)),
@@ -214,6 +224,11 @@ VARIANTS.update({
     "bart_shared": Variant("bart", targets=("shared", "q_proj", "v_proj")),
     "roberta_lm_head_decoder": Variant("roberta", targets=("decoder", "query")),
     "mixtral_all_linear_experts": Variant("mixtral", targets=("q_proj", "gate"), target_parameters=EXPERTS),
+    # PEFT's "all-linear" (every Linear but the output head) with the fused experts through target_parameters
+    "mixtral_all_linear": Variant("mixtral", targets="all-linear", target_parameters=EXPERTS),
+    "qwen3_moe_all_linear": Variant("qwen3_moe", targets="all-linear", target_parameters=EXPERTS),
+    "deepseek_v3_all_linear": Variant("deepseek_v3", targets="all-linear", target_parameters=EXPERTS),
+    "gpt_oss_all_linear": Variant("gpt_oss", targets="all-linear", target_parameters=EXPERTS),
 })
 VARIANT_NAMES: tuple[str, ...] = tuple(VARIANTS)
 
@@ -275,7 +290,7 @@ class Built:
     inputs: dict[str, torch.Tensor]
     ref_logits: torch.Tensor | None
     base_logits: torch.Tensor | None
-    targets: tuple[str, ...]
+    targets: tuple[str, ...] | str
     peft_error: str | None = None
     seconds: float = 0.0
 
@@ -316,10 +331,11 @@ def build(name: str, root: Path) -> Built:
                 if pname.endswith(".bias"):
                     p.copy_(torch.randn_like(p) * 0.1)
         model.save_pretrained(base_dir)
-        targets = tuple(variant.targets or leaf_targets(model, variant.exclude))
+        targets = variant.targets if variant.targets is not None else tuple(leaf_targets(model, variant.exclude))
         inputs = model_inputs(variant.family, config)
         torch.manual_seed(SEED + 2)
-        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=list(targets),
+        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=targets if isinstance(targets, str) else list(targets),
                           modules_to_save=list(variant.modules_to_save) or None,
                           target_parameters=list(variant.target_parameters) or None, **variant.lora)
         try:
@@ -360,7 +376,7 @@ def main() -> None:
             cfg = {k: (bc.get(k), rc.get(k)) for k in set(bc) | set(rc) if bc.get(k) != rc.get(k)}
             changed = sum(1 for k in ref if k in base and not torch.equal(ref[k], base[k]))
             print(f"[{b.seconds:.2f}s] {name}: changed {changed}/{len(base)} added={sorted(set(ref) - set(base))} "
-                  f"dropped={sorted(set(base) - set(ref))} config={cfg} targets={list(b.targets)}")
+                  f"dropped={sorted(set(base) - set(ref))} config={cfg} targets={b.targets}")
 
 
 if __name__ == "__main__":

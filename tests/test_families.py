@@ -24,15 +24,19 @@ from oracle import diff_checkpoints, load_checkpoint
 from safetensors.torch import load_file
 
 import streammerge
-from streammerge import model_rules
+from streammerge import model_rules, naming
 
 ALL = frozenset({"tensors", "tie", "logits"})
 #: variant -> (why streammerge's merge differs from PEFT's today, the tests that show it). Strict xfails: fixing one
 #: fails the suite until its entry is removed.
 GAPS: dict[str, tuple[str, frozenset[str]]] = {
+    "deepseek_v3_all_linear": ("all-linear reaches the router mlp.gate, which transformers keeps in fp32 "
+                               "(_keep_in_fp32_modules): PEFT merges it in fp32 and saves fp32; streammerge merges "
+                               "into the stored bf16 and writes bf16 (values differ by that rounding)",
+                               frozenset({"tensors"})),
 }
 
-#: variant -> tensor-name suffixes transformers upcasts to fp32 at load (``_keep_in_fp32_modules``: DeepSeek-V3's
+#: family -> tensor-name suffixes transformers upcasts to fp32 at load (``_keep_in_fp32_modules``: DeepSeek-V3's
 #: router), so PEFT's reference saves them in fp32 while the bf16 base (and streammerge) keep bf16. Untargeted by
 #: the adapter: the test checks they equal the base and the reference value for value.
 KEPT_IN_FP32: dict[str, tuple[str, ...]] = {"deepseek_v3": ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")}
@@ -106,7 +110,7 @@ def _tie_flags(config_dir: Path) -> dict[str, Any]:
 def test_tensors_bit_identical_to_peft(name: str, zoo: Path) -> None:
     m = _require(name, zoo)
     ours, ref, base = load_checkpoint(m.out_dir), load_checkpoint(m.built.ref_dir), load_checkpoint(m.built.base_dir)
-    for key in [k for k in ref if k.endswith(KEPT_IN_FP32.get(name, ()))]:
+    for key in [k for k in ref if k.endswith(KEPT_IN_FP32.get(m.built.variant.family, ()))]:
         assert ref[key].dtype == torch.float32 and torch.equal(ours[key], base[key])
         assert torch.equal(ref[key], ours[key].float())
         ref[key] = ours[key]
@@ -133,9 +137,11 @@ def test_logits_equal_peft_merged_model(name: str, zoo: Path) -> None:
 
 
 def _saved_full_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The adapter's full tensors (modules_to_save copies), by in-memory name."""
+    """The adapter's full tensors (modules_to_save copies), by the in-memory name they replace (PEFT's key
+    grammar: ``naming.parse_key``; a bias="all" save's ``original_module`` copies replace nothing)."""
     sd = load_file(adapter_dir / "adapter_model.safetensors")
-    return {k.removeprefix("base_model.model."): v for k, v in sd.items() if ".lora_" not in k}
+    keys = {k: naming.parse_key(k) for k in sd}
+    return {p.target: sd[k] for k, p in keys.items() if p.role == "tensor"}
 
 
 def test_gpt_neox_saved_head_is_written_as_embed_out(zoo: Path) -> None:
@@ -177,7 +183,7 @@ def test_every_saved_head_lands_under_its_disk_name(name: str, zoo: Path) -> Non
     config = json.loads((m.out_dir / "config.json").read_text())
     rules = model_rules.from_transformers(json.loads((m.built.base_dir / "config.json").read_text()))
     heads = {k: v for k, v in _saved_full_tensors(m.built.adapter_dir).items()
-             if k.rpartition(".")[0].rpartition(".")[2] in {*m.built.variant.modules_to_save, "classifier"}}
+             if {*m.built.variant.modules_to_save, "classifier"} & set(k.split(".")[:-1])}
     assert heads, "the variant saves no head"
     for key, saved in heads.items():
         disk = rules.renames.get(key, key)
