@@ -119,6 +119,7 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         config_updates=tuple(draft.config_updates.items()),
         warnings=tuple(warnings),
         dropped=tuple(sorted(draft.drop)),
+        index_name=ctx.ckpt.index_name,
     )
 
 

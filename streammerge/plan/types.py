@@ -228,6 +228,7 @@ class Plan:
     config_updates: tuple[tuple[str, object], ...]
     warnings: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
+    index_name: str = INDEX_NAME  # the base's kind of index (``Checkpoint.index_name``)
 
     def tasks(self) -> tuple[TensorTask, ...]:
         return tuple(t for s in self.shards for t in s.tasks)
@@ -264,7 +265,7 @@ class Plan:
             f"plan: {c['merge']} tensors to merge, {c['replace']} to replace, {c['add']} to add, "
             f"{c['copy']} to copy, {c['drop']} to drop",
             f"output: {len(self.shards)} shard(s), {gb:.3f} GB"
-            + (f", index {INDEX_NAME}" if self.write_index else ""),
+            + (f", index {self.index_name}" if self.write_index else ""),
             f"minimum working memory: {self.min_memory() / 2**20:.1f} MiB",
         ]
         lines += [f"config: {k} = {json.dumps(v)}" for k, v in self.config_updates]
