@@ -28,6 +28,7 @@ from streammerge.plan import CombineOptions, Plan, PlanOptions
 from streammerge.plan.assemble import build_plan
 from streammerge.plan.combined import build_combined_plan
 from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.requant import QuantRun
 
 LOG = logging.getLogger(__name__)
 
@@ -56,14 +57,22 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    #: re-quantized weights (keep-format merge into a quantized base): (name, max |dequant(out) − merged|,
+    #: its max ratio to half a quantization step), the merged value being the --dequantize merge's
+    requantized: tuple[tuple[str, float, float], ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
-        return (
+        text = (
             f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
             f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
             f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
         )
+        if self.requantized:
+            worst = max(self.requantized, key=lambda r: r[2])
+            text += (f"; re-quantized {len(self.requantized)} weight(s), worst {worst[0]!r}: max error {worst[1]:.3g} "
+                     f"= {worst[2]:.3f} of half a quantization step")
+        return text
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -99,12 +108,13 @@ def plan_merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    dequantize: bool = False,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size)
+                            max_shard_size, dequantize=dequantize)
     return plan_with(ckpt, loaded, options)
 
 
@@ -143,20 +153,21 @@ def merge_options(
     loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
     density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
     adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+    dequantize: bool = False,
 ) -> MergeOptions:
     """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
     return MergeOptions(
         weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
         density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
         pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, dequantize=dequantize,
     )
 
 
 def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions) -> Plan:
     """The plan of a merge with recorded ``options``: one plain adapter is PEFT's own merge (``build_plan``);
     several, weights or a combination: ``build_combined_plan``."""
-    plan_options = PlanOptions(max_shard_size=options.max_shard_size)
+    plan_options = PlanOptions(max_shard_size=options.max_shard_size, dequantize=options.dequantize)
     weights, combination, density = options.weights, options.combination, options.density
     plain = weights is None or all(w == 1.0 for w in weights)
     if combination is None and len(loaded) == 1 and plain and options.heads_from is None:
@@ -196,6 +207,7 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    dequantize: bool = False,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -224,6 +236,9 @@ def merge(
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
+        dequantize: a quantized base (FP8 block, compressed-tensors FP8): write every quantized weight in the
+            config's ``torch_dtype`` and drop ``quantization_config``. Default: keep the format (untouched
+            weights and scales copied raw; merged weights re-quantized with fresh scales).
 
     Returns:
         A :class:`MergeReport`.
@@ -241,7 +256,7 @@ def merge(
                                 allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, allow_nonfinite)
+                            max_shard_size, allow_nonfinite, dequantize)
     plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
@@ -271,7 +286,7 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
-                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, dequantize=o.dequantize, resume=True, **run)
 
 
 def _run_plan(
@@ -291,8 +306,10 @@ def _run_plan(
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
+    run = QuantRun()
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           quant_run=run)
         identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress)
@@ -301,7 +318,7 @@ def _run_plan(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
-        dry_run=dry_run,
+        dry_run=dry_run, requantized=tuple((name, *err) for name, err in sorted(run.errors.items())),
     )
 
 
@@ -323,7 +340,8 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
             on_progress(kept_bytes)
         with TensorReader() as reader:
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
-        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
+        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
+                                 plan.config_removals)
         if plan.write_index:
             write_index(out, plan.index_json())
             files.append(INDEX_NAME)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); with --resume and "
                    "no inputs, the inputs and options --out recorded are used")
     _output_args(m)
+    m.add_argument("--dequantize", action="store_true",
+                   help="quantized base (FP8): write every quantized weight in the config's torch_dtype and drop "
+                   "quantization_config; default keeps the format (merged weights re-quantized, fresh scales)")
     _combination_args(m)
     _common(m)
 
@@ -244,7 +247,7 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, **common,
+                pattern_rules=args.pattern_rules, dequantize=args.dequantize, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

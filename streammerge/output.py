@@ -67,9 +67,10 @@ def prepare_output(out: Path, *, overwrite: bool) -> bool:
     return True
 
 
-def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, object]]) -> dict:
-    """The base config with the plan's updates applied (key order kept, new keys appended)."""
-    doc = dict(config)
+def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, object]],
+                   removals: Sequence[str] = ()) -> dict:
+    """The base config with the plan's updates applied (key order kept, new keys appended), ``removals`` gone."""
+    doc = {k: v for k, v in config.items() if k not in removals}
     for key, value in updates:
         doc[key] = value
         text = doc.get("text_config")
@@ -80,12 +81,12 @@ def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, ob
 
 def write_side_files(
     out: Path, base_root: Path, adapter_roots: Sequence[Path], config: Mapping[str, object],
-    updates: Sequence[tuple[str, object]],
+    updates: Sequence[tuple[str, object]], removals: Sequence[str] = (),
 ) -> list[str]:
     """Write config.json and copy generation/tokenizer/processor files. Returns the names written."""
     written: list[str] = []
     if config:
-        text = json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(updated_config(config, updates, removals), indent=2, ensure_ascii=False) + "\n"
         write_atomic(out / "config.json", text.encode("utf-8"))
         written.append("config.json")
     tok_root = next((r for r in adapter_roots if any((r / m).is_file() for m in _TOKENIZER_MARKERS)), base_root)
