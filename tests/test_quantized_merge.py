@@ -297,3 +297,13 @@ def test_malformed_fp8_base_exit_2_one_line_nothing_written(bases, tmp_path, cap
     assert fragment in err[0]
     assert not out.exists()
     assert {p: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_quantized_plan_is_frozen_picklable_and_repeatable(bases):
+    import pickle
+
+    plans = [streammerge.plan_merge(bases["ct_tensor"], bases["wide_adapter"], dequantize=d) for d in (False, True)]
+    for plan in plans:
+        assert pickle.loads(pickle.dumps(plan)) == plan
+    assert streammerge.plan_merge(bases["ct_tensor"], bases["wide_adapter"]) == plans[0]
+    assert plans[0] != plans[1]

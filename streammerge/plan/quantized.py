@@ -15,11 +15,43 @@ Two modes (``PlanOptions.dequantize``):
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 
 from streammerge.errors import PlanError
 from streammerge.formats.base import CODES, QuantIndex
 from streammerge.formats.refs import TensorRef
-from streammerge.plan.types import QuantSource, QuantSummary, TensorTask
+from streammerge.plan.types import QuantSource, TensorTask
+
+
+@dataclass(frozen=True, slots=True)
+class QuantSummary:
+    """The base's quantization as the plan treats it (for ``--dry-run`` and the report)."""
+
+    format: str  # registry name, e.g. "fp8-block"
+    dequantize: bool
+    stored: tuple[str, ...]  # every quantized stored tensor of the base (codes, companions, activation scales)
+
+    def counts(self, tasks: tuple[TensorTask, ...]) -> dict[str, int]:
+        """Quantized stored tensors dequantized / re-quantized / copied raw / dropped (companions of a decode)."""
+        stored = set(self.stored)
+        out = dict.fromkeys(("dequantized", "re-quantized", "copied", "dropped"), 0)
+        seen = set()
+        for t in tasks:
+            if t.quant is not None:
+                out["re-quantized" if t.quant.encode else "dequantized"] += 1
+            elif t.name in stored and t.is_raw_copy:
+                out["copied"] += 1
+            seen.add(t.name)
+        out["dropped"] = len(stored - seen)
+        return out
+
+    def line(self, tasks: tuple[TensorTask, ...]) -> str:
+        c = self.counts(tasks)
+        mode = "dequantize" if self.dequantize else "keep the format"
+        return (f"quantized base ({self.format}, {mode}): {c['dequantized']} tensors dequantized, "
+                f"{c['re-quantized']} re-quantized (weights and fresh scales), {c['copied']} copied raw, "
+                f"{c['dropped']} scales dropped")
+
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 QUANT_KEY = "quantization_config"

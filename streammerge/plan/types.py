@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.formats.base import CODES, QuantizedWeight
@@ -16,6 +17,9 @@ from streammerge.formats.dtypes import DTYPE_SIZES
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.memory import block_bytes
+
+if TYPE_CHECKING:
+    from streammerge.plan.quantized import QuantSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,36 +222,6 @@ class PlanOptions:
 
     max_shard_size: int | None = None  # bytes; None keeps the base's shard layout
     dequantize: bool = False  # a quantized base: write every quantized weight in the model dtype
-
-
-@dataclass(frozen=True, slots=True)
-class QuantSummary:
-    """The base's quantization as the plan treats it (for ``--dry-run`` and the report)."""
-
-    format: str  # registry name, e.g. "fp8-block"
-    dequantize: bool
-    stored: tuple[str, ...]  # every quantized stored tensor of the base (codes, companions, activation scales)
-
-    def counts(self, tasks: tuple[TensorTask, ...]) -> dict[str, int]:
-        """Quantized stored tensors dequantized / re-quantized / copied raw / dropped (companions of a decode)."""
-        stored = set(self.stored)
-        out = dict.fromkeys(("dequantized", "re-quantized", "copied", "dropped"), 0)
-        seen = set()
-        for t in tasks:
-            if t.quant is not None:
-                out["re-quantized" if t.quant.encode else "dequantized"] += 1
-            elif t.name in stored and t.is_raw_copy:
-                out["copied"] += 1
-            seen.add(t.name)
-        out["dropped"] = len(stored - seen)
-        return out
-
-    def line(self, tasks: tuple[TensorTask, ...]) -> str:
-        c = self.counts(tasks)
-        mode = "dequantize" if self.dequantize else "keep the format"
-        return (f"quantized base ({self.format}, {mode}): {c['dequantized']} tensors dequantized, "
-                f"{c['re-quantized']} re-quantized (weights and fresh scales), {c['copied']} copied raw, "
-                f"{c['dropped']} scales dropped")
 
 
 @dataclass(frozen=True, slots=True)
