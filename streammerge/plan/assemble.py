@@ -111,9 +111,10 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
     dropped, removals, quantization = set(draft.drop), (), None
     if ctx.ckpt.quant is not None:
         refs = {name: ctx.ref(name) for name in ctx.located}
-        gone, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name, refs,
-                                                          options.dequantize)
+        gone, updates, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name,
+                                                                   refs, options.dequantize)
         dropped |= gone
+        draft.config_updates.update(updates)
 
     shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(

@@ -18,6 +18,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from streammerge.errors import PlanError
+from streammerge.formats import registry
 from streammerge.formats.base import CODES, QuantIndex
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.types import QuantSource, TensorTask
@@ -69,18 +70,20 @@ def apply_quantization(
     tasks: MutableMapping[str, TensorTask],
     ref: Mapping[str, TensorRef],
     dequantize: bool,
-) -> tuple[set[str], tuple[str, ...], QuantSummary]:
+) -> tuple[set[str], tuple[tuple[str, object], ...], tuple[str, ...], QuantSummary]:
     """Rewrite ``tasks`` (by name, in place) for a quantized base.
 
-    ``ref`` maps stored tensor names to their refs. Returns the stored tensors to drop, the config keys to
-    remove, and the summary ``--dry-run`` prints.
+    ``ref`` maps stored tensor names to their refs. Returns the stored tensors to drop, the config updates and
+    the config keys to remove (from ``BaseFormat.output_config``), and the summary ``--dry-run`` prints.
 
     Raises:
-        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``).
+        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), or changes a
+            weight its format cannot re-encode (without ``dequantize``).
     """
     dtype = compute_dtype(config)
     drop: set[str] = set()
     stored: list[str] = []
+    touched: set[str] = set()
     for qw in quant.weights.values():
         stored += [name for _, name in qw.parts]
         task = tasks[qw.name]
@@ -96,6 +99,12 @@ def apply_quantization(
             tasks[qw.name] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind, source)
             drop.update(qw.companions)
         elif task.steps:
+            if not qw.scheme.reencodable:
+                raise PlanError(
+                    f"the adapter changes quantized weight {qw.name!r}, which streammerge cannot write back in its "
+                    f"{qw.scheme.format} format; pass --dequantize to write the merged checkpoint in {dtype}"
+                )
+            touched.add(qw.name)
             tasks[qw.name] = TensorTask(qw.name, task.dtype, task.shape, task.source, task.steps, "merge",
                                         QuantSource(qw, parts, dtype, encode=True))
             for role, name in qw.parts:
@@ -108,5 +117,11 @@ def apply_quantization(
     stored += quant.extras
     for name in drop:
         del tasks[name]
-    removals = (QUANT_KEY,) if dequantize else ()
-    return drop, removals, QuantSummary(quant.format, dequantize, tuple(stored))
+    qc = registry.format_named(quant.format).output_config(quant.config, dequantize, frozenset(touched))
+    updates: tuple[tuple[str, object], ...] = ()
+    removals: tuple[str, ...] = ()
+    if qc is None:
+        removals = (QUANT_KEY,)
+    elif qc != dict(quant.config):
+        updates = ((QUANT_KEY, qc),)
+    return drop, updates, removals, QuantSummary(quant.format, dequantize, tuple(stored))

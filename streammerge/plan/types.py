@@ -279,7 +279,9 @@ class Plan:
         return tuple(t for s in self.shards for t in s.tasks)
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(("merge", "replace", "add", "copy", "dequantize", "rescale"), 0)
+        """Tasks by kind (merge, replace, add, copy; and dequantize, rescale for a quantized base), and drops."""
+        kinds = ("merge", "replace", "add", "copy") + (("dequantize", "rescale") if self.quantization else ())
+        out = dict.fromkeys(kinds, 0)
         for t in self.tasks():
             out[t.kind] += 1
         out["drop"] = len(self.dropped)
