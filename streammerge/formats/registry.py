@@ -75,10 +75,10 @@ def detect(config: Mapping[str, object], tensors: Mapping[str, TensorInfo], wher
     if fmt is None:
         raise CheckpointError(f"{where}: {_unsupported(method, qc)}")
     index = fmt.index(qc, tensors, where)
-    own = set(index.weights) | set(index.companion_of())
+    own = set(index.weights) | set(index.companion_of()) | set(index.extras)
     for name in tensors:
         kind = marker(name)
-        if kind and name not in own and not name.endswith((".input_scale", ".activation_scale")):
+        if kind and name not in own:
             raise CheckpointError(
                 f"{where}: tensor {name!r} is {kind} storage, but quantization_config says {method!r} "
                 f"({fmt.name}); mixed quantization formats are not supported: use one consistent checkpoint"
