@@ -1,0 +1,107 @@
+"""GPTQ and AWQ packed-integer Linear weights: dequantize only. Pure tensor arithmetic, no I/O.
+
+Both store the transposed weight W^T (in, out) as unsigned ``bits``-bit codes packed into I32, with one
+F16 scale and one packed zero point per (group of inputs, output). The Linear weight's rows are W^T's
+columns, so a row block ``[n0, n1)`` of the weight reads a column slab of every tensor (a strided read).
+
+**GPTQ** (AutoGPTQ / GPTQModel, ``quant_method: "gptq"``), pack = 32 // bits:
+
+* ``qweight`` I32 (in / pack, out): code of input k, output n = ``qweight[k // pack, n] >> (bits·(k % pack))``;
+* ``qzeros`` I32 (groups, out / pack): zero of group g, output n = ``qzeros[g, n // pack] >> (bits·(n % pack))``;
+  checkpoints in the original format (``checkpoint_format: "gptq"``, "v1") store zero - 1, so 1 is added
+  (then masked, as AutoGPTQ does); ``"gptq_v2"`` stores the zero itself;
+* ``scales`` F16 (groups, out); ``g_idx`` I32 (in,): the group of input k (``k // group_size`` unless act-order).
+
+W^T[k, n] = ``scales[g, n] · (q[k, n] - zero[g, n])`` with g = g_idx[k], computed as GPTQModel's torch
+``dequantize_weight`` does: integer difference in I8 (I16 for 8 bits), times the F16 scale, in F16.
+
+**AWQ** (AutoAWQ ``version: "gemm"``, ``quant_method: "awq"``), 4 bits only:
+
+* ``qweight`` I32 (in, out / 8), ``qzeros`` I32 (in / group, out / 8): nibble j of word c holds output
+  ``8c + AWQ_ORDER[j]`` (AutoAWQ packs columns interleaved);
+* ``scales`` F16 (in / group, out).
+
+W^T[k, n] = ``(q[k, n] - zero[k // group, n]) · scales[k // group, n]`` in F16 (AutoAWQ ``dequantize_gemm``).
+
+The decoded block is in the scales' dtype (F16); the caller casts it to the output dtype as transformers'
+``.to(dtype)`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GPTQ_BITS = (2, 4, 8)  # 3-bit GPTQ packs across word boundaries and is not supported
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed nibble j -> output column 8c + AWQ_ORDER[j]
+AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # output column 8c + m <- packed nibble AWQ_REVERSE[m]
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """I32 (..., w) -> codes (..., w · 32/bits), value j of word i at index i·pack + j (low bits first).
+
+    Integer type I8 (I16 for 8 bits), masked to ``bits`` bits, as the references shift and mask."""
+    pack = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)  # (pack,)
+    small = torch.int16 if bits == 8 else torch.int8
+    codes = torch.bitwise_right_shift(words.to(torch.int32).unsqueeze(-1), shifts).to(small)  # (..., w, pack)
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * pack)
+
+
+def gptq_rows(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    n0: int,
+    n1: int,
+    *,
+    zero_offset: int = 1,
+) -> torch.Tensor:
+    """Rows ``[n0, n1)`` of the Linear weight (out, in) of a GPTQ layer, in ``scales.dtype``: (n1 - n0, in).
+
+    qweight (in/pack, out), qzeros (groups, out/pack), scales (groups, out), g_idx (in,) are the whole
+    stored tensors (views are fine: only the needed columns are read). ``zero_offset`` is 1 for the
+    original ("v1") checkpoint format, 0 for "gptq_v2".
+    """
+    pack, mask = 32 // bits, (1 << bits) - 1
+    c0, c1 = n0 // pack, -(-n1 // pack)
+    zeros = unpack(qzeros[:, c0:c1], bits)  # (groups, (c1 - c0)·pack)
+    zeros = torch.bitwise_and(zeros + zero_offset, mask)[:, n0 - c0 * pack : n1 - c0 * pack]  # (groups, n)
+    # qweight packs along the input axis: (in/pack, n) -> (n, in/pack) -> (n, in) -> (in, n)
+    q = torch.bitwise_and(unpack(qweight[:, n0:n1].T, bits), mask).T
+    g = g_idx.to(torch.int64)
+    wt = scales[:, n0:n1][g] * (q - zeros[g])  # (in, n): F16 · I8 -> F16
+    return wt.T.contiguous()
+
+
+def awq_rows(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, n0: int, n1: int
+) -> torch.Tensor:
+    """Rows ``[n0, n1)`` of the Linear weight (out, in) of an AWQ GEMM layer, in ``scales.dtype``: (n1 - n0, in).
+
+    qweight (in, out/8), qzeros (in/group, out/8), scales (in/group, out): the whole stored tensors."""
+    c0, c1 = n0 // 8, -(-n1 // 8)
+    order = (torch.arange(c0 * 8, c1 * 8).view(-1, 8)[:, list(AWQ_REVERSE)].reshape(-1) - c0 * 8)
+    cols = order[n0 - c0 * 8 : n1 - c0 * 8]  # packed index of each wanted output column
+    q = torch.bitwise_and(unpack(qweight[:, c0:c1], 4)[:, cols], 0xF)  # (in, n)
+    z = torch.bitwise_and(unpack(qzeros[:, c0:c1], 4)[:, cols], 0xF)  # (groups, n)
+    s = scales[:, n0:n1]
+    wt = (q - z.repeat_interleave(group_size, dim=0)) * s.repeat_interleave(group_size, dim=0)  # (in, n) F16
+    return wt.T.contiguous()
+
+
+def check_gptq(
+    in_features: int, out: int, bits: int, group_size: int, qzeros_shape: tuple[int, ...],
+    scales_shape: tuple[int, ...], g_idx_shape: tuple[int, ...] | None,
+) -> str | None:
+    """Why these GPTQ tensor shapes do not fit a (out, in_features) layer, or None."""
+    pack = 32 // bits
+    groups = -(-in_features // group_size) if group_size > 0 else 1
+    if scales_shape != (groups, out):
+        return f"scales shape {scales_shape} should be {(groups, out)}"
+    if qzeros_shape != (groups, -(-out // pack)):
+        return f"qzeros shape {qzeros_shape} should be {(groups, -(-out // pack))}"
+    if g_idx_shape is not None and g_idx_shape != (in_features,):
+        return f"g_idx shape {g_idx_shape} should be {(in_features,)}"
+    return None
