@@ -215,8 +215,6 @@ def test_gptq_rows_match_reference(out_words, in_groups, bits, group_size, act_o
     qweight, qzeros, scales, g_idx = _quantize_gptq(w, bits, group_size, act_order, v1, seed)
     ref = _gptq_reference(qweight, qzeros, scales, g_idx, bits, v1)
     assert ref.dtype == torch.float16
-    assert gptq.check_gptq(inp, out, bits, group_size, tuple(qzeros.shape), tuple(scales.shape),
-                           tuple(g_idx.shape)) is None or act_order
     n0 = data.draw(st.integers(0, out - 1))
     n1 = data.draw(st.integers(n0 + 1, out))
     got = gptq.gptq_rows(qweight, qzeros, scales, g_idx, bits, n0, n1, zero_offset=1 if v1 else 0)
