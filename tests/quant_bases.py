@@ -24,7 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig, GptOssForCausalLM, Mxfp4Config
 
-from streammerge.formats import mxfp4
+from streammerge.formats import mxfp4, mxfp4_layout
 
 SEED = 4321
 GPT_OSS_MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
@@ -43,14 +43,14 @@ def gpt_oss_config() -> GptOssConfig:
 
 def quantize_mxfp4(disk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Disk-layout (…, C) float -> blocks (…, C/32, 16) U8, scales (…, C/32) U8 (OCP MX, E2M1 + E8M0)."""
-    g = disk.float().reshape(*disk.shape[:-1], -1, mxfp4.GROUP)  # (…, G, 32)
+    g = disk.float().reshape(*disk.shape[:-1], -1, mxfp4_layout.GROUP)  # (…, G, 32)
     amax = g.abs().amax(-1)
     exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127)).clamp(-127, 127)
     x = g / torch.pow(2.0, exp)[..., None]  # |x| ≤ 6
     mag = (x.abs()[..., None] - _E2M1).abs().argmin(-1)  # nearest magnitude code 0..7 (first = even on ties)
     code = (mag | ((x < 0).to(torch.int64) << 3)).to(torch.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)
-    return blocks.contiguous(), (exp + mxfp4.E8M0_BIAS).to(torch.uint8)
+    return blocks.contiguous(), (exp + mxfp4_layout.E8M0_BIAS).to(torch.uint8)
 
 
 def make_gpt_oss_mxfp4(root: Path) -> Path:
@@ -66,7 +66,8 @@ def make_gpt_oss_mxfp4(root: Path) -> Path:
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            out[name + mxfp4.BLOCKS_SUFFIX], out[name + mxfp4.SCALES_SUFFIX] = quantize_mxfp4(t.transpose(1, 2))
+            blocks, scales = quantize_mxfp4(t.transpose(1, 2))  # disk layout (E, R, C)
+            out[name + mxfp4_layout.BLOCKS_SUFFIX], out[name + mxfp4_layout.SCALES_SUFFIX] = blocks, scales
         else:
             out[name] = t
     save_file(out, root / "model.safetensors", metadata={"format": "pt"})

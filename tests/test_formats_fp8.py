@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from streammerge.errors import CheckpointError
-from streammerge.formats import fp8, registry
-from streammerge.formats.base import CODES
-from streammerge.header import TensorInfo
+from streammerge.formats import blockfp8, fp8, registry
+from streammerge.formats.base import CODES, SCALE, grid
+from streammerge.formats.safetensors import TensorInfo
 
 SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -48,7 +48,7 @@ blocks = st.sampled_from([(128, 128), (64, 32), (16, 16), (1, 128), (32, 1)])
 @given(shape=shapes, block=blocks, seed=st.integers(0, 2**16), out=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_block_dequant_matches_compressed_tensors_reference(shape, block, seed, out):
     q, s = fp8.encode(_weights(seed, shape), block, torch.float32, 1.0)
-    assert s.shape == fp8.grid(shape, block) and s.dtype == torch.float32 and q.dtype == torch.float8_e4m3fn
+    assert s.shape == grid(shape, block) and s.dtype == torch.float32 and q.dtype == torch.float8_e4m3fn
     ref = FP8BlockDequantizer(weight_block_size=block, dtype=out)._create_dequantized_weight(q, s)
     assert torch.equal(_bits(fp8.dequantize(q, s, block, out)), _bits(ref))
 
@@ -120,19 +120,19 @@ def test_row_blocks_decode_and_encode_as_the_whole(rows, cols, b0, cut, seed):
     w = _weights(seed, (rows, cols))
     q, s = fp8.encode(w, block, torch.float32, 1.0)
     step = b0 * cut
-    codec = fp8.BlockFP8()
-    qw = _qw(codec, (rows, cols), block)
+    layout, codec = blockfp8.BlockFP8(), fp8.FP8Codec()
+    qw = _qw(layout, (rows, cols), block)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        s0, s1 = codec.rows(qw, fp8.SCALE, r0, r1)
+        s0, s1 = layout.rows(qw, SCALE, r0, r1)
         got = codec.encode(qw, w[r0:r1])
-        assert torch.equal(_bits(got[CODES]), _bits(q[r0:r1])) and torch.equal(got[fp8.SCALE], s[s0:s1])
-        dec = codec.decode(qw, {CODES: q[r0:r1], fp8.SCALE: s[s0:s1]}, torch.bfloat16)
+        assert torch.equal(_bits(got[CODES]), _bits(q[r0:r1])) and torch.equal(got[SCALE], s[s0:s1])
+        dec = codec.decode(qw, {CODES: q[r0:r1], SCALE: s[s0:s1]}, torch.bfloat16)
         assert torch.equal(_bits(dec), _bits(fp8.dequantize(q, s, block, torch.bfloat16)[r0:r1]))
 
 
 def _qw(fmt, shape, block):
-    infos = _infos({"m.weight": ("F8_E4M3", shape), "m.weight_scale_inv": ("F32", fp8.grid(shape, block))})
+    infos = _infos({"m.weight": ("F8_E4M3", shape), "m.weight_scale_inv": ("F32", grid(shape, block))})
     return fmt.index({"quant_method": "fp8", "weight_block_size": list(block)}, infos, "cfg").weights["m.weight"]
 
 

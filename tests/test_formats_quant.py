@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.integrations import mxfp4 as hf_mxfp4
 
-from streammerge.formats import bnb, gptq, mxfp4
+from streammerge.formats import bnb, bnb_layout, gptq, gptq_layout, mxfp4, mxfp4_layout
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -47,7 +47,7 @@ def test_mxfp4_param_rows_match_transformers(experts, rows, groups, dtype, seed,
     scales = torch.randint(118, 136, (experts, rows, groups), dtype=torch.uint8, generator=g)
     scales.view(-1)[0] = data.draw(st.sampled_from([0, 1, 127, 254, 255]))
     ref = hf_mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # (E, G·32, R)
-    assert ref.shape == mxfp4.param_shape(tuple(blocks.shape))
+    assert ref.shape == mxfp4_layout.param_shape(tuple(blocks.shape))
     e = data.draw(st.integers(0, experts - 1))
     r0 = data.draw(st.integers(0, groups * 32 - 1))
     r1 = data.draw(st.integers(r0 + 1, groups * 32))
@@ -66,9 +66,9 @@ def test_mxfp4_disk_layout_and_nibble_order():
 
 
 def test_mxfp4_check_pair():
-    assert mxfp4.check_pair((2, 6, 3, 16), (2, 6, 3)) is None
-    assert "should be (2, 6, 3)" in mxfp4.check_pair((2, 6, 3, 16), (2, 6, 4))
-    assert "should be (..., rows, groups, 16)" in mxfp4.check_pair((2, 6, 3, 8), (2, 6, 3))
+    assert mxfp4_layout.check_pair((2, 6, 3, 16), (2, 6, 3)) is None
+    assert "should be (2, 6, 3)" in mxfp4_layout.check_pair((2, 6, 3, 16), (2, 6, 4))
+    assert "should be (..., rows, groups, 16)" in mxfp4_layout.check_pair((2, 6, 3, 8), (2, 6, 3))
 
 
 # ---------------------------------------------------------------- bitsandbytes 4-bit
@@ -81,7 +81,7 @@ def _bnb_serialized(w: torch.Tensor, quant_type: str, blocksize: int, nested: bo
 
 
 def test_bnb_code_tables_are_bitsandbytes():
-    for qt in bnb.QUANT_TYPES:
+    for qt in bnb_layout.QUANT_TYPES:
         assert torch.equal(_bits(bnb.code_table(qt)), _bits(bnbf.get_4bit_type(qt, device="cpu")))
 
 
@@ -106,7 +106,7 @@ def _bnb_reference_4bit(packed: torch.Tensor, state) -> torch.Tensor:
 
 @given(
     out=st.integers(1, 24), inp=st.one_of(st.integers(1, 80), st.sampled_from((64, 128, 256))),
-    quant_type=st.sampled_from(bnb.QUANT_TYPES),
+    quant_type=st.sampled_from(bnb_layout.QUANT_TYPES),
     dtype=st.sampled_from(DTYPES), nested=st.booleans(), blocksize=st.sampled_from((32, 64, 128)),
     seed=st.integers(0, 2**16), data=st.data(),
 )
@@ -115,13 +115,13 @@ def test_bnb_4bit_rows_match_bitsandbytes(out, inp, quant_type, dtype, nested, b
     packed, state, saved = _bnb_serialized(w, quant_type, blocksize, nested)
     ref = _bnb_reference_4bit(packed, state)
     assert ref.dtype == dtype
-    s = bnb.parse_state(bytes(saved[f"{bnb.STATE_KEY}{quant_type}"].numpy()))
+    s = bnb_layout.parse_state(bytes(saved[f"{bnb_layout.STATE_KEY}{quant_type}"].numpy()))
     assert (s.quant_type, s.blocksize, s.shape, s.nested, s.dtype) == (
         quant_type, blocksize, (out, inp), nested, str(dtype).removeprefix("torch."))
     absmax = bnb.absmax_f32(s, saved["absmax"], saved.get("nested_absmax"), saved.get("nested_quant_map"))
     r0 = data.draw(st.integers(0, out - 1))
     r1 = data.draw(st.integers(r0 + 1, out))
-    b0, b1 = bnb.byte_range(r0 * inp, (r1 - r0) * inp)
+    b0, b1 = bnb_layout.byte_range(r0 * inp, (r1 - r0) * inp)
     got = bnb.dequantize_4bit(packed.reshape(-1)[b0:b1], absmax, s, r0 * inp, (r1 - r0) * inp, dtype)
     assert torch.equal(_bits(got.reshape(r1 - r0, inp)), _bits(ref[r0:r1]))
 
@@ -140,7 +140,7 @@ def test_bnb_4bit_rows_match_bitsandbytes(out, inp, quant_type, dtype, nested, b
 )
 def test_bnb_parse_state_refuses(doc, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        bnb.parse_state(doc)
+        bnb_layout.parse_state(doc)
 
 
 # ---------------------------------------------------------------- bitsandbytes 8-bit
@@ -205,7 +205,7 @@ def _gptq_reference(qweight, qzeros, scales, g_idx, bits, v1: bool) -> torch.Ten
 
 
 @given(
-    out_words=st.integers(1, 3), in_groups=st.integers(1, 3), bits=st.sampled_from(gptq.GPTQ_BITS),
+    out_words=st.integers(1, 3), in_groups=st.integers(1, 3), bits=st.sampled_from(gptq_layout.GPTQ_BITS),
     group_size=st.sampled_from((16, 32)), act_order=st.booleans(), v1=st.booleans(),
     seed=st.integers(0, 2**16), data=st.data(),
 )
@@ -235,7 +235,7 @@ def _quantize_awq(w: torch.Tensor, group_size: int):
     q = torch.round(wt / scales.float()[:, None] + zeros[:, None]).clamp(0, 15).long().reshape(inp, out)
 
     def pack_cols(codes):  # (k, out) -> (k, out/8): nibble j of word c holds column 8c + AWQ_ORDER[j]
-        c = codes.reshape(codes.shape[0], -1, 8)[:, :, list(gptq.AWQ_ORDER)]
+        c = codes.reshape(codes.shape[0], -1, 8)[:, :, list(gptq_layout.AWQ_ORDER)]
         word = sum(c[:, :, j] << (4 * j) for j in range(8)).contiguous()
         return word.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else word.to(torch.int32)
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from streammerge.errors import CheckpointError, PlanError
 from streammerge.formats import registry
 from streammerge.formats.base import QuantIndex, QuantizedWeight
+from streammerge.formats.codecs import codec_for
 from streammerge.formats.safetensors import read_header
 
 
@@ -53,7 +54,7 @@ def _decode(base: Path, index: QuantIndex, qw: QuantizedWeight, out_dtype: torch
                 a, b = fmt.rows(qw, role, r0, r1)
                 sl = f.get_slice(name)
                 parts[role] = f.get_tensor(name) if not sl.get_shape() else sl[a:b]
-            out.append(fmt.decode(qw, parts, out_dtype))
+            out.append(codec_for(qw.scheme.format).decode(qw, parts, out_dtype))
     w = torch.cat(out)
     return w.reshape(qw.shape)
 

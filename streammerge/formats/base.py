@@ -1,6 +1,7 @@
 """The protocol every quantized base format implements, and the values it hands the planner.
 
-A format is one object (``BaseFormat``) that knows one ``quantization_config.quant_method``:
+A format is a pure layout object (``BaseFormat``, listed in ``formats.registry``; the planner uses it) and a
+codec (``Codec``, torch, listed in ``formats.codecs``; the executor uses it), joined by the format's name:
 
 * ``index(qc, tensors, where)``: from the config and the checkpoint's tensor slots (headers only), the
   quantized weights, each with its companion tensors (scales …) by role, the logical (dequantized)
@@ -9,9 +10,9 @@ A format is one object (``BaseFormat``) that knows one ``quantization_config.qua
 * ``rows(qw, role, r0, r1)``: which rows of a stored part hold weight rows ``[r0, r1)``. Row blocks the
   executor asks for start at multiples of ``qw.scheme.row_align`` (the last may end at the tensor end),
   so each block owns whole scale cells.
-* ``decode(qw, parts, out_dtype)``: stored rows (by role) → the dequantized rows, bit-identical to the
+* codec ``decode(qw, parts, out_dtype)``: stored rows (by role) → the dequantized rows, bit-identical to the
   format's reference dequantizer.
-* ``encode(qw, w, amax)``: merged rows → stored rows by role, in the base's own scheme with fresh scales
+* codec ``encode(qw, w, amax)``: merged rows → stored rows by role, in the base's own scheme with fresh scales
   (only for ``scheme.reencodable`` formats; others are written dequantized or refused, per format).
   A per-tensor scale depends on every row (``scheme.whole_tensor_scale``): the executor first walks the
   merged tensor for its ``amax`` (``amax(qw, w)`` per block, max-combined) and passes it in.
@@ -29,10 +30,17 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from streammerge.header import TensorInfo
+    from streammerge.formats.safetensors import TensorInfo
 
 #: Role of the stored codes in ``QuantizedWeight.parts``; other roles are the format's companions.
 CODES = "weight"
+#: Role of a scale part (FP8 formats).
+SCALE = "scale"
+
+
+def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    """The scale grid of a (rows, cols) weight cut into ``block`` cells (edge cells partial)."""
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,7 @@ class QuantIndex:
 
 
 class BaseFormat(Protocol):
-    """One quantized checkpoint format (see the module docstring for the contract)."""
+    """One quantized checkpoint format's layout (pure; see the module docstring for the contract)."""
 
     name: str
 
@@ -114,20 +122,24 @@ class BaseFormat(Protocol):
         """Rows of part ``role`` that hold weight rows ``[r0, r1)``."""
         ...
 
-    def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-        """Stored rows by role → dequantized rows (``out_dtype``)."""
-        ...
-
-    def amax(self, qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
-        """max |w| per scale cell of these merged rows (fp32; the cells' rows as ``rows(qw, scale, …)``)."""
-        ...
-
-    def encode(self, qw: QuantizedWeight, w: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Merged rows → stored rows by role, with fresh scales (from ``amax`` when given, else from ``w``)."""
-        ...
-
     def output_config(
         self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]
     ) -> dict[str, object] | None:
         """The ``quantization_config`` of the output (None: remove it from config.json)."""
+        ...
+
+
+class Codec(Protocol):
+    """One format's arithmetic (torch), found by ``QuantScheme.format`` in ``formats.codecs``."""
+
+    def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows by role → dequantized rows (``out_dtype``), bit-identical to the reference dequantizer."""
+        ...
+
+    def amax(self, qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
+        """max |w| per scale cell of these merged rows (fp32)."""
+        ...
+
+    def encode(self, qw: QuantizedWeight, w: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Merged rows → stored rows by role (scales as a 2-D grid of cells), fresh scales from ``amax`` or ``w``."""
         ...

@@ -9,7 +9,8 @@ Modules in ``ignore`` are stored unquantized and need nothing.
 
 compressed-tensors dequantizes with ``q.to(scale.dtype) * scale`` (its ``_dequantize``), a loader then casts
 to the model dtype: ``QuantScheme.product_dtype`` is the scale dtype. The strategy of each weight is
-read from its scale's shape and must be one a config group declares.
+read from its scale's shape and must be one a config group declares. Pure: the codec is
+``streammerge.formats.fp8``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
-from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight, QuantScheme
-from streammerge.formats.fp8 import SCALE, FP8Codec, check_scale, grid
+from streammerge.formats.base import CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
+from streammerge.formats.blockfp8 import check_scale, fp8_rows
 
 if TYPE_CHECKING:
-    from streammerge.header import TensorInfo
+    from streammerge.formats.safetensors import TensorInfo
 
 METHOD = "compressed-tensors"
 FLOAT_QUANTIZED = "float-quantized"
@@ -41,8 +42,9 @@ def formats_of(qc: Mapping[str, object]) -> set[str]:
     return out
 
 
-class CompressedFP8(FP8Codec):
+class CompressedFP8:
     name = "compressed-fp8"
+    rows = staticmethod(fp8_rows)
 
     def claims(self, qc: Mapping[str, object]) -> bool:
         return qc.get("quant_method") == METHOD and formats_of(qc) == {FLOAT_QUANTIZED}

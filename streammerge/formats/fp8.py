@@ -26,16 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 
-from streammerge.errors import CheckpointError
-from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight, QuantScheme
-
-if TYPE_CHECKING:
-    from streammerge.header import TensorInfo
+from streammerge.formats.base import CODES, SCALE, QuantizedWeight, grid
+from streammerge.formats.dtypes import torch_dtype
 
 #: Largest finite E4M3 (``float8_e4m3fn``) value.
 E4M3_MAX = 448.0
@@ -43,11 +38,6 @@ E4M3 = torch.float8_e4m3fn
 #: E4M3 has 3 mantissa bits; its smallest normal exponent is -6 (subnormal spacing 2^-9).
 _MANTISSA_BITS = 3
 _MIN_NORMAL_EXP = -6
-
-
-def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    """The scale grid of a (rows, cols) weight cut into ``block`` cells (edge cells partial)."""
-    return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
 
 
 def expand_rows(scale: torch.Tensor, rows: int, b0: int) -> torch.Tensor:
@@ -163,27 +153,15 @@ def half_step(target: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
 
 
 # --------------------------------------------------------------------------------------------
-# the FP8 formats' shared row-block codec (``BaseFormat``'s rows / decode / amax / encode)
-
-#: Role of the scale part in ``QuantizedWeight.parts``.
-SCALE = "scale"
-_FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# the FP8 formats' shared row-block codec
 
 
 class FP8Codec:
-    """rows/decode/amax/encode for ``weight`` E4M3 codes + one ``scale`` part, for any ``QuantScheme``."""
-
-    def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:
-        if role == CODES:
-            return r0, r1
-        if qw.scheme.strategy == "tensor":
-            return 0, 1  # (1, 1) cell, or () / (1,) stored: callers view it as (1, 1)
-        b0 = qw.scheme.block[0]
-        return r0 // b0, -(-r1 // b0)
+    """decode/amax/encode (``base.Codec``) for ``weight`` E4M3 codes + one ``scale`` part, any ``QuantScheme``."""
 
     def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         q = parts[CODES]  # (R, C) e4m3
-        return dequantize(q, _cells(parts[SCALE], qw), _block(qw, q), out_dtype, _FLOAT[qw.scheme.product_dtype])
+        return dequantize(q, _cells(parts[SCALE], qw), _block(qw, q), out_dtype, torch_dtype(qw.scheme.product_dtype))
 
     def amax(self, qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
         return amax_cells(w, _block(qw, w))
@@ -192,7 +170,7 @@ class FP8Codec:
         block = _block(qw, w)
         if amax is None:
             amax = amax_cells(w, block)
-        scale = fresh_scale(amax, _FLOAT[qw.scheme.scale_dtype], qw.scheme.zero_scale)  # (g0', g1) cells
+        scale = fresh_scale(amax, torch_dtype(qw.scheme.scale_dtype), qw.scheme.zero_scale)  # (g0', g1) cells
         # The scale comes back as cells; the caller reshapes it to the stored part's rows ((1,) per tensor).
         return {CODES: quantize(w, scale, block), SCALE: scale}
 
@@ -205,85 +183,3 @@ def _block(qw: QuantizedWeight, w: torch.Tensor) -> tuple[int, int]:
 def _cells(scale: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """The stored scale rows as a 2-D grid of cells ((1,) / () per-tensor → (1, 1))."""
     return scale.reshape(1, 1) if qw.scheme.strategy == "tensor" else scale
-
-
-# --------------------------------------------------------------------------------------------
-# block FP8 (quant_method "fp8"): ``<m>.weight`` F8_E4M3 + ``<m>.weight_scale_inv`` per block
-
-SCALE_INV_SUFFIX = "_scale_inv"
-_SCALE_DTYPES = frozenset(_FLOAT)
-
-
-class BlockFP8(FP8Codec):
-    """DeepSeek-V3 / transformers ``FineGrainedFP8Config`` checkpoints."""
-
-    name = "fp8-block"
-
-    def claims(self, qc: Mapping[str, object]) -> bool:
-        return qc.get("quant_method") == "fp8"
-
-    def index(self, qc: Mapping[str, object], tensors: Mapping[str, TensorInfo], where: str) -> QuantIndex:
-        block = _block_size(qc.get("weight_block_size", [128, 128]), where)
-        weights: dict[str, QuantizedWeight] = {}
-        for name, t in tensors.items():
-            if name.endswith(SCALE_INV_SUFFIX):
-                owner = name.removesuffix(SCALE_INV_SUFFIX)
-                if owner not in tensors:
-                    raise CheckpointError(
-                        f"{where}: tensor {name!r} is a block-FP8 scale but its weight {owner!r} is in no shard; "
-                        "the checkpoint is incomplete: re-download it"
-                    )
-                continue
-            if t.dtype != "F8_E4M3":
-                continue
-            scale = tensors.get(name + SCALE_INV_SUFFIX)
-            if scale is None:
-                raise CheckpointError(
-                    f"{where}: FP8 tensor {name!r} has no {name + SCALE_INV_SUFFIX!r} in any shard; without its "
-                    "scale it cannot be dequantized: the checkpoint is incomplete, re-download it"
-                )
-            check_scale(name, t.shape, scale, "block", block, where)
-            scheme = QuantScheme(self.name, "block", block, scale.dtype, "F32", 1.0)
-            weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)
-        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)))
-
-    def output_config(
-        self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]
-    ) -> dict[str, object] | None:
-        return None if dequantized else dict(qc)
-
-
-def _block_size(value: object, where: str) -> tuple[int, int]:
-    if (
-        isinstance(value, list | tuple)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        return (value[0], value[1])
-    raise CheckpointError(
-        f"{where}: quantization_config.weight_block_size is {value!r}, not two positive integers; fix config.json"
-    )
-
-
-def check_scale(
-    weight: str, shape: tuple[int, ...], scale: TensorInfo, strategy: str, block: tuple[int, int], where: str
-) -> None:
-    """Refuse a scale whose dtype or shape does not fit ``weight`` under ``strategy`` (one line, named)."""
-    if len(shape) != 2:
-        raise CheckpointError(
-            f"{where}: FP8 tensor {weight!r} has shape {list(shape)}; only 2-D FP8 weights are supported "
-            "(fused 3-D experts are not): merge into the 16-bit base instead"
-        )
-    if scale.dtype not in _SCALE_DTYPES:
-        raise CheckpointError(
-            f"{where}: scale {scale.name!r} is {scale.dtype}; streammerge reads FP8 scales in "
-            f"{', '.join(sorted(_SCALE_DTYPES))}: merge into the 16-bit base instead"
-        )
-    want = {"block": [grid((shape[0], shape[1]), block)], "channel": [(shape[0], 1)], "tensor": [(), (1,), (1, 1)]}
-    if scale.shape not in want[strategy]:
-        shown = " or ".join(str(list(s)) for s in want[strategy])
-        raise CheckpointError(
-            f"{where}: scale {scale.name!r} has shape {list(scale.shape)}, but weight {weight!r} "
-            f"{list(shape)} with {strategy} scales {'of ' + str(list(block)) + ' ' if strategy == 'block' else ''}"
-            f"needs {shown}; the checkpoint is corrupt or its quantization_config is wrong"
-        )

@@ -7,6 +7,8 @@
   every quantized-looking tensor belongs to it (else: mixed formats, refused naming the tensor);
 * anything else: ``CheckpointError`` naming the config or the tensor (unknown ``quant_method``,
   quantized tensors without a ``quantization_config``, a known format streammerge cannot merge into).
+
+Pure (no torch): the planner uses it. The torch side, decoding and encoding, is ``formats.codecs``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
 from streammerge.formats.base import BaseFormat, QuantIndex
-from streammerge.formats.bnb import Bitsandbytes
+from streammerge.formats.blockfp8 import BlockFP8
+from streammerge.formats.bnb_layout import Bitsandbytes
 from streammerge.formats.compressed import CompressedFP8, formats_of
-from streammerge.formats.fp8 import BlockFP8
-from streammerge.formats.gptq import AWQ, GPTQ
-from streammerge.formats.mxfp4 import MXFP4
+from streammerge.formats.gptq_layout import AWQ, GPTQ
+from streammerge.formats.mxfp4_layout import MXFP4
 
 if TYPE_CHECKING:
-    from streammerge.header import TensorInfo
+    from streammerge.formats.safetensors import TensorInfo
 
 #: Every supported format; the first whose ``claims`` accepts the config reads the checkpoint.
 FORMATS: tuple[BaseFormat, ...] = (BlockFP8(), CompressedFP8(), MXFP4(), Bitsandbytes(), GPTQ(), AWQ())
@@ -43,6 +45,11 @@ MARKERS: tuple[tuple[str, str], ...] = (
 )
 #: quant_methods transformers knows that no format here reads (a clearer message than "unknown").
 _KNOWN_ELSEWHERE = ("hqq", "torchao", "eetq", "quanto", "aqlm", "fbgemm_fp8")
+
+
+def format_named(name: str) -> BaseFormat:
+    """The format whose ``name`` a ``QuantScheme.format`` holds."""
+    return next(f for f in FORMATS if f.name == name)
 
 
 def marker(name: str) -> str | None:
