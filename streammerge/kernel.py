@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from streammerge import combine
 from streammerge.formats.dtypes import torch_dtypes
 from streammerge.plan.geometry import row_blocks
-from streammerge.plan.types import ExpertSlice
+from streammerge.plan.types import FUSED, ExpertSlice
 
 #: safetensors dtype code -> torch dtype (the one table, :mod:`streammerge.formats.dtypes`).
 TORCH_DTYPES: dict[str, torch.dtype] = dict(torch_dtypes())
@@ -76,6 +76,9 @@ def expert_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
     """
     assert f.expert is not None and f.a is not None
     e, n, row0 = f.expert.index, f.expert.count, f.expert.row0
+    if e == FUSED:  # the target is P itself (E, d1, d2): rows [r0, r1) are experts, each ΔP[e] whole
+        d1 = f.b.shape[0] if f.layout == "expert" else f.a.shape[1]
+        return torch.stack([expert_delta(replace(f, expert=ExpertSlice(i, n, 0)), 0, d1) for i in range(r0, r1)])
     a3 = f.a.reshape(n, -1, f.a.shape[1])  # (r·E, in) -> (E, r, in)
     b3 = f.b.reshape(f.b.shape[0], -1, n)  # (out, r·E) -> (out, r, E)
     spec = "o r e, e r i -> e o i" if f.layout == "expert" else "o r e, e r i -> e i o"

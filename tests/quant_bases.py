@@ -53,8 +53,8 @@ def quantize_mxfp4(disk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (exp + mxfp4_layout.E8M0_BIAS).to(torch.uint8)
 
 
-def make_gpt_oss_mxfp4(root: Path) -> Path:
-    """A tiny GPT-OSS checkpoint with MXFP4 experts (and bf16 everything else) at ``root``."""
+def make_gpt_oss_bf16(root: Path) -> Path:
+    """A tiny bf16 GPT-OSS checkpoint (experts fused on disk as in memory: gate_up_proj (E, H, 2I)) at ``root``."""
     torch.manual_seed(SEED)
     model = GptOssForCausalLM(gpt_oss_config()).to(torch.bfloat16)
     with torch.no_grad():
@@ -62,6 +62,12 @@ def make_gpt_oss_mxfp4(root: Path) -> Path:
             if name.endswith(("_bias", ".bias", "sinks")):
                 p.copy_(torch.randn_like(p) * 0.1)
     model.save_pretrained(root)
+    return root
+
+
+def make_gpt_oss_mxfp4(root: Path) -> Path:
+    """A tiny GPT-OSS checkpoint with MXFP4 experts (and bf16 everything else) at ``root``."""
+    make_gpt_oss_bf16(root)
     sd = load_file(root / "model.safetensors")
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():

@@ -17,9 +17,16 @@ from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.memory import block_bytes
 
 
+#: ``ExpertSlice.index`` of a term on a fused 3-D expert tensor (all experts; rows are experts).
+FUSED = -1
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertSlice:
-    """Rows ``[row0 + r0, row0 + r1)`` of ΔP[index], one of ``count`` experts (see ``kernel.expert_delta``)."""
+    """Rows ``[row0 + r0, row0 + r1)`` of ΔP[index], one of ``count`` experts (see ``kernel.expert_delta``).
+
+    ``index`` = :data:`FUSED` when the target is the fused 3-D tensor itself (GPT-OSS stores its experts that
+    way): the target's rows are then experts, and rows ``[r0, r1)`` of ΔP are ΔP[r0:r1] whole."""
 
     index: int
     count: int

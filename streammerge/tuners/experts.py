@@ -27,7 +27,7 @@ from streammerge.adapter import AdapterConfig
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext
 from streammerge.plan.targeting import check_float
-from streammerge.plan.types import ExpertSlice, LoraTerm, Step
+from streammerge.plan.types import FUSED, ExpertSlice, LoraTerm, Step
 
 #: Fused expert parameters of transformers v5 MoE ``experts`` modules, in registration order
 #: (``MixtralExperts``, ``Qwen2MoeExperts`` and the other "qwen2_moe"-pattern models declare gate_up_proj first).
@@ -69,6 +69,10 @@ PEFT_DROPS = frozenset({"qwen2_moe", "phimoe", "lfm2_moe", "jamba"})
 _V4_EXPERT = re.compile(r"\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)$")
 _V4_GATE_UP = re.compile(r"\.experts\.\d+\.(w1|w3|gate_proj|up_proj)$")
 _V4_ROUTER = re.compile(r"\.(block_sparse_moe|mlp)\.gate$")
+
+#: model_types whose experts modules are ``is_transposed`` (transformers ``use_experts_implementation``): their 3-D
+#: parameters are (E, in, out) and PEFT's ``ParamWrapper`` reads them so, whatever its version.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "openai_privacy_filter"})
 
 #: ``peft_version`` from which 3-D parameters stored (E, out, in) are read that way (spec §6.6).
 SWAPPED_FROM = (0, 19, 1)
@@ -166,12 +170,15 @@ def plan_wrapped(
     located: Mapping[str, tuple[int, TensorInfo]],
     aliases: Mapping[str, str],
     problems: list[str],
+    model_type: object = None,
 ) -> list[ParamDelta]:
     """The per-disk-tensor deltas of one wrapped parameter (empty, with ``problems`` filled, when it does not fit)."""
     a, b = infos[wp.a_key], infos[wp.b_key]
     scale = cfg.scale_for(wp.path)  # r and α patterns match the parameter path (spec §1.1)
     rank = cfg.rank_for(wp.path)
     direct = naming.resolve(f"{wp.path}", located.keys(), aliases)
+    if direct is not None and len(located[direct][1].shape) == 3:
+        return _plan_fused_disk(where, cfg, wp, a, b, rank, scale, direct, located[direct][1], model_type, problems)
     if direct is not None:
         return _plan_2d(where, wp, a, b, rank, scale, direct, located[direct][1], problems)
     disk = find_disk_experts(wp, located.keys(), aliases)
@@ -184,6 +191,25 @@ def plan_wrapped(
         return []
     layout, names = disk
     return _plan_fused(where, cfg, wp, a, b, rank, scale, layout, names, located, problems)
+
+
+def _plan_fused_disk(where, cfg, wp, a, b, rank, scale, target, w, model_type, problems) -> list[ParamDelta]:
+    """A 3-D parameter stored fused as in memory (GPT-OSS ``experts.gate_up_proj`` (E, H, 2I), or its MXFP4
+    blocks decoded to that shape): one term on the whole tensor, whose rows are experts (``FUSED``)."""
+    n, d1, d2 = w.shape
+    re_ = rank * n
+    as_out_in = a.shape == (re_, d2) and b.shape == (d1, re_)  # P read as (E, out, in)
+    as_in_out = a.shape == (re_, d1) and b.shape == (d2, re_)  # P read as (E, in, out)
+    if as_out_in and as_in_out:  # square: PEFT reads (E, in, out) for is_transposed experts, else by version
+        as_out_in = str(model_type) not in TRANSPOSED_EXPERTS and _version(cfg.raw.get("peft_version")) >= SWAPPED_FROM
+    elif not (as_out_in or as_in_out):
+        problems.append(
+            f"{where}: target_parameters LoRA for {wp.path!r} has A {a.shape} and B {b.shape}; for base tensor "
+            f"{target!r} {w.shape} with r={rank} PEFT saves A {(re_, d1)} and B {(d2, re_)} (or A {(re_, d2)} and "
+            f"B {(d1, re_)}); check r / rank_pattern and the base model"
+        )
+        return []
+    return [ParamDelta(target, "expert" if as_out_in else "expert_t", a, b, scale, wp.path, ExpertSlice(FUSED, n, 0))]
 
 
 def _plan_2d(where, wp, a, b, rank, scale, target, w, problems) -> list[ParamDelta]:
@@ -308,7 +334,8 @@ def plan_param_wrappers(ctx: PlanContext, src: AdapterInput, draft: Draft, by_mo
     """PEFT ``target_parameters`` (``ParamWrapper``): ``P + rnd(ΔP)``, fused experts de-fused per disk tensor."""
     cfg = src.adapter.config
     for wp in take_param_wrappers(src.where, by_module, cfg.raw["target_parameters"], draft.problems):
-        for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems):
+        for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems,
+                              ctx.model_type):
             term = LoraTerm(d.layout, src.ref(d.a), src.ref(d.b), d.scale, origin=d.origin, expert=d.expert)
             check_float(src, draft, d.target, ctx.info(d.target))
             draft.add_step(d.target, naming.module_order(wp.module), src.index, Step((term,), "delta_first"))
