@@ -17,7 +17,6 @@ from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.memory import block_bytes
 
-
 #: ``ExpertSlice.index`` of a term on a fused 3-D expert tensor (all experts; rows are experts).
 FUSED = -1
 
