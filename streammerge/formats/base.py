@@ -38,6 +38,10 @@ CODES = "weight"
 SCALE = "scale"
 
 
+#: Name suffixes of activation-quantization tensors (``QuantIndex.extras``).
+ACTIVATION_SCALES = (".input_scale", ".output_scale", ".activation_scale")
+
+
 def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
     """The scale grid of a (rows, cols) weight cut into ``block`` cells (edge cells partial)."""
     return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
@@ -99,6 +103,9 @@ class QuantIndex:
     format: str
     weights: Mapping[str, QuantizedWeight]  # by logical weight name
     config: Mapping[str, object]  # the checkpoint's quantization_config
+    #: stored tensors of the quantization that belong to no weight (static activation scales): copied raw when
+    #: the format is kept, dropped with the quantization_config when dequantizing (loaders then ignore them)
+    extras: tuple[str, ...] = ()
 
     def companion_of(self) -> dict[str, QuantizedWeight]:
         """Every companion tensor name → the weight it belongs to."""
@@ -142,4 +149,14 @@ class Codec(Protocol):
 
     def encode(self, qw: QuantizedWeight, w: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Merged rows → stored rows by role (scales as a 2-D grid of cells), fresh scales from ``amax`` or ``w``."""
+        ...
+
+    def scales(self, qw: QuantizedWeight, amax: torch.Tensor) -> torch.Tensor:
+        """The fresh scales (2-D grid of cells, the scale dtype) for these per-cell amax values."""
+        ...
+
+    def error(
+        self, qw: QuantizedWeight, encoded: Mapping[str, torch.Tensor], merged: torch.Tensor
+    ) -> tuple[float, float]:
+        """(max |dequant(encoded) − merged|, its max ratio to half a quantization step) over these rows."""
         ...

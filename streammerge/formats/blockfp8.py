@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
-from streammerge.formats.base import CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
+from streammerge.formats.base import ACTIVATION_SCALES, CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
@@ -64,7 +64,8 @@ class BlockFP8:
             check_scale(name, t.shape, scale, "block", block, where)
             scheme = QuantScheme(self.name, "block", block, scale.dtype, "F32", 1.0)
             weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)
-        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)))
+        extras = tuple(sorted(n for n in tensors if n.endswith(ACTIVATION_SCALES)))
+        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)), extras)
 
     def output_config(
         self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]

@@ -139,15 +139,16 @@ def encode(
     return quantize(w, scale, block), scale
 
 
-def half_step(target: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Half the E4M3 quantization step at each element of ``target`` (float64), in weight units.
+def half_step(target: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Half the E4M3 quantization step at each element of ``target`` (in ``dtype``), in weight units.
 
     The step at x = w / s is 2^(e − 3) for 2^e ≤ |x| < 2^(e+1) (e ≥ −6), and 2^−9 below 2^−6; rounding
     to nearest moves an element by at most half of it, times ``s``. Used to report and test the error.
     """
-    s = expand_rows(scale.to(torch.float64), target.shape[0], block[0])  # (R, g1)
+    s = expand_rows(scale.to(dtype), target.shape[0], block[0])  # (R, g1)
     s_full = s.repeat_interleave(block[1], dim=1)[:, : target.shape[1]]  # (R, C)
-    x = (target.to(torch.float64) / s_full).abs().clamp(max=E4M3_MAX)
+    x = (target.to(dtype) / s_full).abs().clamp(max=E4M3_MAX)
     e = torch.floor(torch.log2(x.clamp(min=2.0**_MIN_NORMAL_EXP))).clamp(min=_MIN_NORMAL_EXP)
     return 0.5 * torch.exp2(e - _MANTISSA_BITS) * s_full
 
@@ -173,6 +174,25 @@ class FP8Codec:
         scale = fresh_scale(amax, torch_dtype(qw.scheme.scale_dtype), qw.scheme.zero_scale)  # (g0', g1) cells
         # The scale comes back as cells; the caller reshapes it to the stored part's rows ((1,) per tensor).
         return {CODES: quantize(w, scale, block), SCALE: scale}
+
+    def scales(self, qw: QuantizedWeight, amax: torch.Tensor) -> torch.Tensor:
+        return fresh_scale(amax, torch_dtype(qw.scheme.scale_dtype), qw.scheme.zero_scale)
+
+    def error(self, qw: QuantizedWeight, encoded: dict[str, torch.Tensor], merged: torch.Tensor) -> tuple[float, float]:
+        """max |q·s − merged| over these rows and its max ratio to half an E4M3 step (fp32).
+
+        ``q·s`` is the fp32 product, before a loader rounds it to the model dtype (which adds at most half
+        an ulp of that dtype): the ratio is ≤ 1 up to the fp32 rounding of ``merged / s`` (2^-24 relative).
+        """
+        if merged.numel() == 0:
+            return 0.0, 0.0
+        block = _block(qw, merged)
+        scale = encoded[SCALE]
+        back = dequantize(encoded[CODES], scale, block, torch.float32)  # (R, C) fp32 product
+        err = back.sub_(merged.to(torch.float32)).abs_()
+        worst = float(err.max())
+        ratio = float(err.div_(half_step(merged, scale, block, torch.float32)).max())
+        return worst, ratio
 
 
 def _block(qw: QuantizedWeight, w: torch.Tensor) -> tuple[int, int]:

@@ -91,10 +91,10 @@ def detect(
         index = fmt.index(qc, tensors, where, read)
     else:
         index = fmt.index(qc, tensors, where)
-    own = set(index.weights) | {name for qw in index.weights.values() for _, name in qw.parts}
+    own = set(index.weights) | {name for qw in index.weights.values() for _, name in qw.parts} | set(index.extras)
     for name in tensors:
         kind = marker(name)
-        if kind and name not in own and not name.endswith((".input_scale", ".activation_scale")):
+        if kind and name not in own:
             raise CheckpointError(
                 f"{where}: tensor {name!r} is {kind} storage, but quantization_config says {method!r} "
                 f"({fmt.name}); mixed quantization formats are not supported: use one consistent checkpoint"

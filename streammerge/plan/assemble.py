@@ -23,6 +23,7 @@ from streammerge.formats.dtypes import FLOAT_DTYPES
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
+from streammerge.plan.quantized import apply_quantization
 from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
 from streammerge.plan.tuned import plan_tuned
@@ -107,15 +108,23 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         tasks_by_name[name] = _task(name, ctx.ref(name), targets.get(name))
     for name, ref in draft.added.items():
         tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
+    dropped, removals, quantization = set(draft.drop), (), None
+    if ctx.ckpt.quant is not None:
+        refs = {name: ctx.ref(name) for name in ctx.located}
+        gone, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name, refs,
+                                                          options.dequantize)
+        dropped |= gone
 
-    shards = layout(ctx.ckpt, tasks_by_name, draft.added, draft.drop, options)
+    shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(
         shards=shards,
         write_index=ctx.ckpt.has_index or len(shards) > 1,
         index_metadata=tuple((k, v) for k, v in ctx.ckpt.index_metadata.items() if k != "total_size"),
         config_updates=tuple(draft.config_updates.items()),
         warnings=tuple(warnings),
-        dropped=tuple(sorted(draft.drop)),
+        dropped=tuple(sorted(dropped)),
+        config_removals=removals,
+        quantization=quantization,
     )
 
 
