@@ -43,7 +43,7 @@ def _detect(base: Path) -> QuantIndex:
 def _decode(base: Path, index: QuantIndex, qw: QuantizedWeight, out_dtype: torch.dtype, blocks: int = 1):
     """The whole weight, decoded in row blocks of ``blocks · row_align`` rows, parts sliced by ``rows``."""
     fmt = next(f for f in registry.FORMATS if f.name == index.format)
-    rows = qw.shape[0] * qw.shape[1] if len(qw.shape) == 3 else qw.shape[0]  # 3-D: rows of the (E·C, R) view
+    rows = qw.shape[0]  # a 3-D weight's rows are experts
     step = blocks * qw.scheme.row_align
     out = []
     with safe_open(base / "model.safetensors", "pt") as f:

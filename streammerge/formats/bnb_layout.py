@@ -206,8 +206,7 @@ def _index_4bit(state_name: str, tensors: Mapping[str, TensorInfo], read: Callab
         lengths.append((role, t.shape[0] if t.shape else 1))
     cols, unit = state.shape[1], math.lcm(2, state.blocksize * (state.nested_blocksize or 1))
     align = unit // math.gcd(cols, unit)  # rows per block so that a block owns whole (nested) absmax blocks
-    scheme = QuantScheme(f"{METHOD}-{state.quant_type}", "block", (align, cols), "F32", _CODE[state.dtype], 0.0,
-                         reencodable=False)
+    scheme = QuantScheme(METHOD, "block", (align, cols), "F32", _CODE[state.dtype], 0.0, reencodable=False)
     parts = (*need.items(), ("quant_state", state_name))
     return BnbWeight(weight, state.shape, tuple(parts), scheme, state, tuple(lengths))
 
@@ -232,5 +231,5 @@ def _index_8bit(scb_name: str, tensors: Mapping[str, TensorInfo], read: Callable
         if tensors[fmt].dtype != "U8" or raw not in (b"\x00",):
             raise _refuse(where, fmt, f"holds {raw!r}; bitsandbytes reads only the row layout (0)")
         parts.append(("weight_format", fmt))
-    scheme = QuantScheme(f"{METHOD}-int8", "block", (1, w.shape[1]), "F32", "F32", 0.0, reencodable=False)
+    scheme = QuantScheme(METHOD, "block", (1, w.shape[1]), "F32", "F32", 0.0, reencodable=False)
     return BnbWeight(weight, w.shape, tuple(parts), scheme, None, (("weight_format", 1),))

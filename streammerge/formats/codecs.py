@@ -9,14 +9,11 @@ from streammerge.formats.gptq import AWQCodec, GPTQCodec
 from streammerge.formats.mxfp4 import MXFP4Codec
 
 _FP8 = FP8Codec()
-_BNB = BnbCodec()
 CODECS: dict[str, Codec] = {
     "fp8-block": _FP8,
     "compressed-fp8": _FP8,
     "mxfp4": MXFP4Codec(),
-    "bitsandbytes-nf4": _BNB,
-    "bitsandbytes-fp4": _BNB,
-    "bitsandbytes-int8": _BNB,
+    "bitsandbytes": BnbCodec(),
     "gptq": GPTQCodec(),
     "awq": AWQCodec(),
 }

@@ -66,9 +66,9 @@ class MXFP4Codec:
     """Decoding of ``mxfp4_layout.MXFP4`` weights (never re-encoded: see there)."""
 
     def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-        """Experts ``[e0, e1)``: blocks (k, R, G, 16), scales (k, R, G) -> rows (k·C, R) of P = decoded.T."""
+        """Experts ``[e0, e1)``: blocks (k, R, G, 16), scales (k, R, G) -> P[e0:e1] = decoded.T (k, C, R)."""
         disk = dequantize(parts[CODES], parts[SCALES], out_dtype)  # (k, R, C)
-        return disk.transpose(1, 2).reshape(-1, disk.shape[1])  # (k, C, R) -> (k·C, R), contiguous
+        return disk.transpose(1, 2).contiguous()  # (k, C, R)
 
     def amax(self, qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("MXFP4 weights are never re-encoded")

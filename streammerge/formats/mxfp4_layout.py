@@ -45,8 +45,8 @@ class MXFP4:
     """GPT-OSS ``quant_method: "mxfp4"`` checkpoints: fused 3-D expert parameters as ``_blocks`` + ``_scales``.
 
     A quantized weight is the in-memory parameter (what ``target_parameters`` adapts), e.g.
-    ``….mlp.experts.gate_up_proj`` of shape (E, C, R); its rows are those of the (E·C, R) view, and row blocks
-    are whole experts (``row_align`` = C): rows ``[e0·C, e1·C)`` read experts ``[e0, e1)`` of both parts.
+    ``….mlp.experts.gate_up_proj`` of shape (E, C, R); its rows are experts (a 3-D task's rows are its first
+    axis): rows ``[e0, e1)`` read experts ``[e0, e1)`` of both parts.
 
     Never re-encoded: re-rounding to FP4 would bury a LoRA delta. Without dequantization, a touched weight is
     written in the output dtype under its parameter name and its experts module (gate_up_proj and down_proj
@@ -90,13 +90,12 @@ class MXFP4:
                     f"{where}: tensor {param!r} is stored both plain and as MXFP4 {name!r}; keep one of them"
                 )
             shape = param_shape(t.shape)  # (E, C, R)
-            scheme = QuantScheme(METHOD, "block", (shape[1], shape[2]), "U8", "F32", 0.0, reencodable=False)
+            scheme = QuantScheme(METHOD, "block", (1, shape[1] * shape[2]), "U8", "F32", 0.0, reencodable=False)
             weights[param] = QuantizedWeight(param, shape, ((CODES, name), (SCALES, scales.name)), scheme)
         return QuantIndex(METHOD, MappingProxyType(weights), MappingProxyType(dict(qc)))
 
     def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:
-        per_expert = qw.shape[1]
-        return r0 // per_expert, -(-r1 // per_expert)
+        return r0, r1  # experts
 
     def written_together(self, index: QuantIndex, name: str) -> tuple[str, ...]:
         """The quantized weights that must be written dequantized with ``name`` (same module, same config entry)."""

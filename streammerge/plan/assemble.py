@@ -20,7 +20,7 @@ from streammerge.adapter import Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.formats.dtypes import FLOAT_DTYPES
-from streammerge.formats.refs import TensorRef
+from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
 from streammerge.plan.quantized import apply_quantization
@@ -110,10 +110,12 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
     dropped, removals, quantization = set(draft.drop), (), None
     if ctx.ckpt.quant is not None:
-        refs = {name: ctx.ref(name) for name in ctx.located}
-        gone, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name, refs,
-                                                          options.dequantize)
+        stored = {name: tensor_ref(ctx.ckpt.shards[i], info) for name, (i, info) in ctx.ckpt.locate().items()}
+        gone, removals, updates, quantization = apply_quantization(
+            ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name, stored, options.dequantize
+        )
         dropped |= gone
+        draft.config_updates.update(updates)
 
     shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(

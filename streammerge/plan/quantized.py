@@ -18,8 +18,10 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from streammerge.errors import PlanError
-from streammerge.formats.base import CODES, QuantIndex
+from streammerge.formats import registry
+from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight
 from streammerge.formats.refs import TensorRef
+from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.types import QuantSource, TensorTask
 
 
@@ -63,50 +65,99 @@ def compute_dtype(config: Mapping[str, object]) -> str:
     return _DTYPES.get(name, "BF16") if isinstance(name, str) else "BF16"
 
 
+def is_logical(qw: QuantizedWeight, located: Mapping[str, tuple[int, TensorInfo]]) -> bool:
+    """True when the weight is not stored under its own name and shape (GPTQ ``qweight``, MXFP4 ``_blocks``,
+    bitsandbytes' packed bytes): the planner then targets a logical slot, and the codes keep their own name."""
+    codes = located.get(qw.part(CODES))
+    return qw.name != qw.part(CODES) or codes is None or codes[1].shape != qw.shape
+
+
+def logical_slots(
+    quant: QuantIndex, config: Mapping[str, object], located: Mapping[str, tuple[int, TensorInfo]]
+) -> dict[str, tuple[int, TensorInfo]]:
+    """The slot each logically-named quantized weight has for planning: its logical name and shape in the
+    compute dtype, in its codes' shard at its codes' offsets (never read: a ``QuantSource`` reads the parts)."""
+    dtype = compute_dtype(config)
+    out = {}
+    for qw in quant.weights.values():
+        if is_logical(qw, located):
+            shard, codes = located[qw.part(CODES)]
+            out[qw.name] = (shard, TensorInfo(qw.name, dtype, qw.shape, codes.begin, codes.end))
+    return out
+
+
 def apply_quantization(
     quant: QuantIndex,
     config: Mapping[str, object],
     tasks: MutableMapping[str, TensorTask],
-    ref: Mapping[str, TensorRef],
+    stored: Mapping[str, TensorRef],
     dequantize: bool,
-) -> tuple[set[str], tuple[str, ...], QuantSummary]:
+) -> tuple[set[str], tuple[str, ...], dict[str, object], QuantSummary]:
     """Rewrite ``tasks`` (by name, in place) for a quantized base.
 
-    ``ref`` maps stored tensor names to their refs. Returns the stored tensors to drop, the config keys to
-    remove, and the summary ``--dry-run`` prints.
+    ``stored`` maps stored tensor names to their refs. A weight whose logical slot differs from its codes
+    (``is_logical``) is written, when decoded, under its logical name in its codes' place. Keeping the format,
+    a touched weight of a format that cannot re-encode it (``scheme.reencodable`` False: MXFP4) is written
+    decoded, with the weights ``written_together`` with it, and the format's ``output_config`` says so.
+    Returns the stored tensors dropped, the config keys removed, the config keys updated, and the summary.
 
     Raises:
-        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``).
+        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), or the format
+            cannot be kept (``output_config`` refuses: bitsandbytes, GPTQ, AWQ).
     """
     dtype = compute_dtype(config)
+    decoded, updates = _decoded(quant, tasks, dequantize)
     drop: set[str] = set()
-    stored: list[str] = []
+    names: list[str] = []
     for qw in quant.weights.values():
-        stored += [name for _, name in qw.parts]
+        names += [name for _, name in qw.parts]
+        codes = qw.part(CODES)
+        logical = qw.name != codes or stored[codes].shape != qw.shape
         task = tasks[qw.name]
-        if task.source.name != qw.part(CODES):
+        if task.source.name not in (codes, qw.name) or (logical and task.source.shape != qw.shape):
             raise PlanError(
                 f"the adapter replaces quantized weight {qw.name!r} with a full tensor; streammerge merges deltas "
                 "into quantized weights only: merge into the 16-bit base instead"
             )
-        parts = tuple((role, ref[name]) for role, name in qw.parts)
-        if dequantize:
+        parts = tuple((role, stored[name]) for role, name in qw.parts)
+        if qw.name in decoded:
             source = QuantSource(qw, parts, dtype, encode=False)
             kind = "merge" if task.steps else "dequantize"
-            tasks[qw.name] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind, source)
+            if logical and qw.name != codes:
+                del tasks[qw.name]  # written in its codes' place, under its own name
+            tasks[codes] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind, source)
             drop.update(qw.companions)
+        elif logical:
+            if qw.name != codes:
+                del tasks[qw.name]  # kept as stored: its parts are raw copies
         elif task.steps:
             tasks[qw.name] = TensorTask(qw.name, task.dtype, task.shape, task.source, task.steps, "merge",
                                         QuantSource(qw, parts, dtype, encode=True))
             for role, name in qw.parts:
                 if role != CODES:
-                    part = ref[name]
+                    part = stored[name]
                     tasks[name] = TensorTask(name, part.dtype, part.shape, task.source, task.steps, "rescale",
                                              QuantSource(qw, parts, dtype, encode=True, role=role))
     if dequantize:
         drop.update(quant.extras)
-    stored += quant.extras
+    names += quant.extras
     for name in drop:
         del tasks[name]
     removals = (QUANT_KEY,) if dequantize else ()
-    return drop, removals, QuantSummary(quant.format, dequantize, tuple(stored))
+    return drop, removals, updates, QuantSummary(quant.format, dequantize, tuple(names))
+
+
+def _decoded(
+    quant: QuantIndex, tasks: Mapping[str, TensorTask], dequantize: bool
+) -> tuple[set[str], dict[str, object]]:
+    """The weights written decoded, and the config update keeping the format needs (``output_config``)."""
+    if dequantize:
+        return set(quant.weights), {}
+    fmt = registry.format_named(quant.format)
+    decoded: set[str] = set()
+    for qw in quant.weights.values():
+        if tasks[qw.name].steps and not qw.scheme.reencodable:
+            together = getattr(fmt, "written_together", None)
+            decoded.update(together(quant, qw.name) if together else (qw.name,))
+    kept = fmt.output_config(quant.config, False, frozenset(decoded))  # raises when the format cannot be kept
+    return decoded, ({QUANT_KEY: kept} if kept is not None and kept != dict(quant.config) else {})
