@@ -22,6 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import streammerge
 from streammerge.cli import main
 
 
@@ -107,8 +108,6 @@ def test_mxfp4_verify_and_resume_with_nothing_but_out(gpt_oss, tmp_path, capsys,
 
 
 def test_mxfp4_within_max_memory(gpt_oss, tmp_path):
-    import streammerge
-
     plan = streammerge.plan_merge(gpt_oss["base"], gpt_oss["experts"], dequantize=True)
     _merge(gpt_oss["base"], gpt_oss["experts"], tmp_path / "tight", "--dequantize", "--max-memory",
            str(plan.min_memory()), "--workers", "1")
@@ -158,6 +157,8 @@ def test_bnb_dequantize_is_transformers_dequantize_plus_peft_merge(llama, tmp_pa
     _merge(base, llama["adapter"], tmp_path / "out", "--dequantize")
     _assert_same(tmp_path / "out", tmp_path / "ref")
     assert "quantization_config" not in _config(tmp_path / "out")
+    plan = streammerge.plan_merge(base, llama["adapter"], dequantize=True)
+    assert any("merging into that is better: pass its directory as --base" in w for w in plan.warnings)
 
 
 def test_bnb_verify_and_resume_with_nothing_but_out(llama, tmp_path, capsys):
@@ -195,3 +196,21 @@ def test_keep_format_refused_one_line_pointing_at_dequantize(llama, tmp_path, ca
     assert err[0].startswith(f"error: a {label} base cannot keep its format after a merge"), err
     assert "pass --dequantize" in err[0] and "original 16-bit model" in err[0]
     assert not out.exists()
+
+
+def test_gptq_decodes_column_slabs_within_max_memory(llama, tmp_path):
+    """A GPTQ layer is decoded a row block at a time (its column slab of every part), not whole."""
+    from streammerge.execute import ExecOptions, block_rows
+    from streammerge.plan import block_bytes
+
+    base, _ = qb.make_int4(llama["bf16"], tmp_path / "gptq", "gptq")
+    plan = streammerge.plan_merge(base, llama["adapter"], dequantize=True)
+    task = next(t for t in plan.tasks() if t.name == "model.layers.0.mlp.up_proj.weight")  # (192, 64)
+    assert task.quant is not None and block_bytes(task, 16) < block_bytes(task, task.rows)
+    opts = ExecOptions(torch.device("cpu"), 1, 2 * block_bytes(task, 16))
+    assert block_rows(task, opts) < task.rows
+    _merge(base, llama["adapter"], tmp_path / "tight", "--dequantize", "--max-memory", str(plan.min_memory()),
+           "--workers", "1")
+    _merge(base, llama["adapter"], tmp_path / "roomy", "--dequantize", "--workers", "3")
+    assert (tmp_path / "tight" / "model.safetensors").read_bytes() == (tmp_path / "roomy" /
+                                                                      "model.safetensors").read_bytes()

@@ -95,14 +95,20 @@ def awq_rows(
 
 
 class GPTQCodec:
-    """Decoding of ``gptq_layout.GPTQ`` weights: the whole layer at once (never re-encoded)."""
+    """Decoding of ``gptq_layout.GPTQ`` weights (never re-encoded). Every stored row holds a bit of every
+    weight row, so the executor hands whole parts (zero-copy maps) and rows ``[r0, r1)`` (``decode_rows``):
+    only that column slab is unpacked, and a block's memory is its rows', not the layer's."""
 
     def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        return self.decode_rows(qw, parts, out_dtype, 0, qw.shape[0])
+
+    def decode_rows(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype,
+                    r0: int, r1: int) -> torch.Tensor:
         assert isinstance(qw, PackedWeight)
         g_idx = parts.get("g_idx")
         if g_idx is None:  # no act-order: input k is in group k // group_size
             g_idx = torch.arange(qw.shape[1], device=parts[CODES].device) // qw.group_size
-        w = gptq_rows(parts[CODES], parts["qzeros"], parts["scales"], g_idx, qw.bits, 0, qw.shape[0],
+        w = gptq_rows(parts[CODES], parts["qzeros"], parts["scales"], g_idx, qw.bits, r0, r1,
                       zero_offset=qw.zero_offset)
         return w.to(out_dtype)
 
@@ -114,9 +120,9 @@ class GPTQCodec:
 
 
 class AWQCodec(GPTQCodec):
-    """Decoding of ``gptq_layout.AWQ`` weights: the whole layer at once (never re-encoded)."""
+    """Decoding of ``gptq_layout.AWQ`` weights, a column slab at a time like GPTQ (never re-encoded)."""
 
-    def decode(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    def decode_rows(self, qw: QuantizedWeight, parts: Mapping[str, torch.Tensor], out_dtype: torch.dtype,
+                    r0: int, r1: int) -> torch.Tensor:
         assert isinstance(qw, PackedWeight)
-        return awq_rows(parts[CODES], parts["qzeros"], parts["scales"], qw.group_size, 0, qw.shape[0]).to(out_dtype)
-
+        return awq_rows(parts[CODES], parts["qzeros"], parts["scales"], qw.group_size, r0, r1).to(out_dtype)

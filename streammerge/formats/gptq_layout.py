@@ -23,8 +23,8 @@ AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # output column 8c + m <- packed nibble 
 
 
 # --------------------------------------------------------------------------------------------
-# The formats: quant_method "gptq" and "awq", dequantize only. A layer is decoded whole (its codes are
-# packed across the weight's rows), so a weight is one row block (``row_align`` = out).
+# The formats: quant_method "gptq" and "awq", dequantize only. Every part is read whole (its rows pack bits
+# of every weight row); the codec decodes the block's column slab (``GPTQCodec.decode_rows``).
 
 _SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
@@ -89,7 +89,9 @@ class _PackedInt:
                         f"{'/'.join(dtypes)} {list(dims)} for bits={bits}, group_size={group}; the checkpoint is "
                         "corrupt or its quantization_config is wrong")
             scales = tensors[need["scales"]]
-            scheme = QuantScheme(self.name, "block", shape, scales.dtype, scales.dtype, 0.0, reencodable=False)
+            # any rows decode alone (the codec unpacks their column slab of every part): row_align 1
+            scheme = QuantScheme(self.name, "block", (1, shape[1]), scales.dtype, scales.dtype, 0.0,
+                                 reencodable=False)
             lengths = tuple((r, tensors[n].shape[0]) for r, n in need.items())
             weights[f"{stem}.weight"] = PackedWeight(f"{stem}.weight", shape, tuple(need.items()), scheme,
                                                      bits, group if group > 0 else shape[1], offset, lengths)
@@ -97,7 +99,7 @@ class _PackedInt:
 
     def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:
         assert isinstance(qw, PackedWeight)
-        return 0, dict(qw.lengths)[role]  # whole parts: every weight row needs every packed row
+        return 0, dict(qw.lengths)[role]  # whole parts (zero-copy maps): every weight row needs every packed row
 
     def output_config(
         self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]

@@ -23,7 +23,7 @@ from streammerge.formats.dtypes import FLOAT_DTYPES
 from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
-from streammerge.plan.quantized import apply_quantization
+from streammerge.plan.quantized import advice, apply_quantization
 from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
 from streammerge.plan.tuned import plan_tuned
@@ -116,6 +116,7 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         )
         dropped |= gone
         draft.config_updates.update(updates)
+        warnings.extend(advice(ctx.ckpt.quant, options.dequantize))
 
     shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(

@@ -161,3 +161,14 @@ def _decoded(
             decoded.update(together(quant, qw.name) if together else (qw.name,))
     kept = fmt.output_config(quant.config, False, frozenset(decoded))  # raises when the format cannot be kept
     return decoded, ({QUANT_KEY: kept} if kept is not None and kept != dict(quant.config) else {})
+
+
+def advice(quant: QuantIndex, dequantize: bool) -> list[str]:
+    """The warning a dequantized merge of a format that cannot be re-encoded deserves (its rounding stays)."""
+    if not dequantize or all(qw.scheme.reencodable for qw in quant.weights.values()):
+        return []
+    return [
+        f"the base is {quant.format}-quantized: the merge is exact on its dequantized weights, but their "
+        "quantization error stays in the output; if you have the 16-bit model it was quantized from, merging "
+        "into that is better: pass its directory as --base (the adapter's base_model_name_or_path often names it)"
+    ]
