@@ -223,6 +223,8 @@ MALFORMED = [
      "cfg: quantization_config bits=3, group_size=None: streammerge reads 2/4/8-bit GPTQ"),
     ("awq gemv", {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}},
      {"m.qweight": ("I32", (8, 16))}, "cfg: quantization_config bits=4, group_size=32, version='gemv'"),
+    ("mxfp4 config, no blocks", MX, {"m.weight": ("BF16", (4, 4))},
+     "cfg: quantization_config.quant_method='mxfp4', but no tensor is stored that way (no '*_blocks' tensor)"),
     ("bnb 8-bit wrong SCB", {"quantization_config": {"quant_method": "bitsandbytes"}},
      {"m.weight": ("I8", (4, 8)), "m.SCB": ("F32", (8,))},
      "cfg: bitsandbytes tensor 'm.SCB': is F32 [8], expected F32 [4] (one per row)"),

@@ -138,6 +138,8 @@ class Bitsandbytes:
             if name.rsplit(".", 1)[-1] in _ROLES_4BIT and name not in owned:
                 raise CheckpointError(f"{where}: tensor {name!r} is bitsandbytes 4-bit state, but its weight has no "
                                       f"'{STATE_KEY}nf4/fp4' tensor; the checkpoint is incomplete: re-download it")
+        if not weights:
+            raise no_weights(where, qc, f"no '*.weight.{STATE_KEY}nf4/fp4' nor '*.SCB' tensor")
         return QuantIndex(METHOD, MappingProxyType(weights), MappingProxyType(dict(qc)))
 
     def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:
@@ -169,6 +171,14 @@ KEEP_REFUSAL = (
     "noise): pass --dequantize to write the merged model in the config's dtype, or better, merge into the "
     "original 16-bit model if you have it (pass its directory as the base)"
 )
+
+
+def no_weights(where: str, qc: Mapping[str, object], stored: str) -> CheckpointError:
+    """The config names a format none of whose tensors is stored (one line, naming the config)."""
+    return CheckpointError(
+        f"{where}: quantization_config.quant_method={qc.get('quant_method')!r}, but no tensor is stored that way "
+        f"({stored}); the config does not describe these weights: fix config.json or use the 16-bit base"
+    )
 
 
 def _refuse(where: str, name: str, problem: str) -> CheckpointError:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError, PlanError
 from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight, QuantScheme
-from streammerge.formats.bnb_layout import KEEP_REFUSAL
+from streammerge.formats.bnb_layout import KEEP_REFUSAL, no_weights
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
@@ -95,6 +95,8 @@ class _PackedInt:
             lengths = tuple((r, tensors[n].shape[0]) for r, n in need.items())
             weights[f"{stem}.weight"] = PackedWeight(f"{stem}.weight", shape, tuple(need.items()), scheme,
                                                      bits, group if group > 0 else shape[1], offset, lengths)
+        if not weights:
+            raise no_weights(where, qc, "no '*.qweight' tensor")
         return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)))
 
     def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:

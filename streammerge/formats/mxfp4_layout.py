@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
 from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight, QuantScheme
+from streammerge.formats.bnb_layout import no_weights
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
@@ -92,6 +93,8 @@ class MXFP4:
             shape = param_shape(t.shape)  # (E, C, R)
             scheme = QuantScheme(METHOD, "block", (1, shape[1] * shape[2]), "U8", "F32", 0.0, reencodable=False)
             weights[param] = QuantizedWeight(param, shape, ((CODES, name), (SCALES, scales.name)), scheme)
+        if not weights:
+            raise no_weights(where, qc, f"no '*{BLOCKS_SUFFIX}' tensor")
         return QuantIndex(METHOD, MappingProxyType(weights), MappingProxyType(dict(qc)))
 
     def rows(self, qw: QuantizedWeight, role: str, r0: int, r1: int) -> tuple[int, int]:
