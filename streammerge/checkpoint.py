@@ -33,9 +33,9 @@ class Checkpoint:
     has_index: bool
     index_metadata: Mapping[str, object]
     config: Mapping[str, object]  # config.json ({} when absent)
+    quant: QuantIndex | None = None  # how its weights are quantized (``formats.registry.detect``); None: plain
     notes: tuple[str, ...] = ()  # how the shards were found, when a user should know (``layout.Layout.notes``)
     repository: Path | None = None  # the directory given, when ``root`` is a sub-folder of it (``subfolder``)
-    quant: QuantIndex | None = None  # how its weights are quantized (``formats.registry.detect``); None: plain
 
     def locate(self) -> dict[str, tuple[int, TensorInfo]]:
         """Map every tensor name to (shard number, its slot)."""

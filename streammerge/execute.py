@@ -57,8 +57,8 @@ class ExecOptions:
     workers: int
     max_memory: int
     check_finite: bool = True
-    changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
     quant_run: QuantRun | None = None  # a quantized base's per-run state (``pieces`` makes one when None)
+    changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +157,6 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
     else:
         w = reader.rows(task.source, r0, r1)
         out = _merged(task, w, r0, r1, reader, opts, kernel.TORCH_DTYPES[task.dtype])
-        if opts.changes is not None and task.kind == "merge":
-            opts.changes.add(task, r0, w, out)
         reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):
         # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
@@ -184,6 +182,9 @@ def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorR
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
+    if opts.changes is not None and task.kind == "merge":
+        # a quantized weight: its decoded base rows and merged rows (before any re-quantization)
+        opts.changes.add(task, r0, w, out)
     return out
 
 

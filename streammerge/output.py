@@ -78,8 +78,8 @@ def write_side_files(
     written: list[str] = []
     if config:
         if updates or removals or not (base_root / "config.json").is_file():
-            text = json.dumps(updated_config(config, updates, removals), indent=2, ensure_ascii=False) + "\n"
-            data = text.encode("utf-8")
+            doc = updated_config(config, updates, removals)
+            data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         else:
             data = (base_root / "config.json").read_bytes()  # nothing changed: the base's bytes
         write_atomic(out / "config.json", data)

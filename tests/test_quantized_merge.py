@@ -307,3 +307,32 @@ def test_quantized_plan_is_frozen_picklable_and_repeatable(bases):
         assert pickle.loads(pickle.dumps(plan)) == plan
     assert streammerge.plan_merge(bases["ct_tensor"], bases["wide_adapter"]) == plans[0]
     assert plans[0] != plans[1]
+
+
+def test_a_format_that_cannot_reencode_is_refused_without_dequantize():
+    """The hook 4-bit formats use: a touched weight whose scheme is not re-encodable needs --dequantize."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from streammerge.errors import PlanError
+    from streammerge.formats.base import QuantIndex, QuantizedWeight, QuantScheme
+    from streammerge.plan import LoraTerm, Step, TensorRef, TensorTask
+    from streammerge.plan.quantized import apply_quantization
+
+    scheme = QuantScheme("fp8-block", "block", (128, 128), "F32", "F32", 1.0, reencodable=False)
+    qw = QuantizedWeight("m.weight", (256, 256), (("weight", "m.weight"), ("scale", "m.weight_scale_inv")), scheme)
+    refs = {"m.weight": TensorRef("f", "m.weight", "F8_E4M3", (256, 256), 0),
+            "m.weight_scale_inv": TensorRef("f", "m.weight_scale_inv", "F32", (2, 2), 65536)}
+    index = QuantIndex("fp8-block", MappingProxyType({"m.weight": qw}), MappingProxyType({"quant_method": "fp8"}))
+    lora = LoraTerm("linear", TensorRef("a", "A", "F32", (4, 256), 0), TensorRef("a", "B", "F32", (256, 4), 0), 2.0)
+    merged = TensorTask("m.weight", "F8_E4M3", (256, 256), refs["m.weight"], (Step((lora,), "once"),), "merge")
+    copied = {n: TensorTask(n, r.dtype, r.shape, r) for n, r in refs.items()}
+    with pytest.raises(PlanError, match="cannot write back in its fp8-block format; pass --dequantize"):
+        apply_quantization(index, {}, {**copied, "m.weight": merged}, refs, dequantize=False)
+    tasks = {**copied, "m.weight": merged}
+    drop, updates, removals, _ = apply_quantization(index, {}, tasks, refs, dequantize=True)
+    assert drop == {"m.weight_scale_inv"} and removals == ("quantization_config",) and updates == ()
+    assert tasks["m.weight"].dtype == "BF16" and not tasks["m.weight"].quant.encode
+    untouched = {**copied}
+    apply_quantization(replace(index), {}, untouched, refs, dequantize=False)  # nothing touched: plain copies
+    assert all(t.is_raw_copy for t in untouched.values())

@@ -61,7 +61,7 @@ class QuantScheme:
     scale_dtype: str  # safetensors code of the scale part
     product_dtype: str  # dtype the product codes·scale is rounded to before the output cast
     zero_scale: float  # scale stored for an all-zero cell on encode
-    reencodable: bool = True  # can a merged weight be written back in this scheme?
+    reencodable: bool = True  # can a merged weight be written back in this scheme? (else: refused without --dequantize)
 
     @property
     def row_align(self) -> int:
@@ -72,11 +72,6 @@ class QuantScheme:
     def whole_tensor_scale(self) -> bool:
         """True when a fresh scale depends on every row (per-tensor): encoding needs a pre-pass."""
         return self.strategy == "tensor"
-
-    @property
-    def decode_bytes_per_element(self) -> int:
-        """Scratch per element while decoding/encoding a block (fp32 product; padded amax copy)."""
-        return 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,9 +111,8 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
     dropped, removals, quantization = set(draft.drop), (), None
     if ctx.ckpt.quant is not None:
         stored = {name: tensor_ref(ctx.ckpt.shards[i], info) for name, (i, info) in ctx.ckpt.locate().items()}
-        gone, removals, updates, quantization = apply_quantization(
-            ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name, stored, options.dequantize
-        )
+        gone, updates, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name,
+                                                                   stored, options.dequantize)
         dropped |= gone
         draft.config_updates.update(updates)
         warnings.extend(advice(ctx.ckpt.quant, options.dequantize))

@@ -92,22 +92,25 @@ def apply_quantization(
     tasks: MutableMapping[str, TensorTask],
     stored: Mapping[str, TensorRef],
     dequantize: bool,
-) -> tuple[set[str], tuple[str, ...], dict[str, object], QuantSummary]:
+) -> tuple[set[str], tuple[tuple[str, object], ...], tuple[str, ...], QuantSummary]:
     """Rewrite ``tasks`` (by name, in place) for a quantized base.
 
     ``stored`` maps stored tensor names to their refs. A weight whose logical slot differs from its codes
     (``is_logical``) is written, when decoded, under its logical name in its codes' place. Keeping the format,
-    a touched weight of a format that cannot re-encode it (``scheme.reencodable`` False: MXFP4) is written
-    decoded, with the weights ``written_together`` with it, and the format's ``output_config`` says so.
-    Returns the stored tensors dropped, the config keys removed, the config keys updated, and the summary.
+    a touched weight of a format that cannot re-encode it (``scheme.reencodable`` False) is written decoded
+    when the format can declare it unquantized (``written_together``: MXFP4's ``modules_to_not_convert``),
+    else refused. Returns the stored tensors to drop, the config updates and the config keys to remove
+    (from ``BaseFormat.output_config``), and the summary ``--dry-run`` prints.
 
     Raises:
-        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), or the format
-            cannot be kept (``output_config`` refuses: bitsandbytes, GPTQ, AWQ).
+        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), changes a
+            weight its format cannot re-encode nor declare (without ``dequantize``), or the format cannot be
+            kept at all (``output_config`` refuses: bitsandbytes, GPTQ, AWQ).
     """
     dtype = compute_dtype(config)
-    decoded, updates = _decoded(quant, tasks, dequantize)
+    decoded = _decoded(quant, tasks, dequantize, dtype)
     drop: set[str] = set()
+    touched: set[str] = set()  # re-encoded in the base's scheme
     names: list[str] = []
     for qw in quant.weights.values():
         names += [name for _, name in qw.parts]
@@ -120,17 +123,15 @@ def apply_quantization(
                 "into quantized weights only: merge into the 16-bit base instead"
             )
         parts = tuple((role, stored[name]) for role, name in qw.parts)
+        if logical and qw.name != codes:
+            del tasks[qw.name]  # decoded: written in its codes' place under its own name; kept: parts copied raw
         if qw.name in decoded:
-            source = QuantSource(qw, parts, dtype, encode=False)
             kind = "merge" if task.steps else "dequantize"
-            if logical and qw.name != codes:
-                del tasks[qw.name]  # written in its codes' place, under its own name
-            tasks[codes] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind, source)
+            tasks[codes] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind,
+                                      QuantSource(qw, parts, dtype, encode=False))
             drop.update(qw.companions)
-        elif logical:
-            if qw.name != codes:
-                del tasks[qw.name]  # kept as stored: its parts are raw copies
-        elif task.steps:
+        elif task.steps and not logical:  # re-encodable (``_decoded`` took or refused the others)
+            touched.add(qw.name)
             tasks[qw.name] = TensorTask(qw.name, task.dtype, task.shape, task.source, task.steps, "merge",
                                         QuantSource(qw, parts, dtype, encode=True))
             for role, name in qw.parts:
@@ -143,24 +144,34 @@ def apply_quantization(
     names += quant.extras
     for name in drop:
         del tasks[name]
-    removals = (QUANT_KEY,) if dequantize else ()
-    return drop, removals, updates, QuantSummary(quant.format, dequantize, tuple(names))
+    qc = registry.format_named(quant.format).output_config(quant.config, dequantize, frozenset(decoded | touched))
+    updates: tuple[tuple[str, object], ...] = ()
+    removals: tuple[str, ...] = ()
+    if qc is None:
+        removals = (QUANT_KEY,)
+    elif qc != dict(quant.config):
+        updates = ((QUANT_KEY, qc),)
+    return drop, updates, removals, QuantSummary(quant.format, dequantize, tuple(names))
 
 
-def _decoded(
-    quant: QuantIndex, tasks: Mapping[str, TensorTask], dequantize: bool
-) -> tuple[set[str], dict[str, object]]:
-    """The weights written decoded, and the config update keeping the format needs (``output_config``)."""
+def _decoded(quant: QuantIndex, tasks: Mapping[str, TensorTask], dequantize: bool, dtype: str) -> set[str]:
+    """The weights written decoded (all with ``dequantize``; else the touched ones a format cannot re-encode,
+    with the weights ``written_together`` with them)."""
     if dequantize:
-        return set(quant.weights), {}
+        return set(quant.weights)
     fmt = registry.format_named(quant.format)
+    together = getattr(fmt, "written_together", None)
     decoded: set[str] = set()
     for qw in quant.weights.values():
         if tasks[qw.name].steps and not qw.scheme.reencodable:
-            together = getattr(fmt, "written_together", None)
-            decoded.update(together(quant, qw.name) if together else (qw.name,))
-    kept = fmt.output_config(quant.config, False, frozenset(decoded))  # raises when the format cannot be kept
-    return decoded, ({QUANT_KEY: kept} if kept is not None and kept != dict(quant.config) else {})
+            if together is None:
+                fmt.output_config(quant.config, False, frozenset())  # a format that cannot be kept says so first
+                raise PlanError(
+                    f"the adapter changes quantized weight {qw.name!r}, which streammerge cannot write back in its "
+                    f"{qw.scheme.format} format; pass --dequantize to write the merged checkpoint in {dtype}"
+                )
+            decoded.update(together(quant, qw.name))
+    return decoded
 
 
 def advice(quant: QuantIndex, dequantize: bool) -> list[str]:

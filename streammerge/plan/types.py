@@ -220,7 +220,7 @@ class TensorTask:
           ROW_ALIGN: blocks slice A's columns, and MKL's fp32 sums then differ from the whole product for
           widths up to 11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small;
         * a combination that ranks elements over the whole tensor (ties, magnitude_prune);
-        * a tuner update whose rows are not independent (``Update.row_blocks``: rotations, FFTs, Kronecker).
+        * a tuner update whose rows are not independent (``Update.row_blocks``: rotations, FFTs, Kronecker);
         * a quantized companion (a fresh scale): one piece, computed by walking the weight's row blocks.
         """
         if self.quant is not None and self.quant.role != CODES:
@@ -284,7 +284,9 @@ class Plan:
         return tuple(t for s in self.shards for t in s.tasks)
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(("merge", "replace", "add", "copy", "dequantize", "rescale"), 0)
+        """Tasks by kind (merge, replace, add, copy; and dequantize, rescale for a quantized base), and drops."""
+        kinds = ("merge", "replace", "add", "copy") + (("dequantize", "rescale") if self.quantization else ())
+        out = dict.fromkeys(kinds, 0)
         for t in self.tasks():
             out[t.kind] += 1
         out["drop"] = len(self.dropped)
