@@ -18,7 +18,7 @@ import torch
 from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.checkpoint import Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
@@ -360,8 +360,8 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
                                  plan.config_removals)
         if plan.write_index:
-            write_index(out, plan.index_json())
-            files.append(INDEX_NAME)
+            write_index(out, plan.index_json(), plan.index_name)
+            files.append(plan.index_name)
         progress.finish(files)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume

@@ -1,8 +1,8 @@
 """GPT-OSS: PEFT ``target_parameters`` on experts stored fused on disk, in bf16 and decoded from MXFP4.
 
 * bf16 GPT-OSS stores ``experts.gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H) as in memory; PEFT reads
-  them (E, in, out) (``is_transposed`` experts) and merges ``P + rnd(ΔP)``. streammerge's output is compared
-  byte for byte with ``PeftModel.merge_and_unload().save_pretrained``.
+  them (E, in, out) (``is_transposed`` experts) and merges ``P + rnd(ΔP)`` (``tuners.experts`` fused-on-disk
+  path). streammerge's output is compared byte for byte with ``PeftModel.merge_and_unload().save_pretrained``.
 * MXFP4 GPT-OSS: the checkpoint decoded by ``formats.mxfp4`` through the format protocol (row block by row
   block, as the executor asks) and then merged is bit-identical to transformers' own route,
   ``Mxfp4Config(dequantize=True)`` + PEFT ``merge_and_unload`` + ``save_pretrained``.
@@ -20,8 +20,6 @@ from safetensors.torch import load_file, save_file
 from test_formats_quant_bases import _decode, _detect
 
 import streammerge
-from streammerge.kernel import Factors, expert_delta
-from streammerge.plan.types import FUSED, ExpertSlice
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -86,16 +84,3 @@ def test_mxfp4_decoded_then_merged_equals_transformers_and_peft(mxfp4_case, tmp_
     _assert_same(tmp_path / "out", ref)
     assert "quantization_config" not in json.loads((ref / "config.json").read_text())
 
-
-@pytest.mark.parametrize("layout", ["expert", "expert_t"])
-def test_fused_expert_rows_are_peft_delta_rows(layout):
-    """Rows of a FUSED term are experts: ΔP[r0:r1] of PEFT's einsum, on a shape past the whole-delta cut."""
-    n, r, d1, d2 = 4, 8, 256, 320
-    g = torch.Generator().manual_seed(7)
-    a = torch.randn(r * n, d2 if layout == "expert" else d1, generator=g)
-    b = torch.randn(d1 if layout == "expert" else d2, r * n, generator=g)
-    spec = "o r e, e r i -> e o i" if layout == "expert" else "o r e, e r i -> e i o"
-    peft = torch.einsum(spec, b.reshape(b.shape[0], -1, n), a.reshape(n, -1, a.shape[1]))  # (E, d1, d2)
-    f = Factors(layout, a, b, 1.0, expert=ExpertSlice(FUSED, n, 0))
-    for r0, r1 in ((0, n), (1, 3), (3, 4)):
-        assert torch.equal(expert_delta(f, r0, r1), peft[r0:r1])

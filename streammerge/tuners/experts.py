@@ -27,7 +27,7 @@ from streammerge.adapter import AdapterConfig
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext
 from streammerge.plan.targeting import check_float
-from streammerge.plan.types import FUSED, ExpertSlice, LoraTerm, Step
+from streammerge.plan.types import ExpertSlice, LoraTerm, Step
 
 #: Fused expert parameters of transformers v5 MoE ``experts`` modules, in registration order
 #: (``MixtralExperts``, ``Qwen2MoeExperts`` and the other "qwen2_moe"-pattern models declare gate_up_proj first).
@@ -70,10 +70,6 @@ _V4_EXPERT = re.compile(r"\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)
 _V4_GATE_UP = re.compile(r"\.experts\.\d+\.(w1|w3|gate_proj|up_proj)$")
 _V4_ROUTER = re.compile(r"\.(block_sparse_moe|mlp)\.gate$")
 
-#: model_types whose experts modules are ``is_transposed`` (transformers ``use_experts_implementation``): their 3-D
-#: parameters are (E, in, out) and PEFT's ``ParamWrapper`` reads them so, whatever its version.
-TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "openai_privacy_filter"})
-
 #: ``peft_version`` from which 3-D parameters stored (E, out, in) are read that way (spec §6.6).
 SWAPPED_FROM = (0, 19, 1)
 
@@ -97,7 +93,8 @@ class ParamDelta:
     """What one wrapped parameter adds to one disk tensor.
 
     ``layout``: ``linear`` (2-D parameter, ΔW = B @ A · s), ``expert`` (P (E, out, in), peft ≥ 0.19.1) or
-    ``expert_t`` (P read as (E, in, out): peft 0.17–0.19.0).
+    ``expert_t`` (P read as (E, in, out): peft 0.17–0.19.0) onto one per-expert disk tensor; ``fused`` /
+    ``fused_t`` onto a 3-D disk tensor stored as P itself (E, out, in) / (E, in, out) (GPT-OSS).
     """
 
     target: str
@@ -112,12 +109,17 @@ class ParamDelta:
 def targeted_params(module: str, target_parameters: Iterable[str]) -> list[str]:
     """Parameters of ``module`` that ``target_parameters`` targets, in registration order when known.
 
-    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex).
+    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex)
+    over the parameters the module *has*. Without the model: the fused expert parameters belong to a module named
+    ``experts`` (PEFT 0.21 adds bare ``down_proj``/``gate_up_proj`` entries for DeepSeek-V3, which must not
+    make ``lm_head.down_proj`` of a plain ``lm_head`` LoRA).
     """
     found: list[str] = []
     for t in target_parameters:
         param = t.rpartition(".")[2]
         full = f"{module}.{param}"
+        if param in FUSED_PARAMS and module.rpartition(".")[2] != "experts":
+            continue
         if (full == t or full.endswith("." + t)) and param not in found:
             found.append(param)
     return sorted(found, key=lambda p: FUSED_PARAMS.index(p) if p in FUSED_PARAMS else len(FUSED_PARAMS))
@@ -170,7 +172,6 @@ def plan_wrapped(
     located: Mapping[str, tuple[int, TensorInfo]],
     aliases: Mapping[str, str],
     problems: list[str],
-    model_type: object = None,
 ) -> list[ParamDelta]:
     """The per-disk-tensor deltas of one wrapped parameter (empty, with ``problems`` filled, when it does not fit)."""
     a, b = infos[wp.a_key], infos[wp.b_key]
@@ -178,7 +179,7 @@ def plan_wrapped(
     rank = cfg.rank_for(wp.path)
     direct = naming.resolve(f"{wp.path}", located.keys(), aliases)
     if direct is not None and len(located[direct][1].shape) == 3:
-        return _plan_fused_disk(where, cfg, wp, a, b, rank, scale, direct, located[direct][1], model_type, problems)
+        return _plan_fused_on_disk(where, cfg, wp, a, b, rank, scale, direct, located[direct][1], aliases, problems)
     if direct is not None:
         return _plan_2d(where, wp, a, b, rank, scale, direct, located[direct][1], problems)
     disk = find_disk_experts(wp, located.keys(), aliases)
@@ -186,30 +187,43 @@ def plan_wrapped(
         problems.append(
             f"{where}: target_parameters LoRA {wp.a_key!r} adapts {wp.path!r}, which is neither in the base "
             f"checkpoint nor a fused expert tensor whose per-expert tensors are there"
-            f"{naming.suggest(wp.path, located.keys())}; is this adapter for a different base model?"
+            f"{naming.suggest(wp.path, located.keys(), aliases)}; is this adapter for a different base model?"
         )
         return []
     layout, names = disk
     return _plan_fused(where, cfg, wp, a, b, rank, scale, layout, names, located, problems)
 
 
-def _plan_fused_disk(where, cfg, wp, a, b, rank, scale, target, w, model_type, problems) -> list[ParamDelta]:
-    """A 3-D parameter stored fused as in memory (GPT-OSS ``experts.gate_up_proj`` (E, H, 2I), or its MXFP4
-    blocks decoded to that shape): one term on the whole tensor, whose rows are experts (``FUSED``)."""
+def _plan_fused_on_disk(where, cfg, wp, a, b, rank, scale, target, w, aliases, problems) -> list[ParamDelta]:
+    """A 3-D parameter the checkpoint stores fused as it is in memory (GPT-OSS ``experts.gate_up_proj`` (E, H, 2I),
+    ``down_proj`` (E, I, H)): PEFT's ΔP whole, then ``P + rnd(ΔP)``.
+
+    PEFT reads P as (E, out, in) unless the experts module is ``is_transposed`` (then (E, in, out)); the factors'
+    shapes tell which, and for a square parameter the model's rules do (``ModelRules.is_transposed``).
+    """
     n, d1, d2 = w.shape
     re_ = rank * n
-    as_out_in = a.shape == (re_, d2) and b.shape == (d1, re_)  # P read as (E, out, in)
-    as_in_out = a.shape == (re_, d1) and b.shape == (d2, re_)  # P read as (E, in, out)
-    if as_out_in and as_in_out:  # square: PEFT reads (E, in, out) for is_transposed experts, else by version
-        as_out_in = str(model_type) not in TRANSPOSED_EXPERTS and _version(cfg.raw.get("peft_version")) >= SWAPPED_FROM
-    elif not (as_out_in or as_in_out):
+    swapped = a.shape == (re_, d2) and b.shape == (d1, re_)  # P[e] is (out = d1, in = d2)
+    transposed = a.shape == (re_, d1) and b.shape == (d2, re_)  # P[e] is (in = d1, out = d2)
+    if swapped and transposed:
+        known = aliases.rules.is_transposed(wp.module) if isinstance(aliases, naming.Aliases) else None
+        if known is None:
+            problems.append(
+                f"{where}: {wp.path!r} is stored fused on disk as {target!r} {w.shape}, square per expert; without "
+                "the model's rules (transformers, or the table) streammerge cannot tell whether PEFT reads it as "
+                "(E, in, out) or (E, out, in): install transformers, or merge this adapter with PEFT"
+            )
+            return []
+        swapped = not known
+    elif not (swapped or transposed):
         problems.append(
-            f"{where}: target_parameters LoRA for {wp.path!r} has A {a.shape} and B {b.shape}; for base tensor "
-            f"{target!r} {w.shape} with r={rank} PEFT saves A {(re_, d1)} and B {(d2, re_)} (or A {(re_, d2)} and "
-            f"B {(d1, re_)}); check r / rank_pattern and the base model"
+            f"{where}: target_parameters LoRA for {wp.path!r} has A {a.shape} and B {b.shape}; for the fused tensor "
+            f"{target!r} {w.shape} with r={rank} PEFT saves A {(re_, d2)} and B {(d1, re_)} (experts (E, out, in)) "
+            f"or A {(re_, d1)} and B {(d2, re_)} (experts (E, in, out)); check r / rank_pattern and the base model"
         )
         return []
-    return [ParamDelta(target, "expert" if as_out_in else "expert_t", a, b, scale, wp.path, ExpertSlice(FUSED, n, 0))]
+    layout = "fused" if swapped else "fused_t"
+    return [ParamDelta(target, layout, a, b, scale, wp.path, ExpertSlice(0, n, 0))]
 
 
 def _plan_2d(where, wp, a, b, rank, scale, target, w, problems) -> list[ParamDelta]:
@@ -334,8 +348,7 @@ def plan_param_wrappers(ctx: PlanContext, src: AdapterInput, draft: Draft, by_mo
     """PEFT ``target_parameters`` (``ParamWrapper``): ``P + rnd(ΔP)``, fused experts de-fused per disk tensor."""
     cfg = src.adapter.config
     for wp in take_param_wrappers(src.where, by_module, cfg.raw["target_parameters"], draft.problems):
-        for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems,
-                              ctx.model_type):
+        for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems):
             term = LoraTerm(d.layout, src.ref(d.a), src.ref(d.b), d.scale, origin=d.origin, expert=d.expert)
             check_float(ctx, src, draft, d.target, ctx.info(d.target))
             draft.add_step(d.target, naming.module_order(wp.module), src.index, Step((term,), "delta_first"))
