@@ -98,14 +98,14 @@ def test_dequantize_is_transformers_dequantized_load_plus_peft_merge(bases, tmp_
     assert "quantization_config" not in config and config.get("torch_dtype", config.get("dtype")) == "bfloat16"
 
 
-def test_dequantize_partial_edge_blocks_is_reference_dequantizer_plus_peft_merge(bases, tmp_path):
-    """DeepSeek-shaped 128×128 blocks over 256×320 weights: the reference is compressed-tensors'
-    FP8BlockDequantizer (what DeepSeek's weight_dequant computes) written as a bf16 base, then PEFT."""
+def _reference_dequantized(fp8_base: Path, ref_base: Path) -> Path:
+    """``fp8_base`` rewritten as a plain bf16 checkpoint by compressed-tensors' FP8BlockDequantizer (what
+    DeepSeek's weight_dequant computes), scales and quantization_config gone."""
     from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
 
-    deq = FP8BlockDequantizer(weight_block_size=(128, 128), dtype=torch.bfloat16)
-    ref_base = tmp_path / "ref_base"
-    shutil.copytree(bases["block128"], ref_base)
+    block = tuple(json.loads((fp8_base / "config.json").read_text())["quantization_config"]["weight_block_size"])
+    deq = FP8BlockDequantizer(weight_block_size=block, dtype=torch.bfloat16)
+    shutil.copytree(fp8_base, ref_base)
     for shard in sorted(ref_base.glob("*.safetensors")):
         t = load_file(shard)
         out = {n: deq._create_dequantized_weight(v, t[n + "_scale_inv"]).contiguous() if n + "_scale_inv" in t else v
@@ -117,10 +117,27 @@ def test_dequantize_partial_edge_blocks_is_reference_dequantizer_plus_peft_merge
     config = json.loads((ref_base / "config.json").read_text())
     del config["quantization_config"]
     (ref_base / "config.json").write_text(json.dumps(config))
+    return ref_base
 
+
+def test_dequantize_partial_edge_blocks_is_reference_dequantizer_plus_peft_merge(bases, tmp_path):
+    """DeepSeek-shaped 128×128 blocks over 256×320 weights: transformers cannot read partial edge blocks, so the
+    reference is the block dequantizer's bf16 base, then PEFT."""
+    ref_base = _reference_dequantized(bases["block128"], tmp_path / "ref_base")
     _merge(bases["block128"], bases["wide_adapter"], tmp_path / "ours", "--dequantize")
     ref = _peft_saved(ref_base, bases["wide_adapter"], tmp_path / "ref")
     _assert_same(load_checkpoint(tmp_path / "ours"), ref)
+
+
+def test_weighted_merge_of_two_adapters_into_fp8_is_the_merge_into_its_dequantized_base(bases, tmp_path):
+    """Combinations go through the same decode: --dequantize of a weighted two-adapter merge equals that merge
+    into the reference-dequantized bf16 base (whose parity with PEFT the combination tests establish)."""
+    second = testing.make_adapter(tmp_path / "a2", bases["wide"], targets=("q_proj", "o_proj"), seed=7)
+    ref_base = _reference_dequantized(bases["block128"], tmp_path / "ref_base")
+    args = ["--adapter", str(second), "--weights", "0.7,-0.3"]
+    _merge(bases["block128"], bases["wide_adapter"], tmp_path / "ours", "--dequantize", *args)
+    _merge(ref_base, bases["wide_adapter"], tmp_path / "ref", *args)
+    _assert_same(load_checkpoint(tmp_path / "ours"), load_checkpoint(tmp_path / "ref"))
 
 
 # ------------------------------------------------------------------------------------------------ keep the format

@@ -275,9 +275,9 @@ class Plan:
     config_updates: tuple[tuple[str, object], ...]
     warnings: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
-    index_name: str = INDEX_NAME  # the base's kind of index (``Checkpoint.index_name``)
     config_removals: tuple[str, ...] = ()  # config.json keys the output drops (quantization_config, --dequantize)
     quantization: QuantSummary | None = None
+    index_name: str = INDEX_NAME  # the base's kind of index (``Checkpoint.index_name``)
 
     def tasks(self) -> tuple[TensorTask, ...]:
         return tuple(t for s in self.shards for t in s.tasks)
