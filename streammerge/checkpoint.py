@@ -152,4 +152,19 @@ def detect_quantization(ckpt: Checkpoint) -> QuantIndex | None:
                         "into the full-precision (bf16/fp16) base instead"
                     )
     tensors = {t.name: t for shard in ckpt.shards for t in shard.tensors}
-    return registry.detect(ckpt.config, tensors, str(ckpt.root / "config.json"))
+    where = {t.name: shard for shard in ckpt.shards for t in shard.tensors}
+
+    def read(name: str) -> bytes:
+        """A small stored tensor's bytes (bitsandbytes' JSON quant states), read straight from its shard."""
+        shard, t = where[name], tensors[name]
+        try:
+            with open(shard.path, "rb") as f:
+                f.seek(shard.data_start + t.begin)
+                data = f.read(t.nbytes)
+        except OSError as e:
+            raise CheckpointError(f"{shard.path}: cannot read tensor {name!r} ({e.strerror or e})") from e
+        if len(data) != t.nbytes:
+            raise CheckpointError(f"{shard.path}: tensor {name!r} is truncated; re-download the file")
+        return data
+
+    return registry.detect(ckpt.config, tensors, str(ckpt.root / "config.json"), read)

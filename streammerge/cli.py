@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _subfolder_arg(m)
     _output_args(m)
     m.add_argument("--dequantize", action="store_true",
-                   help="quantized base (FP8): write every quantized weight in the config's torch_dtype and drop "
-                   "quantization_config; default keeps the format (merged weights re-quantized, fresh scales)")
+                   help="quantized base (FP8, MXFP4, bitsandbytes, GPTQ, AWQ): write every quantized weight in the "
+                   "config's torch_dtype and drop quantization_config; default keeps the format (FP8: merged weights "
+                   "re-quantized with fresh scales; MXFP4: touched experts in torch_dtype; bitsandbytes/GPTQ/AWQ "
+                   "need --dequantize)")
     _combination_args(m)
     _common(m)
 

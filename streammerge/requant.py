@@ -67,7 +67,11 @@ def decoded_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader) -> to
         p0, p1 = fmt.rows(q.weight, role, r0, r1)
         rows = reader.rows(ref, p0, p1) if ref.shape else reader.tensor(ref)
         parts[role] = rows
-    out = codecs.codec_for(q.weight.scheme.format).decode(q.weight, parts, torch_dtype(q.compute_dtype))
+    codec = codecs.codec_for(q.weight.scheme.format)
+    if hasattr(codec, "decode_rows"):  # parts span every row (packed across them): the codec slices [r0, r1)
+        out = codec.decode_rows(q.weight, parts, torch_dtype(q.compute_dtype), r0, r1)
+    else:
+        out = codec.decode(q.weight, parts, torch_dtype(q.compute_dtype))
     for role, ref in q.parts:
         reader.release(ref, *fmt.rows(q.weight, role, r0, r1))
     return out

@@ -20,10 +20,10 @@ from streammerge.adapter import Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.formats.dtypes import FLOAT_DTYPES
-from streammerge.formats.refs import TensorRef
+from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
-from streammerge.plan.quantized import apply_quantization
+from streammerge.plan.quantized import advice, apply_quantization
 from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
 from streammerge.plan.tuned import plan_tuned
@@ -113,11 +113,12 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
     dropped, removals, quantization = set(draft.drop), (), None
     if ctx.ckpt.quant is not None:
-        refs = {name: ctx.ref(name) for name in ctx.located}
+        stored = {name: tensor_ref(ctx.ckpt.shards[i], info) for name, (i, info) in ctx.ckpt.locate().items()}
         gone, updates, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name,
-                                                                   refs, options.dequantize)
+                                                                   stored, options.dequantize)
         dropped |= gone
         draft.config_updates.update(updates)
+        warnings.extend(advice(ctx.ckpt.quant, options.dequantize))
 
     shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(
@@ -127,9 +128,9 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         config_updates=tuple(draft.config_updates.items()),
         warnings=tuple(warnings),
         dropped=tuple(sorted(dropped)),
+        index_name=ctx.ckpt.index_name,
         config_removals=removals,
         quantization=quantization,
-        index_name=ctx.ckpt.index_name,
     )
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from streammerge.errors import PlanError
 from streammerge.formats import registry
-from streammerge.formats.base import CODES, QuantIndex
+from streammerge.formats.base import CODES, QuantIndex, QuantizedWeight
 from streammerge.formats.refs import TensorRef
+from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.types import QuantSource, TensorTask
 
 
@@ -64,64 +65,121 @@ def compute_dtype(config: Mapping[str, object]) -> str:
     return _DTYPES.get(name, "BF16") if isinstance(name, str) else "BF16"
 
 
+def is_logical(qw: QuantizedWeight, located: Mapping[str, tuple[int, TensorInfo]]) -> bool:
+    """True when the weight is not stored under its own name and shape (GPTQ ``qweight``, MXFP4 ``_blocks``,
+    bitsandbytes' packed bytes): the planner then targets a logical slot, and the codes keep their own name."""
+    codes = located.get(qw.part(CODES))
+    return qw.name != qw.part(CODES) or codes is None or codes[1].shape != qw.shape
+
+
+def logical_slots(
+    quant: QuantIndex, config: Mapping[str, object], located: Mapping[str, tuple[int, TensorInfo]]
+) -> dict[str, tuple[int, TensorInfo]]:
+    """The slot each logically-named quantized weight has for planning: its logical name and shape in the
+    compute dtype, in its codes' shard at its codes' offsets (never read: a ``QuantSource`` reads the parts)."""
+    dtype = compute_dtype(config)
+    out = {}
+    for qw in quant.weights.values():
+        if is_logical(qw, located):
+            shard, codes = located[qw.part(CODES)]
+            out[qw.name] = (shard, TensorInfo(qw.name, dtype, qw.shape, codes.begin, codes.end))
+    return out
+
+
 def apply_quantization(
     quant: QuantIndex,
     config: Mapping[str, object],
     tasks: MutableMapping[str, TensorTask],
-    ref: Mapping[str, TensorRef],
+    stored: Mapping[str, TensorRef],
     dequantize: bool,
 ) -> tuple[set[str], tuple[tuple[str, object], ...], tuple[str, ...], QuantSummary]:
     """Rewrite ``tasks`` (by name, in place) for a quantized base.
 
-    ``ref`` maps stored tensor names to their refs. Returns the stored tensors to drop, the config updates and
-    the config keys to remove (from ``BaseFormat.output_config``), and the summary ``--dry-run`` prints.
+    ``stored`` maps stored tensor names to their refs. A weight whose logical slot differs from its codes
+    (``is_logical``) is written, when decoded, under its logical name in its codes' place. Keeping the format,
+    a touched weight of a format that cannot re-encode it (``scheme.reencodable`` False) is written decoded
+    when the format can declare it unquantized (``written_together``: MXFP4's ``modules_to_not_convert``),
+    else refused. Returns the stored tensors to drop, the config updates and the config keys to remove
+    (from ``BaseFormat.output_config``), and the summary ``--dry-run`` prints.
 
     Raises:
-        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), or changes a
-            weight its format cannot re-encode (without ``dequantize``).
+        PlanError: an adapter replaces a quantized weight with a full tensor (``modules_to_save``), changes a
+            weight its format cannot re-encode nor declare (without ``dequantize``), or the format cannot be
+            kept at all (``output_config`` refuses: bitsandbytes, GPTQ, AWQ).
     """
     dtype = compute_dtype(config)
+    decoded = _decoded(quant, tasks, dequantize, dtype)
     drop: set[str] = set()
-    stored: list[str] = []
-    touched: set[str] = set()
+    touched: set[str] = set()  # re-encoded in the base's scheme
+    names: list[str] = []
     for qw in quant.weights.values():
-        stored += [name for _, name in qw.parts]
+        names += [name for _, name in qw.parts]
+        codes = qw.part(CODES)
+        logical = qw.name != codes or stored[codes].shape != qw.shape
         task = tasks[qw.name]
-        if task.source.name != qw.part(CODES):
+        if task.source.name not in (codes, qw.name) or (logical and task.source.shape != qw.shape):
             raise PlanError(
                 f"the adapter replaces quantized weight {qw.name!r} with a full tensor; streammerge merges deltas "
                 "into quantized weights only: merge into the 16-bit base instead"
             )
-        parts = tuple((role, ref[name]) for role, name in qw.parts)
-        if dequantize:
-            source = QuantSource(qw, parts, dtype, encode=False)
+        parts = tuple((role, stored[name]) for role, name in qw.parts)
+        if logical and qw.name != codes:
+            del tasks[qw.name]  # decoded: written in its codes' place under its own name; kept: parts copied raw
+        if qw.name in decoded:
             kind = "merge" if task.steps else "dequantize"
-            tasks[qw.name] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind, source)
+            tasks[codes] = TensorTask(qw.name, dtype, qw.shape, task.source, task.steps, kind,
+                                      QuantSource(qw, parts, dtype, encode=False))
             drop.update(qw.companions)
-        elif task.steps:
-            if not qw.scheme.reencodable:
-                raise PlanError(
-                    f"the adapter changes quantized weight {qw.name!r}, which streammerge cannot write back in its "
-                    f"{qw.scheme.format} format; pass --dequantize to write the merged checkpoint in {dtype}"
-                )
+        elif task.steps and not logical:  # re-encodable (``_decoded`` took or refused the others)
             touched.add(qw.name)
             tasks[qw.name] = TensorTask(qw.name, task.dtype, task.shape, task.source, task.steps, "merge",
                                         QuantSource(qw, parts, dtype, encode=True))
             for role, name in qw.parts:
                 if role != CODES:
-                    part = ref[name]
+                    part = stored[name]
                     tasks[name] = TensorTask(name, part.dtype, part.shape, task.source, task.steps, "rescale",
                                              QuantSource(qw, parts, dtype, encode=True, role=role))
     if dequantize:
         drop.update(quant.extras)
-    stored += quant.extras
+    names += quant.extras
     for name in drop:
         del tasks[name]
-    qc = registry.format_named(quant.format).output_config(quant.config, dequantize, frozenset(touched))
+    qc = registry.format_named(quant.format).output_config(quant.config, dequantize, frozenset(decoded | touched))
     updates: tuple[tuple[str, object], ...] = ()
     removals: tuple[str, ...] = ()
     if qc is None:
         removals = (QUANT_KEY,)
     elif qc != dict(quant.config):
         updates = ((QUANT_KEY, qc),)
-    return drop, updates, removals, QuantSummary(quant.format, dequantize, tuple(stored))
+    return drop, updates, removals, QuantSummary(quant.format, dequantize, tuple(names))
+
+
+def _decoded(quant: QuantIndex, tasks: Mapping[str, TensorTask], dequantize: bool, dtype: str) -> set[str]:
+    """The weights written decoded (all with ``dequantize``; else the touched ones a format cannot re-encode,
+    with the weights ``written_together`` with them)."""
+    if dequantize:
+        return set(quant.weights)
+    fmt = registry.format_named(quant.format)
+    together = getattr(fmt, "written_together", None)
+    decoded: set[str] = set()
+    for qw in quant.weights.values():
+        if tasks[qw.name].steps and not qw.scheme.reencodable:
+            if together is None:
+                fmt.output_config(quant.config, False, frozenset())  # a format that cannot be kept says so first
+                raise PlanError(
+                    f"the adapter changes quantized weight {qw.name!r}, which streammerge cannot write back in its "
+                    f"{qw.scheme.format} format; pass --dequantize to write the merged checkpoint in {dtype}"
+                )
+            decoded.update(together(quant, qw.name))
+    return decoded
+
+
+def advice(quant: QuantIndex, dequantize: bool) -> list[str]:
+    """The warning a dequantized merge of a format that cannot be re-encoded deserves (its rounding stays)."""
+    if not dequantize or all(qw.scheme.reencodable for qw in quant.weights.values()):
+        return []
+    return [
+        f"the base is {quant.format}-quantized: the merge is exact on its dequantized weights, but their "
+        "quantization error stays in the output; if you have the 16-bit model it was quantized from, merging "
+        "into that is better: pass its directory as --base (the adapter's base_model_name_or_path often names it)"
+    ]
