@@ -61,6 +61,7 @@ class QuantScheme:
     scale_dtype: str  # safetensors code of the scale part
     product_dtype: str  # dtype the product codes·scale is rounded to before the output cast
     zero_scale: float  # scale stored for an all-zero cell on encode
+    pow2_scale: bool = False  # fresh scales are powers of two (block FP8 ``scale_fmt: ue8m0``)
     reencodable: bool = True  # can a merged weight be written back in this scheme? (else: refused without --dequantize)
 
     @property
