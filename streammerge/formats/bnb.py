@@ -73,13 +73,18 @@ def dequantize_4bit(
     ``code[nibble_i] · absmax[i // blocksize]`` in F32, rounded once to ``dtype`` (bitsandbytes' CPU kernel).
     """
     raw = packed.reshape(-1).view(torch.uint8)
-    codes = torch.empty(raw.numel() * 2, dtype=torch.int64, device=raw.device)
-    codes[0::2] = (raw >> 4).to(torch.int64)  # first value: high nibble
-    codes[1::2] = (raw & 0x0F).to(torch.int64)
+    codes = torch.empty(raw.numel() * 2, dtype=torch.uint8, device=raw.device)
+    codes[0::2] = raw >> 4  # first value: high nibble
+    codes[1::2] = raw & 0x0F
     skip = first % 2
-    codes = codes[skip : skip + count]
-    block = (torch.arange(first, first + count, device=raw.device) // state.blocksize)
-    vals = code_table(state.quant_type).to(raw.device)[codes] * absmax[block]  # F32 (count,)
+    vals = code_table(state.quant_type).to(raw.device)[codes[skip : skip + count].to(torch.int32)]  # F32 (count,)
+    bs = state.blocksize
+    if first % bs == 0:  # the executor's blocks start on a block: scale whole blocks, no per-value index
+        b0, full = first // bs, count // bs
+        vals[: full * bs].view(full, bs).mul_(absmax[b0 : b0 + full, None])
+        vals[full * bs :].mul_(absmax[b0 + full] if count > full * bs else 1.0)
+    else:
+        vals.mul_(absmax[torch.arange(first, first + count, device=raw.device) // bs])
     return vals.to(dtype)
 
 
