@@ -21,7 +21,7 @@ from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
-from streammerge.output import check_output, prepare_output, write_index, write_side_files
+from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
 from streammerge.plan import (
     CombineOptions,
     Plan,
@@ -59,12 +59,22 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    operation: str = "merge"  # or "unmerge": then ``tensors_merged`` counts the tensors unmerged
+    bytes_kept: int = 0  # --resume: bytes of finished shards kept from an earlier run (not in bytes_written)
+    base: str = ""  # the base (merge) or merged (unmerge) checkpoint read
+    adapters: tuple[str, ...] = ()
+    already_complete: bool = False  # a resume found this very output finished: nothing was written
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
+        done = "unmerged" if self.operation == "unmerge" else "merged"
+        counts = (f"{self.tensors_merged} {done}, {self.tensors_replaced} replaced, {self.tensors_added} added, "
+                  f"{self.tensors_copied} copied, {self.tensors_dropped} dropped")
+        if self.already_complete:
+            return f"{self.out}: already complete; nothing written ({counts}, {self.shards} shard(s) checked)"
+        kept = f", kept {self.bytes_kept / 1e9:.3f} GB from the earlier run" if self.bytes_kept else ""
         return (
-            f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
-            f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
+            f"{counts}; {verb} {self.bytes_written / 1e9:.3f} GB{kept} "
             f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
         )
 
@@ -240,55 +250,81 @@ def _run_plan(
     options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
     on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+    extra_warnings: Sequence[str] = (),
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
     dev = resolve_device(device)
     execute.check_budget(plan, max_memory)
-    if resume and overwrite:
-        raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
-    check_output(out, inputs, overwrite=overwrite or resume)
-    for warning in plan.warnings:
+    check_output(out, inputs, overwrite=overwrite, resume=resume)
+    for warning in (*plan.warnings, *extra_warnings):
         LOG.warning("%s", warning)
-    written = 0
+    written = kept = 0
+    complete = False
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
         identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
-        written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
-                         on_progress=on_progress)
+        if resume:
+            resume = _resumable(out, identity, overwrite=overwrite)
+        written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
+                               on_progress=on_progress, warnings=(*plan.warnings, *extra_warnings))
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
-        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
-        dry_run=dry_run,
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes if dry_run else written,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
+        warnings=(*plan.warnings, *extra_warnings), dry_run=dry_run, operation=str(options["operation"]),
+        bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded), already_complete=complete,
+    )
+
+
+def _resumable(out: Path, identity: manifest.Identity, *, overwrite: bool) -> bool:
+    """Whether ``resume`` may keep anything in ``out``: False when it holds a complete output of other inputs or
+    options and ``overwrite`` allows replacing it. Without ``overwrite`` such an output is refused, untouched."""
+    doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
+    if doc is None or (out / manifest.PROGRESS_NAME).exists() or manifest.same_recipe(doc, identity):
+        return True
+    if overwrite:
+        LOG.info("resume: %s holds a complete output of other inputs or options; replacing it (overwrite)", out)
+        return False
+    raise OutputError(
+        f"{out}: holds a complete streammerge output made from other inputs or options "
+        f"({manifest.recipe_difference(doc, identity)}); `resume` does not replace it: pass `overwrite` as well "
+        "to replace it, or choose another `out`"
     )
 
 
 def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
-           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None,
+           warnings: Sequence[str] = ()) -> tuple[int, int, bool]:
     """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
+    Returns (bytes written, bytes of shards kept, whether a resume found the output already complete).
 
     On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
     shards and their progress record stay, for ``--resume``; temporary files are removed. On an
     input problem found while executing (a non-finite result, a base file that changed) a
     directory this run created is removed.
     """
-    created = prepare_output(out, overwrite=overwrite)
+    created = prepare_output(out, overwrite=overwrite and not resume)
     try:
         progress = manifest.Progress.start(out, identity, plan, resume=resume)
-        todo = [s for s in plan.shards if s.filename not in progress.kept]
         kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
+        if progress.complete:
+            LOG.info("resume: %s is already complete; nothing written", out)
+            return 0, kept_bytes, True
+        todo = [s for s in plan.shards if s.filename not in progress.kept]
         with TensorReader() as reader:
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
+        progress.expect_files([*side_file_names(ckpt.root, tokenizer_roots, ckpt.config),
+                               *([INDEX_NAME] if plan.write_index else [])])
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
         if plan.write_index:
             write_index(out, plan.index_json())
             files.append(INDEX_NAME)
-        progress.finish(files)
+        progress.finish(files, warnings)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
             manifest.remove_temporaries(out)
@@ -298,7 +334,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
     except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it), or a bug: a resumable state stays
         manifest.remove_temporaries(out)
         raise
-    return written + kept_bytes
+    return written, kept_bytes, False
 
 
 def _cleanup(out: Path, created: bool) -> None:

@@ -175,6 +175,8 @@ class Progress:
         self._ids = {s.filename: identity.shard(s) for s in plan.shards}
         self._done: dict[str, dict] = dict(kept)
         self.kept = frozenset(kept)
+        self._files: list[str] = []
+        self.complete = False  # set by ``start``: a resume found this merge already finished; nothing to write
 
     @classmethod
     def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool) -> Progress:
@@ -187,10 +189,31 @@ class Progress:
         if resume:
             kept = cls._reusable(out, identity, plan)
         progress = cls(out, identity, plan, kept)
+        if resume and progress._already_complete():
+            return progress
         progress._save()
         if resume:
             progress._remove_others()
         return progress
+
+    def _already_complete(self) -> bool:
+        """True when ``out`` is this very merge, finished: every shard kept, every listed file intact."""
+        doc = read_json_file(self.out / MANIFEST_NAME)
+        if doc is None or (self.out / PROGRESS_NAME).exists() or len(self.kept) != len(self.plan.shards):
+            return False
+        if not same_recipe(doc, self.identity):
+            return False
+        files = doc.get("files")
+        if not isinstance(files, list):
+            return False
+        for rec in files:
+            name = rec.get("file") if isinstance(rec, dict) else None
+            if not _plain_name(name) or not (self.out / name).is_file():
+                return False
+            if file_sha256(self.out / name) != rec.get("sha256"):
+                return False
+        self.complete = True
+        return True
 
     @classmethod
     def _reusable(cls, out: Path, identity: Identity, plan: Plan) -> dict[str, dict]:
@@ -202,8 +225,8 @@ class Progress:
         progress, manifest = read_json_file(out / PROGRESS_NAME), read_json_file(out / MANIFEST_NAME)
         if names and progress is None and manifest is None:
             raise OutputError(
-                f"{out}: --resume found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
-                "to resume; choose a new --out, or pass --overwrite to replace its contents"
+                f"{out}: `resume` found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
+                "to resume; choose a new or empty `out`"
             )
         candidates: dict[str, list[dict]] = {}
         for rec in _records(progress) + _records(manifest):
@@ -225,15 +248,15 @@ class Progress:
         return kept
 
     def _remove_others(self) -> None:
-        """Delete everything but the kept shards and the progress record (a fresh run would not have it)."""
-        for name in _entries(self.out):
-            if name in self.kept or name == PROGRESS_NAME:
-                continue
-            path = self.out / name
-            if path.is_dir() and not path.is_symlink():
-                raise OutputError(f"{path}: unexpected directory in a streammerge output; remove it and rerun")
-            _unlink(path)
-        fsync_dir(self.out)
+        """Delete what streammerge wrote, but the kept shards and the progress record (a fresh run would not
+        have it). The manifest goes first. Files streammerge did not write are never touched (the caller
+        refused to start when there were any)."""
+        remove_owned(self.out, keep=self.kept | {PROGRESS_NAME})
+
+    def expect_files(self, names: Iterable[str]) -> None:
+        """Record the side files about to be written, so that ``--overwrite`` knows them as ours if we stop."""
+        self._files = sorted(set(names))
+        self._save()
 
     def record(self, shard: ShardPlan, sha256: str) -> None:
         """Note ``shard`` as committed (called after its file was renamed into place)."""
@@ -244,11 +267,17 @@ class Progress:
 
     def _save(self) -> None:
         doc = {"format": FORMAT, "complete": False, "shards": [self._done[s.filename] for s in self.plan.shards
-                                                               if s.filename in self._done]}
+                                                               if s.filename in self._done],
+               "files": [{"file": n} for n in self._files],
+               # every name this run may write, so that --overwrite/--resume know them as streammerge's even
+               # when a kill came between a shard's rename and its record
+               "planned": [{"file": s.filename} for s in self.plan.shards]}
         write_atomic(self.out / PROGRESS_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
-    def finish(self, files: Iterable[str]) -> dict:
-        """Write the manifest (last), then drop the progress record. Returns the manifest."""
+    def finish(self, files: Iterable[str], warnings: Sequence[str] = ()) -> dict:
+        """Write the manifest (last), then drop the progress record. Returns the manifest.
+
+        ``warnings`` (e.g. an unmerge forced past a check) are recorded in it for whoever reads it later."""
         missing = [s.filename for s in self.plan.shards if s.filename not in self._done]
         if missing:  # an internal invariant: write_shards wrote every shard not kept
             raise AssertionError(f"shards not written: {missing}")
@@ -261,10 +290,66 @@ class Progress:
             "files": [{"file": n, "size": (self.out / n).stat().st_size, "sha256": file_sha256(self.out / n)}
                       for n in files],
         }
+        if warnings:
+            doc["warnings"] = list(warnings)
         write_atomic(self.out / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
         _unlink(self.out / PROGRESS_NAME)
         fsync_dir(self.out)
         return doc
+
+
+def same_recipe(doc: Mapping[str, object], identity: Identity) -> bool:
+    """True when a manifest ``doc`` records the inputs and options of ``identity`` (the tool version aside)."""
+    want = json.loads(json.dumps({"inputs": identity.inputs, "options": identity.options}))
+    return {"inputs": doc.get("inputs"), "options": doc.get("options")} == want
+
+
+def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
+    """What differs between a manifest and ``identity``, in a few words (for an error message)."""
+    want = json.loads(json.dumps({"inputs": identity.inputs, "options": identity.options}))
+    inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else {}
+    what = [k for k in ("base", "adapters") if inputs.get(k) != want["inputs"][k]]
+    options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
+    what += [f"option {k}" for k in sorted(set(options) | set(want["options"]))
+             if options.get(k) != want["options"].get(k)]
+    return ", ".join(what) or "the recorded inputs"
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and name not in (".", "..")
+
+
+def owned_names(out: Path) -> set[str]:
+    """The entries of ``out`` that streammerge wrote: its records (``streammerge.json``, ``.streammerge-*``),
+    the files they list, and its temporaries. Directories are never streammerge's."""
+    names = set(_entries(out))
+    owned = {n for n in names if n == MANIFEST_NAME or n.startswith(".streammerge-") or is_temporary(n)}
+    for record in sorted(n for n in owned if n.endswith(".json")):
+        doc = read_json_file(out / record) or {}
+        for key in ("shards", "files", "planned"):
+            recs = doc.get(key)
+            for rec in recs if isinstance(recs, list) else ():
+                name = rec.get("file") if isinstance(rec, dict) else None
+                if _plain_name(name):
+                    owned.add(name)
+    return {n for n in owned & names if not ((out / n).is_dir() and not (out / n).is_symlink())}
+
+
+def foreign_names(out: Path) -> list[str]:
+    """Entries of ``out`` streammerge did not write (sorted; a directory ends with ``/``)."""
+    owned = owned_names(out)
+    return [n + ("/" if (out / n).is_dir() and not (out / n).is_symlink() else "")
+            for n in _entries(out) if n not in owned]
+
+
+def remove_owned(out: Path, keep: Iterable[str] = ()) -> None:
+    """Delete what streammerge wrote in ``out`` except ``keep``: the manifest first, so that the directory
+    never holds a manifest that does not describe it. Other files are left alone."""
+    keep = set(keep)
+    doomed = sorted(owned_names(out) - keep, key=lambda n: n != MANIFEST_NAME)
+    for name in doomed:
+        _unlink(out / name)
+    fsync_dir(out)
 
 
 def remove_temporaries(out: Path) -> None:
