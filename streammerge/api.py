@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from streammerge import execute, manifest
-from streammerge.adapter import Adapter, read_adapter
+from streammerge.adapter import CONFIG_NAME, Adapter, read_adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
-from streammerge.errors import OutputError, StreamMergeError
+from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
+from streammerge.provenance import check_unmerge
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
 from streammerge.plan import (
     CombineOptions,
@@ -31,12 +32,13 @@ from streammerge.plan import (
     build_unmerge_plan,
 )
 from streammerge.reader import TensorReader
+from streammerge.units import format_size
 
 LOG = logging.getLogger(__name__)
 
 #: Default working-memory budget for merge blocks (see ``execute``): with the interpreter and
 #: torch (~250 MB) a merge stays under 1 GB of RSS whatever the model size.
-DEFAULT_MAX_MEMORY = 512 * 2**20
+DEFAULT_MAX_MEMORY = 512 * 10**6
 
 PathLike = str | Path
 #: An adapter directory, or ``(directory, weight)`` for a weighted combination.
@@ -72,9 +74,9 @@ class MergeReport:
                   f"{self.tensors_copied} copied, {self.tensors_dropped} dropped")
         if self.already_complete:
             return f"{self.out}: already complete; nothing written ({counts}, {self.shards} shard(s) checked)"
-        kept = f", kept {self.bytes_kept / 1e9:.3f} GB from the earlier run" if self.bytes_kept else ""
+        kept = f", kept {format_size(self.bytes_kept)} from the earlier run" if self.bytes_kept else ""
         return (
-            f"{counts}; {verb} {self.bytes_written / 1e9:.3f} GB{kept} "
+            f"{counts}; {verb} {format_size(self.bytes_written)}{kept} "
             f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
         )
 
@@ -85,7 +87,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StreamMergeError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        raise StreamMergeError(f"`device` {device}: CUDA is not available here; use `device` cpu or auto")
     return dev
 
 
@@ -93,10 +95,21 @@ def _load(
     base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
-        raise StreamMergeError("no adapter given; pass --adapter DIR")
+        raise StreamMergeError("no adapter given; pass `adapters` DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
-    return read_checkpoint(base_path), loaded
+    LOG.debug("base checkpoint: %s", base_path.resolve())
+    return read_base(base_path, "base"), loaded
+
+
+def read_base(path: Path, argument: str) -> Checkpoint:
+    """``read_checkpoint``, first refusing a PEFT adapter directory given where a checkpoint belongs."""
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: is a PEFT adapter directory ({CONFIG_NAME}), not a base checkpoint; pass it as "
+            f"`adapters` and the model it was trained on as `{argument}`"
+        )
+    return read_checkpoint(path)
 
 
 def plan_merge(
@@ -146,7 +159,7 @@ def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> 
     if len(found) != 1:
         names = ", ".join(f"{i} ({a.root.name})" for i, a in enumerate(adapters))
         what = "names several adapters" if found else "is not one of the adapters"
-        raise StreamMergeError(f"--heads-from {text!r} {what}; use an index or directory name: {names}")
+        raise StreamMergeError(f"`heads_from` {text!r} {what}; use an index or directory name: {names}")
     return found[0]
 
 
@@ -160,7 +173,7 @@ def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] 
     method = combination or "cat"
     if method != "cat" and density is None:
         raise StreamMergeError(
-            f"--combination {method} needs --density (the fraction of each adapter's delta kept, e.g. 0.5)"
+            f"`combination` {method} needs `density` (the fraction of each adapter's delta kept, e.g. 0.5)"
         )
     combine = CombineOptions(
         weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
@@ -229,7 +242,7 @@ def merge(
         StreamMergeError: any bad input or output problem, with a one-line message.
     """
     if out is None:
-        raise StreamMergeError("no output directory given; pass --out DIR")
+        raise StreamMergeError("no output directory given; pass `out` DIR")
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
@@ -379,13 +392,14 @@ def iter_merged(
 
 
 def plan_unmerge(
-    merged: PathLike, adapter: PathLike, *, weight: float = 1.0, base: PathLike | None = None,
-    adapter_name: str | None = None, max_shard_size: int | None = None,
+    merged: PathLike, adapter: PathLike, *, weight: float | None = None, base: PathLike | None = None,
+    adapter_name: str | None = None, max_shard_size: int | None = None, force: bool = False,
 ) -> Plan:
-    """The frozen plan of :func:`unmerge`; reads no tensor and writes nothing."""
+    """The frozen plan of :func:`unmerge` (after its manifest checks); reads no tensor and writes nothing."""
     loaded = read_adapter(adapter, adapter_name)
+    check = check_unmerge(Path(merged), loaded, weight, force=force)
     original = read_checkpoint(Path(base)) if base is not None else None
-    return build_unmerge_plan(read_checkpoint(Path(merged)), loaded, weight, original,
+    return build_unmerge_plan(read_checkpoint(Path(merged)), loaded, check.weight, original,
                               PlanOptions(max_shard_size=max_shard_size))
 
 
@@ -394,7 +408,8 @@ def unmerge(
     adapter: PathLike,
     out: PathLike,
     *,
-    weight: float = 1.0,
+    weight: float | None = None,
+    force: bool = False,
     base: PathLike | None = None,
     adapter_name: str | None = None,
     device: str | torch.device = "auto",
@@ -410,6 +425,10 @@ def unmerge(
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
+    When ``merged`` has a ``streammerge.json`` it is checked first (``streammerge.provenance``): ``weight``
+    defaults to the recorded weight; an adapter that was not merged into it, or another weight, is refused
+    unless ``force`` (then the output's manifest records a warning); a pruning combination is always refused.
+
     The merged checkpoint was rounded once, so the result is the base only up to that rounding:
     every element U lies within ½ ulp(M) + ½ ulp(U) of the original W (README, "Unmerge").
     Tensors with no exact inverse (saved heads and other full tensors, DoRA, trainable tokens)
@@ -421,15 +440,16 @@ def unmerge(
     """
     started = time.monotonic()
     out = Path(out)
-    ckpt = read_checkpoint(Path(merged))
+    ckpt = read_base(Path(merged), "merged")
     loaded = read_adapter(adapter, adapter_name)
-    original = read_checkpoint(Path(base)) if base is not None else None
-    plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
+    check = check_unmerge(Path(merged), loaded, weight, force=force)
+    original = read_base(Path(base), "base") if base is not None else None
+    plan = build_unmerge_plan(ckpt, loaded, check.weight, original, PlanOptions(max_shard_size=max_shard_size))
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    options = {"operation": "unmerge", "weight": weight, "max_shard_size": max_shard_size,
+    options = {"operation": "unmerge", "weight": check.weight, "max_shard_size": max_shard_size,
                "original_base": str(original.root) if original is not None else None}
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
-        on_progress=on_progress, on_plan=on_plan,
+        on_progress=on_progress, on_plan=on_plan, extra_warnings=check.warnings,
     )

@@ -73,7 +73,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         root = path
         names, index = _discover(path)
     else:
-        raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
+        raise CheckpointError(f"{path}: base checkpoint not found; pass `base` DIR (a directory with *.safetensors)")
     shards = tuple(_read_shard(root / name) for name in names)
     if index is not None:
         _check_index(root, names, shards, index)
@@ -130,10 +130,10 @@ def _discover(root: Path) -> tuple[tuple[str, ...], dict | None]:
             return (BIN_SINGLE_NAME,), None
         bins = sorted(p.name for p in root.glob("pytorch_model*.bin"))
         hint = f" (found {', '.join(bins)} but no {BIN_INDEX_NAME})" if bins else ""
-        raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}; pass --base DIR with the base model")
+        raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}; pass `base` DIR with the base model")
     raise CheckpointError(
         f"{root}: {len(candidates)} *.safetensors files but no {INDEX_NAME}; "
-        "restore the index file, or pass the path of a single .safetensors file as --base"
+        "restore the index file, or pass the path of a single .safetensors file as `base`"
     )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from streammerge import kernel
+from streammerge.units import ceil_size, format_size
 from streammerge.errors import BudgetError, NonFiniteError
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
 from streammerge.reader import TensorReader
@@ -79,10 +80,10 @@ def check_budget(plan: Plan, max_memory: int) -> None:
     need = plan.min_memory()
     if need > max_memory:
         raise BudgetError(
-            f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
-            f"{need / 2**20:.0f} MiB (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
+            f"`max_memory` {format_size(max_memory)} is below this plan's minimum working set of "
+            f"{format_size(need)} (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
             "tensor, or a whole tensor where the merge needs every row at once); "
-            f"pass --max-memory {-(-need // 2**20)}MiB or more"
+            f"pass `max_memory` {ceil_size(need)} or more"
         )
 
 
@@ -141,7 +142,7 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
             origins = ", ".join(sorted({t.origin for s in task.steps for t in s.terms})) or "a replacement"
             raise NonFiniteError(
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
-                "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
+                "the adapter or the merge overflowed: check the adapter, or pass `allow_nonfinite` to write it anyway"
             )
     reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):

@@ -26,7 +26,7 @@ def find_base(adapter: Adapter) -> Path:
     revision = adapter.config.revision
     where = adapter.root / "adapter_config.json"
     if not name:
-        raise CheckpointError(f"{where}: no base_model_name_or_path, so the base is unknown; pass --base DIR")
+        raise CheckpointError(f"{where}: no base_model_name_or_path, so the base is unknown; pass `base` DIR")
     local = Path(name).expanduser()
     if local.is_dir():
         return local
@@ -47,5 +47,5 @@ def find_base(adapter: Adapter) -> Path:
             return Path(path)
     raise CheckpointError(
         f"{where}: base model {name!r} not found; looked for {' and '.join(looked)}; "
-        "pass --base DIR with the base checkpoint"
+        "pass `base` DIR with the base checkpoint"
     )

@@ -23,6 +23,7 @@ from streammerge import experts, naming
 from streammerge.adapter import Adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, output_name
 from streammerge.errors import PlanError, UnsupportedAdapterError
+from streammerge.units import format_size
 from streammerge.header import DTYPE_SIZES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, encode_header
 
 #: Rows per kernel block are a multiple of this. MKL's fp32 GEMM gave different sums for a
@@ -247,13 +248,12 @@ class Plan:
 
     def summary(self) -> str:
         c = self.counts()
-        gb = self.total_bytes / 1e9
         lines = [
             f"plan: {c['merge']} tensors to merge, {c['replace']} to replace, {c['add']} to add, "
             f"{c['copy']} to copy, {c['drop']} to drop",
-            f"output: {len(self.shards)} shard(s), {gb:.3f} GB"
+            f"output: {len(self.shards)} shard(s), {format_size(self.total_bytes)}"
             + (f", index {INDEX_NAME}" if self.write_index else ""),
-            f"minimum working memory: {self.min_memory() / 2**20:.1f} MiB",
+            f"minimum working memory: {format_size(self.min_memory())}",
         ]
         lines += [f"config: {k} = {json.dumps(v)}" for k, v in self.config_updates]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -362,6 +362,13 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
     return _assemble(ckpt, adapters, targets, added, config_updates, warnings, drop, problems, options)
 
 
+def _misfit_summary(ckpt: Checkpoint, adapters: Sequence[Adapter], count: int) -> str:
+    """First line of a many-problem error: which adapters, what they were trained on, which base."""
+    who = ", ".join(f"{a.root} (trained on {a.config.base_model_name_or_path!r})" if a.config.base_model_name_or_path
+                    else str(a.root) for a in adapters)
+    return f"{count} problems fitting the adapter(s) {who} to the base {ckpt.root}:"
+
+
 def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[str, _Target],
               added: Mapping[str, TensorRef], config_updates: Mapping[str, object], warnings: Sequence[str],
               drop: set[str], problems: list[str], options: PlanOptions) -> Plan:
@@ -376,9 +383,10 @@ def _assemble(ckpt: Checkpoint, adapters: Sequence[Adapter], targets: Mapping[st
                 "and the output head together, exactly as PEFT's merge does"
             )
     _check_resized(located, targets, added, config_updates, problems)
+    if len(problems) == 1:
+        raise PlanError(problems[0])
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
-        raise PlanError(problems[0] + more)
+        raise PlanError(_misfit_summary(ckpt, adapters, len(problems)), problems)
 
     tasks_by_name = {}
     for name, (shard_no, info) in located.items():
@@ -452,7 +460,7 @@ def _plan_adapter(
     if drift and cfg.pattern_rules == "current":
         warnings.append(
             f"{where}: saved before PEFT 0.18 (no peft_version) with rank/alpha patterns, and {drift}; the merge "
-            "follows PEFT >= 0.15 as PEFT 0.21 does; pass --pattern-rules 0.14 or pre-0.14 to use the rules "
+            "follows PEFT >= 0.15 as PEFT 0.21 does; pass `pattern_rules` 0.14 or pre-0.14 to use the rules "
             "of the PEFT version that trained it"
         )
 
@@ -967,17 +975,17 @@ def _plan_single(index: int, adapter: Adapter, ckpt: Checkpoint, located: Mappin
 def _check_combination(adapters: Sequence[Adapter], combine: CombineOptions) -> None:
     if len(combine.weights) != len(adapters):
         raise PlanError(
-            f"--weights has {len(combine.weights)} value(s) for {len(adapters)} adapter(s); give one weight per "
-            "--adapter, in the same order (e.g. --weights 0.7,0.3)"
+            f"`weights` has {len(combine.weights)} value(s) for {len(adapters)} adapter(s); give one weight per "
+            "adapter, in the same order (e.g. `weights` 0.7,0.3)"
         )
     if combine.method not in COMBINATIONS:
-        raise PlanError(f"--combination {combine.method!r} is not one of {', '.join(COMBINATIONS)}")
+        raise PlanError(f"`combination` {combine.method!r} is not one of {', '.join(COMBINATIONS)}")
     if not all(math.isfinite(w) for w in combine.weights):
-        raise PlanError(f"--weights {combine.weights}: every weight must be a finite number")
+        raise PlanError(f"`weights` {combine.weights}: every weight must be a finite number")
     if combine.method != "cat" and not 0 < combine.density <= 1:
-        raise PlanError(f"--density {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
+        raise PlanError(f"`density` {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
     if combine.heads_from is not None and not 0 <= combine.heads_from < len(adapters):
-        raise PlanError(f"--heads-from {combine.heads_from}: there are only {len(adapters)} adapters")
+        raise PlanError(f"`heads_from` {combine.heads_from}: there are only {len(adapters)} adapters")
     tokens = [a for a in adapters if any(naming.parse_key(k).role == "token_delta" for k in a.weights.names())]
     if tokens and len(adapters) > 1:
         raise UnsupportedAdapterError(
@@ -1009,11 +1017,11 @@ def _pick_full(name: str, holders: Sequence[tuple[int, TensorRef]], adapters: Se
     if heads_from is None:
         problems.append(
             f"tensor {name!r} is a full tensor (modules_to_save, a saved head or a saved layer) in adapters {who}; "
-            "heads are never blended: pass --heads-from NAME (adapter directory name or index) to take it from one"
+            "heads are never blended: pass `heads_from` NAME (adapter directory name or index) to take it from one"
         )
     else:
         problems.append(
-            f"--heads-from {_label(adapters, heads_from)} does not carry tensor {name!r}; adapters {who} do"
+            f"`heads_from` {_label(adapters, heads_from)} does not carry tensor {name!r}; adapters {who} do"
         )
     return None
 
@@ -1137,7 +1145,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     """
     options = options or PlanOptions()
     if not math.isfinite(weight):
-        raise PlanError(f"--weight {weight}: must be a finite number")
+        raise PlanError(f"`weight` {weight}: must be a finite number")
     located = merged.locate()
     aliases = naming.tied_aliases(frozenset(located), merged.config)
     problems: list[str] = []
@@ -1145,7 +1153,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     if reason is not None:
         if base is None:
             raise UnsupportedAdapterError(
-                f"{adapter.root}: cannot unmerge: {reason}; pass --base ORIGINAL to take the tensors it changed "
+                f"{adapter.root}: cannot unmerge: {reason}; pass `base` ORIGINAL to take the tensors it changed "
                 "from the original base checkpoint"
             )
         restore = {n: None for n in _touched(adapter, located, aliases)}
@@ -1165,7 +1173,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
             f"{adapter.root}: cannot unmerge {full[0]!r}"
             + (f" (and {len(full) - 1} more)" if len(full) > 1 else "")
             + ": the adapter replaced it with a full tensor (modules_to_save, a saved head or layer), so the original "
-            "is not in the merged checkpoint; pass --base ORIGINAL to take such tensors from the original base"
+            "is not in the merged checkpoint; pass `base` ORIGINAL to take such tensors from the original base"
         )
     targets = _restore_from(base, dict.fromkeys(full), located, problems) if full else {}
     for name, t in one.targets.items():
@@ -1188,13 +1196,13 @@ def _restore_from(base: Checkpoint | None, names: Mapping[str, None], located: M
     out = {}
     for name in names:
         if name not in originals:
-            problems.append(f"{base.root}: --base has no tensor {name!r} to restore; is it the original base?")
+            problems.append(f"{base.root}: `base` has no tensor {name!r} to restore; is it the original base?")
             continue
         shard_no, info = originals[name]
         have = located[name][1]
         if (info.shape, info.dtype) != (have.shape, have.dtype):
             problems.append(
-                f"{base.root}: tensor {name!r} is {info.dtype}{list(info.shape)} in --base but "
+                f"{base.root}: tensor {name!r} is {info.dtype}{list(info.shape)} in `base` but "
                 f"{have.dtype}{list(have.shape)} in the merged checkpoint; is it the original base?"
             )
             continue

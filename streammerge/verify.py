@@ -26,7 +26,7 @@ import mmap
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +36,14 @@ import torch
 
 from streammerge import execute, manifest
 from streammerge.adapter import read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, resolve_device
+from streammerge.api import DEFAULT_MAX_MEMORY, read_base, resolve_device
 from streammerge.checkpoint import INDEX_NAME, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
 from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, build_plan, row_blocks
 from streammerge.reader import TensorReader
+from streammerge.units import format_size
 from streammerge.writer import is_temporary
 
 LOG = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class VerifyReport:
         rows = "all rows" if self.sample is None else f"{self.sample} sampled row(s) per tensor"
         head = (f"{'OK' if self.ok else 'FAILED'}: {self.out}: {self.tensors_checked} tensors checked "
                 f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
-                f"{self.bytes_hashed / 1e9:.3f} GB hashed in {self.seconds:.1f} s")
+                f"{format_size(self.bytes_hashed)} hashed in {self.seconds:.1f} s")
         return "\n".join([head, *(f"problem: {p}" for p in self.problems)])
 
 
@@ -105,8 +106,13 @@ def verify(
     device: str | torch.device = "cpu",
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
+
+    ``on_start`` is called once with the number of bytes the checks will go through (twice the planned
+    shards' size: hashed, then compared), ``on_progress`` with each byte count done (for a progress bar).
 
     Raises:
         StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
@@ -114,19 +120,19 @@ def verify(
     started = time.monotonic()
     out = Path(out)
     if not out.is_dir():
-        raise OutputError(f"{out}: not a directory; pass --out DIR with a merged checkpoint")
+        raise OutputError(f"{out}: not a directory; pass `out` DIR with a merged checkpoint")
     if sample is not None and sample < 1:
-        raise StreamMergeError(f"--sample {sample}: must be at least 1 row")
+        raise StreamMergeError(f"`sample` {sample}: must be at least 1 row")
     paths = ([adapter] if adapter is not None else []) + list(adapters)
     if not paths:
-        raise StreamMergeError("no adapter given; pass --adapter DIR (the adapter(s) that were merged)")
+        raise StreamMergeError("no adapter given; pass `adapters` DIR (the adapter(s) that were merged)")
     loaded = [read_adapter(a, adapter_name) for a in paths]
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
+    ckpt = read_base(Path(base) if base is not None else find_base(loaded[0]), "base")
     found = _Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
         found.add(f"{out / manifest.MANIFEST_NAME}: missing or unreadable: the merge did not complete "
-                  "(rerun it with --resume)")
+                  "(rerun it with `resume`)")
         doc = {}
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
     max_shard_size = options.get("max_shard_size")
@@ -138,7 +144,9 @@ def verify(
     _check_files(out, doc, plan, found)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
-    counts = _check_tensors(out, plan, opts, sample, shas, found)
+    if on_start is not None:
+        on_start(2 * plan.total_bytes)
+    counts = _check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
     return VerifyReport(
         out=str(out), problems=found.result(), tensors_checked=counts[0], tensors_recomputed=counts[1],
         rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
@@ -189,7 +197,7 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
             found.add(f"{path}: content differs from the manifest's sha256 (modified after the merge?)")
     for name in sorted(os.listdir(out)):
         if name == manifest.PROGRESS_NAME or is_temporary(name):
-            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with --resume")
+            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with `resume`")
         elif name not in expected and (name.endswith(".safetensors") or name == INDEX_NAME):
             found.add(f"{out / name}: not part of this merge's output")
     index = out / INDEX_NAME
@@ -201,17 +209,20 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
 
 
 def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
-                   found: _Findings) -> tuple[int, int, int, int]:
+                   found: _Findings, progress: Callable[[int], None]) -> tuple[int, int, int, int]:
     checked = recomputed = rows = hashed = 0
     with TensorReader() as reader, ExitStack() as stack:
         for shard in plan.shards:
             path = out / shard.filename
             mm = _open_shard(path, shard, found, stack)
             if mm is None:
+                progress(2 * shard.data_size)
                 continue
             hashed += len(mm)
             if shard.filename in shas:
-                _check_sha(path, mm, shas[shard.filename], found)
+                _check_sha(path, mm, shas[shard.filename], found, progress)
+            else:
+                progress(shard.data_size)
             if mm[: len(shard.header)] != shard.header:
                 found.add(f"{path}: header differs from the plan's header")
             base = len(shard.header)
@@ -222,6 +233,7 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
             for task in shard.tasks:
                 if task.is_raw_copy and task.nbytes:
                     _compare_copy(path, mm, offsets[task.name], task, reader, found)
+                    progress(task.nbytes)
             merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
             with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
                 for task, r0, r1, data in blocks:
@@ -230,6 +242,7 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
                     _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
                              execute.as_bytes(data), "the recomputation", found)
                     rows += r1 - r0
+            progress(sum(t.nbytes for t in merged))
             checked += len(shard.tasks)
             recomputed += len(merged)
     return checked, recomputed, rows, hashed
@@ -249,16 +262,24 @@ def _open_shard(path: Path, shard: ShardPlan, found: _Findings, stack: ExitStack
         return None
     with path.open("rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    stack.callback(mm.close)
+    stack.callback(_close, mm)
     return mm
 
 
-def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings) -> None:
+def _close(mm: mmap.mmap) -> None:
+    """Close a shard map; a view still held by an interrupted frame (BufferError) leaves it to the GC."""
+    with contextlib.suppress(BufferError):
+        mm.close()
+
+
+def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings,
+               progress: Callable[[int], None]) -> None:
     h = hashlib.sha256()
-    view = memoryview(mm)
-    for i in range(0, len(mm), _CHUNK):
-        h.update(view[i : i + _CHUNK])
-    view.release()
+    with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
+        for i in range(0, len(mm), _CHUNK):
+            with view[i : i + _CHUNK] as piece:
+                h.update(piece)
+            progress(min(_CHUNK, len(mm) - i))
     if h.hexdigest() != recorded:
         found.add(f"{path}: sha256 differs from the manifest (modified after the merge, or a disk error)")
 
