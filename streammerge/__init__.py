@@ -16,13 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
-
-try:
-    __version__ = version("streammerge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
 
 _WHERE = {
     "MergeReport": "api", "iter_merged": "api", "merge": "api", "plan_merge": "api", "plan_unmerge": "api",
@@ -61,6 +55,15 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("streammerge")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            value = "0+unknown"
+        globals()[name] = value
+        return value
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'streammerge' has no attribute {name!r}")

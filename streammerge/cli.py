@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
         with _logging(level, command):
             return _run(args)
+    except SystemExit as e:  # argparse: --help, --version, or an argument error (exit 2, usage on stderr)
+        return e.code if isinstance(e.code, int) else 2
     except BaseException as e:
         sig = interrupts.cause(e)
         if sig is not None:
