@@ -20,18 +20,15 @@ from streammerge.adapter import CONFIG_NAME, Adapter, read_adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
+from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base
-from streammerge.provenance import check_unmerge
+from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
-from streammerge.plan import (
-    CombineOptions,
-    Plan,
-    PlanOptions,
-    build_combined_plan,
-    build_plan,
-    build_unmerge_plan,
-)
-from streammerge.reader import TensorReader
+from streammerge.plan import CombineOptions, Plan, PlanOptions
+from streammerge.plan.assemble import build_plan
+from streammerge.plan.combined import build_combined_plan
+from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.provenance import check_unmerge
 from streammerge.units import format_size
 
 LOG = logging.getLogger(__name__)
@@ -129,7 +126,9 @@ def plan_merge(
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size)
+    return plan_with(ckpt, loaded, options)
 
 
 def _adapter_specs(
@@ -163,13 +162,28 @@ def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> 
     return found[0]
 
 
-def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] | None, combination: str | None,
-          density: float | None, seed: int, heads_from: str | int | None, max_shard_size: int | None) -> Plan:
-    """One plain adapter: PEFT's own merge (``build_plan``). Several, or weights: ``build_combined_plan``."""
-    options = PlanOptions(max_shard_size=max_shard_size)
+def merge_options(
+    loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
+    density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
+    adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+) -> MergeOptions:
+    """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
+    return MergeOptions(
+        weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
+        density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
+        pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions) -> Plan:
+    """The plan of a merge with recorded ``options``: one plain adapter is PEFT's own merge (``build_plan``);
+    several, weights or a combination: ``build_combined_plan``."""
+    plan_options = PlanOptions(max_shard_size=options.max_shard_size)
+    weights, combination, density = options.weights, options.combination, options.density
     plain = weights is None or all(w == 1.0 for w in weights)
-    if combination is None and len(loaded) == 1 and plain and heads_from is None:
-        return build_plan(ckpt, loaded, options)
+    if combination is None and len(loaded) == 1 and plain and options.heads_from is None:
+        return build_plan(ckpt, loaded, plan_options)
     method = combination or "cat"
     if method != "cat" and density is None:
         raise StreamMergeError(
@@ -177,10 +191,9 @@ def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] 
         )
     combine = CombineOptions(
         weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
-        density=1.0 if density is None else float(density), seed=int(seed),
-        heads_from=resolve_heads_from(heads_from, loaded),
+        density=1.0 if density is None else float(density), seed=options.seed, heads_from=options.heads_from,
     )
-    return build_combined_plan(ckpt, loaded, combine, options)
+    return build_combined_plan(ckpt, loaded, combine, plan_options)
 
 
 def merge(
@@ -246,10 +259,13 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
+    if resume and not paths and base is None:
+        return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
+                                allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
-    options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
-               "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size, allow_nonfinite)
+    plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
@@ -258,9 +274,33 @@ def merge(
     )
 
 
+def _resume_recorded(out: Path, **run: object) -> MergeReport:
+    """``merge(out=..., resume=True)`` with no inputs named: the inputs and options ``out`` recorded."""
+    recorded = manifest.recorded_run(out)
+    if recorded is None:
+        raise StreamMergeError(
+            f"{out}: no streammerge record of inputs to resume from; name the inputs (adapter, and base) again"
+        )
+    sources, doc = recorded
+    o = MergeOptions.from_record(doc)
+    adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
+    base = sources.get("base") if isinstance(sources.get("base"), str) else None
+    if not adapters or base is None:
+        raise StreamMergeError(f"{out}: the record names no base or adapter; name the inputs again")
+    run["allow_nonfinite"] = bool(run["allow_nonfinite"]) or o.allow_nonfinite
+    LOG.info("resume: %s of %s into %s with the recorded options", o.operation, ", ".join(adapters), base)
+    if o.operation == "unmerge":
+        # the recorded weight was checked against the merged manifest (or forced) when this output was started
+        return unmerge(base, adapters[0], out, weight=o.weight, force=True, base=o.original_base,
+                       adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
+    return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
+                 weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+
+
 def _run_plan(
     plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
-    options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
+    options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
     on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
     extra_warnings: Sequence[str] = (),
@@ -277,17 +317,18 @@ def _run_plan(
     complete = False
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
+        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         if resume:
             resume = _resumable(out, identity, overwrite=overwrite)
-        written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
-                               on_progress=on_progress, warnings=(*plan.warnings, *extra_warnings))
+        written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite,
+                                         resume=resume, on_progress=on_progress,
+                                         warnings=(*plan.warnings, *extra_warnings))
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes if dry_run else written,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
-        warnings=(*plan.warnings, *extra_warnings), dry_run=dry_run, operation=str(options["operation"]),
+        warnings=(*plan.warnings, *extra_warnings), dry_run=dry_run, operation=options.operation,
         bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded), already_complete=complete,
     )
 
@@ -383,7 +424,8 @@ def iter_merged(
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
+    plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
+                                                 pattern_rules, adapter_name))
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
@@ -446,8 +488,9 @@ def unmerge(
     original = read_base(Path(base), "base") if base is not None else None
     plan = build_unmerge_plan(ckpt, loaded, check.weight, original, PlanOptions(max_shard_size=max_shard_size))
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    options = {"operation": "unmerge", "weight": check.weight, "max_shard_size": max_shard_size,
-               "original_base": str(original.root) if original is not None else None}
+    options = MergeOptions(operation="unmerge", weight=check.weight, max_shard_size=max_shard_size,
+                           original_base=str(original.root) if original is not None else None,
+                           adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,

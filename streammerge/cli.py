@@ -144,7 +144,7 @@ def _verify(args: argparse.Namespace) -> int:
         bar.refresh()
 
     with logging_redirect_tqdm(loggers=[LOG]), bar:
-        report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
+        report = verify(out=args.out, base=args.base, adapters=args.adapter or (), adapter_name=args.adapter_name,
                         sample=args.sample, device=args.device, workers=args.workers, on_progress=bar.update,
                         on_start=on_start)
     print(report.summary())
@@ -185,25 +185,21 @@ def _merge(args: argparse.Namespace) -> int:
                              base=args.base, **common)
         else:
             report = merge(
-                base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
+                base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
                 pattern_rules=args.pattern_rules, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())
-        if args.command == "merge" and not args.dry_run:
-            print(f"check it with: {verify_command(report, args.adapter_name)}")
+        if not args.dry_run:
+            print(f"check it with: {verify_command(report)}")
     return 0
 
 
-def verify_command(report: object, adapter_name: str | None) -> str:
-    """The ``streammerge verify`` command line that checks what ``report``'s merge wrote."""
-    words = ["streammerge", "verify", "--out", report.out, "--base", report.base]  # type: ignore[attr-defined]
-    for a in report.adapters:  # type: ignore[attr-defined]
-        words += ["--adapter", a]
-    if adapter_name:
-        words += ["--adapter-name", adapter_name]
-    return shlex.join(words)
+def verify_command(report: object) -> str:
+    """The ``streammerge verify`` command line that checks what ``report``'s run wrote (the inputs and options
+    are read back from its manifest)."""
+    return shlex.join(["streammerge", "verify", "--out", report.out])  # type: ignore[attr-defined]
 
 
 def _log_targets(plan: object) -> None:

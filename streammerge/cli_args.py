@@ -88,8 +88,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     m = make(sub, "merge", help="merge adapter(s) into a base checkpoint and write a new checkpoint")
     m.add_argument("--base", help="base checkpoint directory or .safetensors file "
                    "(default: base_model_name_or_path of the adapter, local or in the HF cache)")
-    m.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--adapter", action="append", metavar="DIR",
+                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); with --resume and "
+                   "no inputs, the inputs and options --out recorded are used")
     _output_args(m)
     m.add_argument("--weights", type=parse_weights, metavar="W1,W2,...",
                    help="one weight per --adapter, in order (default 1 each); negative weights subtract")
@@ -119,15 +120,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _output_args(u)
     _common(u)
 
-    v = make(sub, "verify", help="check a merged directory against its base and adapter(s); exit 0 good, 1 not")
+    v = make(sub, "verify", help="check a merged directory against its recorded inputs; exit 0 good, 1 not")
     v.add_argument("--out", required=True, metavar="DIR", help="the merged directory to check")
-    v.add_argument("--base", help="base checkpoint directory (default: base_model_name_or_path of the adapter)")
-    v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
-    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    v.add_argument("--base", help="base checkpoint directory (default: the one streammerge.json records)")
+    v.add_argument("--adapter", action="append", metavar="DIR",
+                   help="the adapter(s) that were merged (default: those streammerge.json records)")
+    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory (default: the recorded one)")
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
-    v.add_argument("--device", type=parse_device, default="cpu",
-                   help="device for the recomputation: auto, cpu, cuda or cuda:N (default: cpu)")
+    v.add_argument("--device", type=parse_device, default=None,
+                   help="device for the recomputation: auto, cpu, cuda or cuda:N (default: the recorded device class "
+                   "when available, else cpu)")
     v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
     _common(v)
 
