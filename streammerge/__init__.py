@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up stays minimal
 
 _WHERE = {
     "MergeReport": "api", "iter_merged": "api", "merge": "api", "plan_merge": "api", "plan_unmerge": "api",

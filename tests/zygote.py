@@ -19,7 +19,7 @@ import streammerge
 
 _PROGRAM = r"""
 import json, os, resource, sys
-import torch, tqdm, streammerge.api, streammerge.cli, streammerge.verify
+import torch, tqdm, streammerge.api, streammerge.cli, streammerge.interrupts, streammerge.verify
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -33,6 +33,7 @@ for line in sys.stdin:
         if job["fsize"] is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
         code = 1
+        streammerge.interrupts.startup()  # as python -m streammerge does before anything else
         try:
             code = streammerge.cli.main(job["argv"])
         finally:
