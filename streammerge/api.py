@@ -17,6 +17,7 @@ import torch
 
 from streammerge import execute, manifest
 from streammerge.adapter import CONFIG_NAME, Adapter, read_adapter
+from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
@@ -63,6 +64,9 @@ class MergeReport:
     base: str = ""  # the base (merge) or merged (unmerge) checkpoint read
     adapters: tuple[str, ...] = ()
     already_complete: bool = False  # a resume found this very output finished: nothing was written
+    #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
+    #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
+    changes: tuple[TensorChange, ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
@@ -89,24 +93,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load(
-    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
         raise StreamMergeError("no adapter given; pass `adapters` DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
     LOG.debug("base checkpoint: %s", base_path.resolve())
-    return read_base(base_path, "base"), loaded
+    return read_base(base_path, "base", base_subfolder), loaded
 
 
-def read_base(path: Path, argument: str) -> Checkpoint:
+def read_base(path: Path, argument: str, subfolder: str | None = None) -> Checkpoint:
     """``read_checkpoint``, first refusing a PEFT adapter directory given where a checkpoint belongs."""
     if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path}: is a PEFT adapter directory ({CONFIG_NAME}), not a base checkpoint; pass it as "
             f"`adapters` and the model it was trained on as `{argument}`"
         )
-    return read_checkpoint(path)
+    return read_checkpoint(path, subfolder)
 
 
 def plan_merge(
@@ -122,12 +127,13 @@ def plan_merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size)
+                            max_shard_size, base_subfolder=base_subfolder)
     return plan_with(ckpt, loaded, options)
 
 
@@ -166,13 +172,14 @@ def merge_options(
     loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
     density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
     adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+    base_subfolder: str | None = None,
 ) -> MergeOptions:
     """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
     return MergeOptions(
         weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
         density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
         pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, base_subfolder=base_subfolder or None,
     )
 
 
@@ -219,6 +226,7 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    base_subfolder: str | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -244,6 +252,8 @@ def merge(
         seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
         heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
             where several adapters carry one; heads are never blended.
+        base_subfolder: the model inside a multi-model repository (``text_encoder``, ``transformer``):
+            its weights, config and side files are read from ``base/base_subfolder``; recorded in the manifest.
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
@@ -262,9 +272,9 @@ def merge(
     if resume and not paths and base is None:
         return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
                                 allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, allow_nonfinite)
+                            max_shard_size, allow_nonfinite, base_subfolder)
     plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
@@ -295,7 +305,8 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
-                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder, resume=True,
+                 **run)
 
 
 def _run_plan(
@@ -315,8 +326,10 @@ def _run_plan(
         LOG.warning("%s", warning)
     written = kept = 0
     complete = False
+    tally = ChangeTally()
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           changes=tally)
         identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         if resume:
             resume = _resumable(out, identity, overwrite=overwrite)
@@ -324,12 +337,17 @@ def _run_plan(
                                          resume=resume, on_progress=on_progress,
                                          warnings=(*plan.warnings, *extra_warnings))
     c = plan.counts()
+    changes = tally.result()
+    noops = tuple(ch.warning() for ch in changes if ch.unchanged)
+    for warning in noops:
+        LOG.warning("%s", warning)
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes if dry_run else written,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
-        warnings=(*plan.warnings, *extra_warnings), dry_run=dry_run, operation=options.operation,
-        bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded), already_complete=complete,
+        warnings=(*ckpt.notes, *plan.warnings, *extra_warnings, *noops), dry_run=dry_run, changes=changes,
+        operation=options.operation, bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded),
+        already_complete=complete,
     )
 
 
@@ -413,6 +431,7 @@ def iter_merged(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -423,9 +442,9 @@ def iter_merged(
     combination arguments are those of :func:`merge`.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
-                                                 pattern_rules, adapter_name))
+                                                 pattern_rules, adapter_name, base_subfolder=base_subfolder))
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)

@@ -135,6 +135,7 @@ def _bar(args: argparse.Namespace, desc: str):  # -> tqdm
 def _verify(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from streammerge import changes
     from streammerge.verify import verify
 
     bar = _bar(args, "verifying")
@@ -146,8 +147,10 @@ def _verify(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm(loggers=[LOG]), bar:
         report = verify(out=args.out, base=args.base, adapters=args.adapter or (), adapter_name=args.adapter_name,
                         sample=args.sample, device=args.device, workers=args.workers, on_progress=bar.update,
-                        on_start=on_start)
+                        on_start=on_start, base_subfolder=args.base_subfolder, against_base=args.against_base)
     print(report.summary())
+    if not args.quiet:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
     return 0 if report.ok else 1
 
 
@@ -155,6 +158,7 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from streammerge import changes
     from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
     from streammerge.execute import default_workers
 
@@ -187,12 +191,13 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, **common,
+                pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())
-        if not args.dry_run:
-            print(f"check it with: {verify_command(report)}")
+    if not args.quiet and not args.dry_run:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
+        print(f"check it with: {verify_command(report)}")
     return 0
 
 

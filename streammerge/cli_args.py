@@ -91,6 +91,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     m.add_argument("--adapter", action="append", metavar="DIR",
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); with --resume and "
                    "no inputs, the inputs and options --out recorded are used")
+    _subfolder_arg(m)
     _output_args(m)
     m.add_argument("--weights", type=parse_weights, metavar="W1,W2,...",
                    help="one weight per --adapter, in order (default 1 each); negative weights subtract")
@@ -126,6 +127,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     v.add_argument("--adapter", action="append", metavar="DIR",
                    help="the adapter(s) that were merged (default: those streammerge.json records)")
     v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory (default: the recorded one)")
+    _subfolder_arg(v)
+    v.add_argument("--against-base", action="store_true",
+                   help="fail when a tensor the adapter targets equals the base bit for bit (the merge did nothing)")
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
     v.add_argument("--device", type=parse_device, default=None,
@@ -163,6 +167,11 @@ def _output_args(p: argparse.ArgumentParser) -> None:
                    "checksum still match, recompute the rest (same bytes as an uninterrupted run); a complete "
                    "output of other inputs or options is refused unless --overwrite is given too")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+
+
+def _subfolder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-subfolder", metavar="NAME", help="the model inside a multi-model base repository "
+                   "(e.g. text_encoder, transformer); verify defaults to the one the merge recorded")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

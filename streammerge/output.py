@@ -4,10 +4,9 @@ The output never aliases an input: it may not be, contain, or lie inside the bas
 adapter directory. It must not exist, or be empty, unless ``overwrite`` or ``resume`` is given; even
 then, streammerge only ever deletes what it wrote itself (the files its manifest or progress record
 lists, and its temporaries): a directory holding anything else is refused, naming those files. Only the files
-a Hugging Face checkpoint needs are written beside the shards: ``config.json`` (updated where the
-merge changed it), ``generation_config.json``, tokenizer and processor files. Tokenizer files come
-from the first adapter directory that has a tokenizer (a fine-tune often adds tokens), else from the
-base. Adapter files are never copied.
+a Hugging Face checkpoint needs are written beside the shards: ``config.json`` (the base's bytes, or
+re-serialized with the merge's updates when it made any; every other key kept as the base had it), and the
+generation, tokenizer, chat-template and processor files chosen by ``streammerge.sidefiles``, byte for byte.
 """
 
 from __future__ import annotations
@@ -20,19 +19,11 @@ from pathlib import Path
 from streammerge import manifest
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.errors import OutputError
+from streammerge.sidefiles import side_files
 from streammerge.writer import write_atomic
 
 LOG = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json",
-)
-#: Files taken from the base as they are (config.json is rewritten separately).
-BASE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
-              "video_preprocessor_config.json", "image_processor_config.json")
-_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 _LISTED = 5  # foreign files named in a refusal
@@ -105,30 +96,23 @@ def write_side_files(
     """Write config.json and copy generation/tokenizer/processor files. Returns the names written."""
     written: list[str] = []
     if config:
-        text = json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n"
-        write_atomic(out / "config.json", text.encode("utf-8"))
+        if updates or not (base_root / "config.json").is_file():
+            data = (json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        else:
+            data = (base_root / "config.json").read_bytes()  # nothing changed: the base's bytes
+        write_atomic(out / "config.json", data)
         written.append("config.json")
-    for src in _copied(base_root, adapter_roots):
-        write_atomic(out / src.name, src.read_bytes())
-        written.append(src.name)
-    LOG.info("copied %s (tokenizer from %s)", ", ".join(written) or "no side files", _tokenizer_root(base_root,
-                                                                                                       adapter_roots))
+    for name, src in side_files(base_root, adapter_roots):
+        write_atomic(out / name, src.read_bytes())
+        written.append(name)
+        LOG.debug("copied %s from %s", name, src.parent)
+    LOG.info("copied %s", ", ".join(written) or "no side files")
     return written
 
 
 def side_file_names(base_root: Path, adapter_roots: Sequence[Path], config: Mapping[str, object]) -> list[str]:
     """The names ``write_side_files`` will write."""
-    return [*(["config.json"] if config else []), *(p.name for p in _copied(base_root, adapter_roots))]
-
-
-def _tokenizer_root(base_root: Path, adapter_roots: Sequence[Path]) -> Path:
-    return next((r for r in adapter_roots if any((r / m).is_file() for m in _TOKENIZER_MARKERS)), base_root)
-
-
-def _copied(base_root: Path, adapter_roots: Sequence[Path]) -> list[Path]:
-    tok_root = _tokenizer_root(base_root, adapter_roots)
-    return [root / name for root, names in ((base_root, BASE_FILES), (tok_root, TOKENIZER_FILES))
-            for name in names if (root / name).is_file()]
+    return [*(["config.json"] if config else []), *(name for name, _ in side_files(base_root, adapter_roots))]
 
 
 def write_index(out: Path, index_json: str) -> None:
