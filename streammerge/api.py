@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from streammerge import execute, manifest
-from streammerge.adapter import CONFIG_NAME, Adapter, read_adapter
+from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
-from streammerge.errors import CheckpointError, OutputError, StreamMergeError
+from streammerge.checkpoint import INDEX_NAME, Checkpoint
+from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
-from streammerge.locate import find_base
+from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
 from streammerge.plan import CombineOptions, Plan, PlanOptions
@@ -102,16 +102,6 @@ def _load(
     base_path = Path(base) if base is not None else find_base(loaded[0])
     LOG.debug("base checkpoint: %s", base_path.resolve())
     return read_base(base_path, "base", base_subfolder), loaded
-
-
-def read_base(path: Path, argument: str, subfolder: str | None = None) -> Checkpoint:
-    """``read_checkpoint``, first refusing a PEFT adapter directory given where a checkpoint belongs."""
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / "config.json").is_file():
-        raise CheckpointError(
-            f"{path}: is a PEFT adapter directory ({CONFIG_NAME}), not a base checkpoint; pass it as "
-            f"`adapters` and the model it was trained on as `{argument}`"
-        )
-    return read_checkpoint(path, subfolder)
 
 
 def plan_merge(
@@ -332,7 +322,7 @@ def _run_plan(
                            changes=tally)
         identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         if resume:
-            resume = _resumable(out, identity, overwrite=overwrite)
+            resume = manifest.check_resumable(out, identity, overwrite=overwrite)
         written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite,
                                          resume=resume, on_progress=on_progress,
                                          warnings=(*plan.warnings, *extra_warnings))
@@ -348,22 +338,6 @@ def _run_plan(
         warnings=(*ckpt.notes, *plan.warnings, *extra_warnings, *noops), dry_run=dry_run, changes=changes,
         operation=options.operation, bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded),
         already_complete=complete,
-    )
-
-
-def _resumable(out: Path, identity: manifest.Identity, *, overwrite: bool) -> bool:
-    """Whether ``resume`` may keep anything in ``out``: False when it holds a complete output of other inputs or
-    options and ``overwrite`` allows replacing it. Without ``overwrite`` such an output is refused, untouched."""
-    doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
-    if doc is None or (out / manifest.PROGRESS_NAME).exists() or manifest.same_recipe(doc, identity):
-        return True
-    if overwrite:
-        LOG.info("resume: %s holds a complete output of other inputs or options; replacing it (overwrite)", out)
-        return False
-    raise OutputError(
-        f"{out}: holds a complete streammerge output made from other inputs or options "
-        f"({manifest.recipe_difference(doc, identity)}); `resume` does not replace it: pass `overwrite` as well "
-        "to replace it, or choose another `out`"
     )
 
 
@@ -459,8 +433,8 @@ def plan_unmerge(
     """The frozen plan of :func:`unmerge` (after its manifest checks); reads no tensor and writes nothing."""
     loaded = read_adapter(adapter, adapter_name)
     check = check_unmerge(Path(merged), loaded, weight, force=force)
-    original = read_checkpoint(Path(base)) if base is not None else None
-    return build_unmerge_plan(read_checkpoint(Path(merged)), loaded, check.weight, original,
+    original = read_base(Path(base), "base") if base is not None else None
+    return build_unmerge_plan(read_base(Path(merged), "merged"), loaded, check.weight, original,
                               PlanOptions(max_shard_size=max_shard_size))
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from streammerge import __version__
 from streammerge.units import parse_size as _parse_size
@@ -44,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors suggest the closest flag for each unknown one (``--ouput`` → ``--out``)."""
 
     argv: Sequence[str] = ()
-    commands: dict[str, argparse.ArgumentParser] = {}
+    commands: Mapping[str, argparse.ArgumentParser] = MappingProxyType({})
 
     def error(self, message: str) -> None:  # type: ignore[override]
         super().error(message + _suggestions(self._for_suggestions(), self.argv))

@@ -34,12 +34,12 @@ import torch
 
 from streammerge import kernel
 from streammerge.changes import ChangeTally
-from streammerge.units import ceil_size, format_size
 from streammerge.errors import BudgetError, NonFiniteError
 from streammerge.formats.reader import TensorReader
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
+from streammerge.units import ceil_size, format_size
 from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)

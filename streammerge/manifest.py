@@ -39,13 +39,12 @@ from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
 from streammerge.formats.safetensors import SafetensorsHeader
+from streammerge.ownership import MANIFEST_NAME, PROGRESS_NAME, plain_name, remove_owned
 from streammerge.plan import Plan, ShardPlan, TensorRef
 from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
 
 LOG = logging.getLogger(__name__)
 
-MANIFEST_NAME = "streammerge.json"
-PROGRESS_NAME = ".streammerge-progress.json"
 FORMAT = "streammerge-manifest/1"
 _READ_CHUNK = 8 << 20
 
@@ -219,7 +218,7 @@ class Progress:
             return False
         for rec in files:
             name = rec.get("file") if isinstance(rec, dict) else None
-            if not _plain_name(name) or not (self.out / name).is_file():
+            if not plain_name(name) or not (self.out / name).is_file():
                 return False
             if file_sha256(self.out / name) != rec.get("sha256"):
                 return False
@@ -316,6 +315,26 @@ def same_recipe(doc: Mapping[str, object], identity: Identity) -> bool:
     return {"inputs": doc.get("inputs"), "options": doc.get("options")} == want
 
 
+def check_resumable(out: Path, identity: Identity, *, overwrite: bool) -> bool:
+    """Whether a resume may keep anything in ``out``: False when it holds a complete output of other inputs or
+    options and ``overwrite`` allows replacing it. Without ``overwrite`` such an output is refused, untouched.
+
+    Raises:
+        OutputError: a complete output of other inputs or options, and no ``overwrite``.
+    """
+    doc = read_json_file(out / MANIFEST_NAME)
+    if doc is None or (out / PROGRESS_NAME).exists() or same_recipe(doc, identity):
+        return True
+    if overwrite:
+        LOG.info("resume: %s holds a complete output of other inputs or options; replacing it (overwrite)", out)
+        return False
+    raise OutputError(
+        f"{out}: holds a complete streammerge output made from other inputs or options "
+        f"({recipe_difference(doc, identity)}); `resume` does not replace it: pass `overwrite` as well "
+        "to replace it, or choose another `out`"
+    )
+
+
 def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
     """What differs between a manifest and ``identity``, in a few words (for an error message)."""
     want = json.loads(json.dumps({"inputs": identity.inputs, "options": identity.options}))
@@ -325,43 +344,6 @@ def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
     what += [f"option {k}" for k in sorted(set(options) | set(want["options"]))
              if options.get(k) != want["options"].get(k)]
     return ", ".join(what) or "the recorded inputs"
-
-
-def _plain_name(name: object) -> bool:
-    return isinstance(name, str) and bool(name) and "/" not in name and name not in (".", "..")
-
-
-def owned_names(out: Path) -> set[str]:
-    """The entries of ``out`` that streammerge wrote: its records (``streammerge.json``, ``.streammerge-*``),
-    the files they list, and its temporaries. Directories are never streammerge's."""
-    names = set(_entries(out))
-    owned = {n for n in names if n == MANIFEST_NAME or n.startswith(".streammerge-") or is_temporary(n)}
-    for record in sorted(n for n in owned if n.endswith(".json")):
-        doc = read_json_file(out / record) or {}
-        for key in ("shards", "files", "planned"):
-            recs = doc.get(key)
-            for rec in recs if isinstance(recs, list) else ():
-                name = rec.get("file") if isinstance(rec, dict) else None
-                if _plain_name(name):
-                    owned.add(name)
-    return {n for n in owned & names if not ((out / n).is_dir() and not (out / n).is_symlink())}
-
-
-def foreign_names(out: Path) -> list[str]:
-    """Entries of ``out`` streammerge did not write (sorted; a directory ends with ``/``)."""
-    owned = owned_names(out)
-    return [n + ("/" if (out / n).is_dir() and not (out / n).is_symlink() else "")
-            for n in _entries(out) if n not in owned]
-
-
-def remove_owned(out: Path, keep: Iterable[str] = ()) -> None:
-    """Delete what streammerge wrote in ``out`` except ``keep``: the manifest first, so that the directory
-    never holds a manifest that does not describe it. Other files are left alone."""
-    keep = set(keep)
-    doomed = sorted(owned_names(out) - keep, key=lambda n: n != MANIFEST_NAME)
-    for name in doomed:
-        _unlink(out / name)
-    fsync_dir(out)
 
 
 def recorded_run(out: Path) -> tuple[dict, dict] | None:

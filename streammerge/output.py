@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from streammerge import manifest
+from streammerge import ownership
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.errors import OutputError
 from streammerge.sidefiles import side_files
@@ -45,17 +45,19 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, resume: 
         raise OutputError(f"{out}: exists and is not a directory; choose another `out`")
     if not target.is_dir() or not any(target.iterdir()):
         return
-    records = [n for n in (manifest.PROGRESS_NAME, manifest.MANIFEST_NAME) if (target / n).is_file()]
+    records = [n for n in (ownership.PROGRESS_NAME, ownership.MANIFEST_NAME) if (target / n).is_file()]
     if not (overwrite or resume):
         if records:
-            state = "an unfinished" if manifest.PROGRESS_NAME in records else "a finished"
-            raise OutputError(f"{out}: directory is not empty: it holds {state} streammerge output; pass `resume` "
-                              "to continue it (kept where it matches), `overwrite` to replace it, or choose a new `out`")
+            state = "an unfinished" if ownership.PROGRESS_NAME in records else "a finished"
+            raise OutputError(
+                f"{out}: directory is not empty: it holds {state} streammerge output; pass `resume` to continue it "
+                "(kept where it matches), `overwrite` to replace it, or choose a new `out`"
+            )
         raise OutputError(f"{out}: directory is not empty; choose a new or empty `out` (streammerge never deletes "
                           "files it did not write)")
-    if resume and not overwrite and not records and not manifest.owned_names(target):
+    if resume and not overwrite and not records and not ownership.owned_names(target):
         return  # Progress.start names it: not a streammerge output to resume
-    foreign = manifest.foreign_names(target)
+    foreign = ownership.foreign_names(target)
     if foreign:
         shown = ", ".join(foreign[:_LISTED]) + (f" (and {len(foreign) - _LISTED} more)" if len(foreign) > _LISTED
                                                else "")
@@ -69,7 +71,7 @@ def prepare_output(out: Path, *, overwrite: bool) -> bool:
     anything else). Returns True when this call created it."""
     if out.is_dir():
         if overwrite:
-            manifest.remove_owned(out)
+            ownership.remove_owned(out)
         return False
     try:
         out.mkdir(parents=True)

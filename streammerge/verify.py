@@ -36,12 +36,12 @@ import torch
 
 from streammerge import changes, execute, manifest
 from streammerge.adapter import Adapter, read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, read_base, resolve_device
+from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.checkpoint import INDEX_NAME, Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
-from streammerge.locate import find_base
+from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan

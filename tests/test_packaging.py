@@ -38,5 +38,6 @@ def test_the_sdist_holds_the_license_changelog_and_a_collectable_test_suite(tmp_
     assert shipped == {p.relative_to(ROOT / "tests") for p in (ROOT / "tests").rglob("*.py")}
     # The unpacked suite collects without error, tests from every test module of this checkout.
     collected = _collected(tree)
-    assert {line.split("::")[0] for line in collected} == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")}
+    modules = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")}
+    assert {line.split("::")[0] for line in collected} == modules
     assert any("test_the_sdist_holds_the_license" in line for line in collected)

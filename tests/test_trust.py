@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,7 +135,8 @@ def resume_refuses_other_options(w, tmp):
     out = _copy_merged(w, tmp)
     return _merge_argv(w, out, "--resume", "--max-shard-size", "50kB"), 2, [
         f"error: {out}: holds a complete streammerge output made from other inputs or options (option "
-        "max_shard_size); --resume does not replace it: pass --overwrite as well to replace it, or choose another --out"]
+        "max_shard_size); --resume does not replace it: pass --overwrite as well to replace it, or choose another "
+        "--out"]
 
 
 def not_empty_with_a_finished_output(w, tmp):
