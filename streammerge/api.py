@@ -18,7 +18,7 @@ import torch
 from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import INDEX_NAME, Checkpoint
+from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
@@ -365,11 +365,11 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         with TensorReader() as reader:
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
         progress.expect_files([*side_file_names(ckpt.root, tokenizer_roots, ckpt.config),
-                               *([INDEX_NAME] if plan.write_index else [])])
+                               *([plan.index_name] if plan.write_index else [])])
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
         if plan.write_index:
-            write_index(out, plan.index_json())
-            files.append(INDEX_NAME)
+            write_index(out, plan.index_json(), plan.index_name)
+            files.append(plan.index_name)
         progress.finish(files, warnings)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume

@@ -117,5 +117,5 @@ def side_file_names(base_root: Path, adapter_roots: Sequence[Path], config: Mapp
     return [*(["config.json"] if config else []), *(name for name, _ in side_files(base_root, adapter_roots))]
 
 
-def write_index(out: Path, index_json: str) -> None:
-    write_atomic(out / INDEX_NAME, index_json.encode("utf-8"))
+def write_index(out: Path, index_json: str, name: str = INDEX_NAME) -> None:
+    write_atomic(out / name, index_json.encode("utf-8"))
