@@ -69,7 +69,8 @@ class VerifyReport:
     bytes_hashed: int
     seconds: float
     sample: int | None
-    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``)
+    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``;
+    #: over the sampled rows when ``sample`` is set)
     changes: tuple[changes.TensorChange, ...] = ()
     warnings: tuple[str, ...] = ()  # targeted tensors equal to the base (problems under ``against_base``)
 
@@ -167,7 +168,7 @@ def verify(
     if on_start is not None:
         on_start(2 * plan.total_bytes)
     counts = _check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
-    measured = changes.measure_output(out, plan, ckpt)
+    measured = changes.measure_output(out, plan, ckpt, None if sample is None else lambda t: sample_blocks(t, sample))
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
         found.add(text)
