@@ -1,3 +1,9 @@
-from streammerge.cli import main
+"""``python -m streammerge``: the signal policy goes in first, before anything heavy is imported."""
+
+from streammerge import interrupts
+
+interrupts.startup()
+
+from streammerge.cli import main  # noqa: E402  (after the handlers, on purpose)
 
 raise SystemExit(main())

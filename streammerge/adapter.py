@@ -212,7 +212,7 @@ def read_adapter(path: str | Path, adapter_name: str | None = None, pattern_rule
     """
     root = Path(path)
     if not root.is_dir():
-        raise AdapterError(f"{root}: adapter directory not found; pass --adapter DIR (with {CONFIG_NAME})")
+        raise AdapterError(f"{root}: adapter directory not found; pass `adapters` DIR (with {CONFIG_NAME})")
     root, name = _select(root, adapter_name)
     config = parse_config(read_json(root / CONFIG_NAME, AdapterError), root / CONFIG_NAME)
     if pattern_rules not in PATTERN_RULES:
@@ -252,7 +252,7 @@ def _select(root: Path, adapter_name: str | None) -> tuple[Path, str]:
     if names:
         raise AdapterError(
             f"{root}: no {CONFIG_NAME} at the top, but it holds adapters {', '.join(names)}; "
-            "choose one with --adapter-name NAME"
+            "choose one with `adapter_name` NAME"
         )
     raise AdapterError(f"{root}: {CONFIG_NAME} not found; is this a PEFT adapter directory?")
 

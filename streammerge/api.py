@@ -18,24 +18,26 @@ import torch
 from streammerge import execute, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import Checkpoint, read_checkpoint
+from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
-from streammerge.locate import find_base
+from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
-from streammerge.output import check_output, prepare_output, write_index, write_side_files
+from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
 from streammerge.plan import CombineOptions, Plan, PlanOptions
 from streammerge.plan.assemble import build_plan
 from streammerge.plan.combined import build_combined_plan
 from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.provenance import check_unmerge
 from streammerge.requant import QuantRun
+from streammerge.units import format_size
 
 LOG = logging.getLogger(__name__)
 
 #: Default working-memory budget for merge blocks (see ``execute``): with the interpreter and
 #: torch (~250 MB) a merge stays under 1 GB of RSS whatever the model size.
-DEFAULT_MAX_MEMORY = 512 * 2**20
+DEFAULT_MAX_MEMORY = 512 * 10**6
 
 PathLike = str | Path
 #: An adapter directory, or ``(directory, weight)`` for a weighted combination.
@@ -58,6 +60,11 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    operation: str = "merge"  # or "unmerge": then ``tensors_merged`` counts the tensors unmerged
+    bytes_kept: int = 0  # --resume: bytes of finished shards kept from an earlier run (not in bytes_written)
+    base: str = ""  # the base (merge) or merged (unmerge) checkpoint read
+    adapters: tuple[str, ...] = ()
+    already_complete: bool = False  # a resume found this very output finished: nothing was written
     #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
     #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
     changes: tuple[TensorChange, ...] = ()
@@ -67,9 +74,14 @@ class MergeReport:
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
+        done = "unmerged" if self.operation == "unmerge" else "merged"
+        counts = (f"{self.tensors_merged} {done}, {self.tensors_replaced} replaced, {self.tensors_added} added, "
+                  f"{self.tensors_copied} copied, {self.tensors_dropped} dropped")
+        if self.already_complete:
+            return f"{self.out}: already complete; nothing written ({counts}, {self.shards} shard(s) checked)"
+        kept = f", kept {format_size(self.bytes_kept)} from the earlier run" if self.bytes_kept else ""
         text = (
-            f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
-            f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
+            f"{counts}; {verb} {format_size(self.bytes_written)}{kept} "
             f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
         )
         if self.requantized:
@@ -85,7 +97,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StreamMergeError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        raise StreamMergeError(f"`device` {device}: CUDA is not available here; use `device` cpu or auto")
     return dev
 
 
@@ -94,10 +106,11 @@ def _load(
     base_subfolder: str | None = None,
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
-        raise StreamMergeError("no adapter given; pass --adapter DIR")
+        raise StreamMergeError("no adapter given; pass `adapters` DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
-    return read_checkpoint(base_path, base_subfolder), loaded
+    LOG.debug("base checkpoint: %s", base_path.resolve())
+    return read_base(base_path, "base", base_subfolder), loaded
 
 
 def plan_merge(
@@ -151,7 +164,7 @@ def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> 
     if len(found) != 1:
         names = ", ".join(f"{i} ({a.root.name})" for i, a in enumerate(adapters))
         what = "names several adapters" if found else "is not one of the adapters"
-        raise StreamMergeError(f"--heads-from {text!r} {what}; use an index or directory name: {names}")
+        raise StreamMergeError(f"`heads_from` {text!r} {what}; use an index or directory name: {names}")
     return found[0]
 
 
@@ -182,7 +195,7 @@ def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions
     method = combination or "cat"
     if method != "cat" and density is None:
         raise StreamMergeError(
-            f"--combination {method} needs --density (the fraction of each adapter's delta kept, e.g. 0.5)"
+            f"`combination` {method} needs `density` (the fraction of each adapter's delta kept, e.g. 0.5)"
         )
     combine = CombineOptions(
         weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
@@ -257,7 +270,7 @@ def merge(
         StreamMergeError: any bad input or output problem, with a one-line message.
     """
     if out is None:
-        raise StreamMergeError("no output directory given; pass --out DIR")
+        raise StreamMergeError("no output directory given; pass `out` DIR")
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
@@ -292,7 +305,8 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
     run["allow_nonfinite"] = bool(run["allow_nonfinite"]) or o.allow_nonfinite
     LOG.info("resume: %s of %s into %s with the recorded options", o.operation, ", ".join(adapters), base)
     if o.operation == "unmerge":
-        return unmerge(base, adapters[0], out, weight=1.0 if o.weight is None else o.weight, base=o.original_base,
+        # the recorded weight was checked against the merged manifest (or forced) when this output was started
+        return unmerge(base, adapters[0], out, weight=o.weight, force=True, base=o.original_base,
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
@@ -305,26 +319,29 @@ def _run_plan(
     options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
     on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+    extra_warnings: Sequence[str] = (),
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
     dev = resolve_device(device)
     execute.check_budget(plan, max_memory)
-    if resume and overwrite:
-        raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
-    check_output(out, inputs, overwrite=overwrite or resume)
-    for warning in plan.warnings:
+    check_output(out, inputs, overwrite=overwrite, resume=resume)
+    for warning in (*plan.warnings, *extra_warnings):
         LOG.warning("%s", warning)
-    written = 0
+    written = kept = 0
+    complete = False
     tally = ChangeTally()
     run = QuantRun()
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
                            changes=tally, quant_run=run)
         identity = manifest.identify(ckpt, loaded, options.record(dev.type))
-        written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
-                         on_progress=on_progress)
+        if resume:
+            resume = manifest.check_resumable(out, identity, overwrite=overwrite)
+        written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite,
+                                         resume=resume, on_progress=on_progress,
+                                         warnings=(*plan.warnings, *extra_warnings))
     c = plan.counts()
     changes = tally.result()
     noops = tuple(ch.warning() for ch in changes if ch.unchanged)
@@ -332,37 +349,46 @@ def _run_plan(
         LOG.warning("%s", warning)
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
-        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes if dry_run else written,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
-        warnings=(*ckpt.notes, *plan.warnings, *noops), dry_run=dry_run, changes=changes,
+        warnings=(*ckpt.notes, *plan.warnings, *extra_warnings, *noops), dry_run=dry_run, changes=changes,
         requantized=tuple((name, *err) for name, err in sorted(run.errors.items())),
+        operation=options.operation, bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded),
+        already_complete=complete,
     )
 
 
 def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
-           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None,
+           warnings: Sequence[str] = ()) -> tuple[int, int, bool]:
     """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
+    Returns (bytes written, bytes of shards kept, whether a resume found the output already complete).
 
     On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
     shards and their progress record stay, for ``--resume``; temporary files are removed. On an
     input problem found while executing (a non-finite result, a base file that changed) a
     directory this run created is removed.
     """
-    created = prepare_output(out, overwrite=overwrite)
+    created = prepare_output(out, overwrite=overwrite and not resume)
     try:
         progress = manifest.Progress.start(out, identity, plan, resume=resume)
-        todo = [s for s in plan.shards if s.filename not in progress.kept]
         kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
+        if progress.complete:
+            LOG.info("resume: %s is already complete; nothing written", out)
+            return 0, kept_bytes, True
+        todo = [s for s in plan.shards if s.filename not in progress.kept]
         with TensorReader() as reader:
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
+        progress.expect_files([*side_file_names(ckpt.root, tokenizer_roots, ckpt.config),
+                               *([plan.index_name] if plan.write_index else [])])
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
                                  plan.config_removals)
         if plan.write_index:
             write_index(out, plan.index_json(), plan.index_name)
             files.append(plan.index_name)
-        progress.finish(files)
+        progress.finish(files, warnings)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
             manifest.remove_temporaries(out)
@@ -372,7 +398,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
     except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it), or a bug: a resumable state stays
         manifest.remove_temporaries(out)
         raise
-    return written + kept_bytes
+    return written, kept_bytes, False
 
 
 def _cleanup(out: Path, created: bool) -> None:
@@ -419,13 +445,14 @@ def iter_merged(
 
 
 def plan_unmerge(
-    merged: PathLike, adapter: PathLike, *, weight: float = 1.0, base: PathLike | None = None,
-    adapter_name: str | None = None, max_shard_size: int | None = None,
+    merged: PathLike, adapter: PathLike, *, weight: float | None = None, base: PathLike | None = None,
+    adapter_name: str | None = None, max_shard_size: int | None = None, force: bool = False,
 ) -> Plan:
-    """The frozen plan of :func:`unmerge`; reads no tensor and writes nothing."""
+    """The frozen plan of :func:`unmerge` (after its manifest checks); reads no tensor and writes nothing."""
     loaded = read_adapter(adapter, adapter_name)
-    original = read_checkpoint(Path(base)) if base is not None else None
-    return build_unmerge_plan(read_checkpoint(Path(merged)), loaded, weight, original,
+    check = check_unmerge(Path(merged), loaded, weight, force=force)
+    original = read_base(Path(base), "base") if base is not None else None
+    return build_unmerge_plan(read_base(Path(merged), "merged"), loaded, check.weight, original,
                               PlanOptions(max_shard_size=max_shard_size))
 
 
@@ -434,7 +461,8 @@ def unmerge(
     adapter: PathLike,
     out: PathLike,
     *,
-    weight: float = 1.0,
+    weight: float | None = None,
+    force: bool = False,
     base: PathLike | None = None,
     adapter_name: str | None = None,
     device: str | torch.device = "auto",
@@ -450,6 +478,10 @@ def unmerge(
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
+    When ``merged`` has a ``streammerge.json`` it is checked first (``streammerge.provenance``): ``weight``
+    defaults to the recorded weight; an adapter that was not merged into it, or another weight, is refused
+    unless ``force`` (then the output's manifest records a warning); a pruning combination is always refused.
+
     The merged checkpoint was rounded once, so the result is the base only up to that rounding:
     every element U lies within ½ ulp(M) + ½ ulp(U) of the original W (README, "Unmerge").
     Tensors with no exact inverse (saved heads and other full tensors, DoRA, trainable tokens)
@@ -461,16 +493,17 @@ def unmerge(
     """
     started = time.monotonic()
     out = Path(out)
-    ckpt = read_checkpoint(Path(merged))
+    ckpt = read_base(Path(merged), "merged")
     loaded = read_adapter(adapter, adapter_name)
-    original = read_checkpoint(Path(base)) if base is not None else None
-    plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
+    check = check_unmerge(Path(merged), loaded, weight, force=force)
+    original = read_base(Path(base), "base") if base is not None else None
+    plan = build_unmerge_plan(ckpt, loaded, check.weight, original, PlanOptions(max_shard_size=max_shard_size))
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    options = MergeOptions(operation="unmerge", weight=weight, max_shard_size=max_shard_size,
+    options = MergeOptions(operation="unmerge", weight=check.weight, max_shard_size=max_shard_size,
                            original_base=str(original.root) if original is not None else None,
                            adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
-        on_progress=on_progress, on_plan=on_plan,
+        on_progress=on_progress, on_plan=on_plan, extra_warnings=check.warnings,
     )

@@ -65,7 +65,7 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
         names, index, index_path, notes = found.names, found.index, found.index_path, found.notes
         index_name = found.output_index
     else:
-        raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
+        raise CheckpointError(f"{path}: base checkpoint not found; pass `base` DIR (a directory with *.safetensors)")
     shards = tuple(_read_shard(root / name) for name in names)
     _check_unique(root, names, shards)
     if index is not None and index_path is not None:

@@ -13,14 +13,18 @@ from pathlib import Path
 import torch
 
 from streammerge.api import merge
-from streammerge.errors import StreamMergeError
+from streammerge.errors import OutputError, StreamMergeError
 from streammerge.testing import LLAMA_LINEAR, load_dir, make_adapter, make_checkpoint, reference_merge
 
 
 def run_demo(keep: str | None = None) -> str:
     """Run the demo; returns the report text. Raises StreamMergeError if verification fails."""
     if keep is not None:
-        return _demo(Path(keep))
+        root = Path(keep)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise OutputError(f"{root}: exists and is not an empty directory; `keep` needs a new or empty directory "
+                              "(the demo never deletes files)")
+        return _demo(root)
     with tempfile.TemporaryDirectory(prefix="streammerge-demo-") as tmp:
         return _demo(Path(tmp))
 

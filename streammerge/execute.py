@@ -40,6 +40,7 @@ from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes
 from streammerge.requant import QuantRun
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
+from streammerge.units import ceil_size, format_size
 from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ def check_budget(plan: Plan, max_memory: int) -> None:
     need = plan.min_memory()
     if need > max_memory:
         raise BudgetError(
-            f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
-            f"{need / 2**20:.0f} MiB (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
+            f"`max_memory` {format_size(max_memory)} is below this plan's minimum working set of "
+            f"{format_size(need)} (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
             "tensor, or a whole tensor where the merge needs every row at once); "
-            f"pass --max-memory {-(-need // 2**20)}MiB or more"
+            f"pass `max_memory` {ceil_size(need)} or more"
         )
 
 
@@ -180,7 +181,7 @@ def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorR
             origins = ", ".join(sorted({t.origin for s in task.steps for t in s.terms})) or "a replacement"
             raise NonFiniteError(
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
-                "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
+                "the adapter or the merge overflowed: check the adapter, or pass `allow_nonfinite` to write it anyway"
             )
     if opts.changes is not None and task.kind == "merge":
         # a quantized weight: its decoded base rows and merged rows (before any re-quantization)

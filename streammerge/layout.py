@@ -90,13 +90,13 @@ def discover(root: Path) -> Layout:
     if candidates:
         raise CheckpointError(
             f"{root}: {len(candidates)} *.safetensors files ({_listed(candidates)}) but no {INDEX_NAME}; "
-            "restore the index file, or pass the path of a single .safetensors file as --base"
+            "restore the index file, or pass the path of a single .safetensors file as `base`"
         )
     bins = sorted(p.name for p in root.glob("pytorch_model*.bin"))
     hint = f" (found {', '.join(bins)} but no {BIN_INDEX_NAME})" if bins else ""
     inside = _weight_folders(root) if not bins else []
-    sub = f"; its sub-folders {_listed(inside)} hold weights: pass --base-subfolder NAME" if inside else ""
-    raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}{sub}; pass --base DIR with the base model")
+    sub = f"; its sub-folders {_listed(inside)} hold weights: pass `base_subfolder` NAME" if inside else ""
+    raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}{sub}; pass `base` DIR with the base model")
 
 
 def _follow_index(root: Path, index_path: Path, output_index: str) -> Layout:

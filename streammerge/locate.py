@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from streammerge.adapter import Adapter
+from streammerge.adapter import CONFIG_NAME, Adapter
+from streammerge.checkpoint import Checkpoint, read_checkpoint
 from streammerge.errors import CheckpointError
 
 LOG = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def find_base(adapter: Adapter) -> Path:
     revision = adapter.config.revision
     where = adapter.root / "adapter_config.json"
     if not name:
-        raise CheckpointError(f"{where}: no base_model_name_or_path, so the base is unknown; pass --base DIR")
+        raise CheckpointError(f"{where}: no base_model_name_or_path, so the base is unknown; pass `base` DIR")
     local = Path(name).expanduser()
     if local.is_dir():
         return local
@@ -47,5 +48,15 @@ def find_base(adapter: Adapter) -> Path:
             return Path(path)
     raise CheckpointError(
         f"{where}: base model {name!r} not found; looked for {' and '.join(looked)}; "
-        "pass --base DIR with the base checkpoint"
+        "pass `base` DIR with the base checkpoint"
     )
+
+
+def read_base(path: Path, argument: str, subfolder: str | None = None) -> Checkpoint:
+    """``read_checkpoint``, first refusing a PEFT adapter directory given where a checkpoint belongs."""
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: is a PEFT adapter directory ({CONFIG_NAME}), not a base checkpoint; pass it as "
+            f"`adapters` and the model it was trained on as `{argument}`"
+        )
+    return read_checkpoint(path, subfolder)

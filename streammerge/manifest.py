@@ -39,13 +39,12 @@ from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
 from streammerge.formats.safetensors import SafetensorsHeader
+from streammerge.ownership import MANIFEST_NAME, PROGRESS_NAME, plain_name, remove_owned
 from streammerge.plan import Plan, ShardPlan, TensorRef
 from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
 
 LOG = logging.getLogger(__name__)
 
-MANIFEST_NAME = "streammerge.json"
-PROGRESS_NAME = ".streammerge-progress.json"
 FORMAT = "streammerge-manifest/1"
 _READ_CHUNK = 8 << 20
 
@@ -186,6 +185,8 @@ class Progress:
         self._ids = {s.filename: identity.shard(s) for s in plan.shards}
         self._done: dict[str, dict] = dict(kept)
         self.kept = frozenset(kept)
+        self._files: list[str] = []
+        self.complete = False  # set by ``start``: a resume found this merge already finished; nothing to write
 
     @classmethod
     def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool) -> Progress:
@@ -198,10 +199,31 @@ class Progress:
         if resume:
             kept = cls._reusable(out, identity, plan)
         progress = cls(out, identity, plan, kept)
+        if resume and progress._already_complete():
+            return progress
         progress._save()
         if resume:
             progress._remove_others()
         return progress
+
+    def _already_complete(self) -> bool:
+        """True when ``out`` is this very merge, finished: every shard kept, every listed file intact."""
+        doc = read_json_file(self.out / MANIFEST_NAME)
+        if doc is None or (self.out / PROGRESS_NAME).exists() or len(self.kept) != len(self.plan.shards):
+            return False
+        if not same_recipe(doc, self.identity):
+            return False
+        files = doc.get("files")
+        if not isinstance(files, list):
+            return False
+        for rec in files:
+            name = rec.get("file") if isinstance(rec, dict) else None
+            if not plain_name(name) or not (self.out / name).is_file():
+                return False
+            if file_sha256(self.out / name) != rec.get("sha256"):
+                return False
+        self.complete = True
+        return True
 
     @classmethod
     def _reusable(cls, out: Path, identity: Identity, plan: Plan) -> dict[str, dict]:
@@ -213,8 +235,8 @@ class Progress:
         progress, manifest = read_json_file(out / PROGRESS_NAME), read_json_file(out / MANIFEST_NAME)
         if names and progress is None and manifest is None:
             raise OutputError(
-                f"{out}: --resume found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
-                "to resume; choose a new --out, or pass --overwrite to replace its contents"
+                f"{out}: `resume` found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
+                "to resume; choose a new or empty `out`"
             )
         candidates: dict[str, list[dict]] = {}
         for rec in _records(progress) + _records(manifest):
@@ -236,15 +258,15 @@ class Progress:
         return kept
 
     def _remove_others(self) -> None:
-        """Delete everything but the kept shards and the progress record (a fresh run would not have it)."""
-        for name in _entries(self.out):
-            if name in self.kept or name == PROGRESS_NAME:
-                continue
-            path = self.out / name
-            if path.is_dir() and not path.is_symlink():
-                raise OutputError(f"{path}: unexpected directory in a streammerge output; remove it and rerun")
-            _unlink(path)
-        fsync_dir(self.out)
+        """Delete what streammerge wrote, but the kept shards and the progress record (a fresh run would not
+        have it). The manifest goes first. Files streammerge did not write are never touched (the caller
+        refused to start when there were any)."""
+        remove_owned(self.out, keep=self.kept | {PROGRESS_NAME})
+
+    def expect_files(self, names: Iterable[str]) -> None:
+        """Record the side files about to be written, so that ``--overwrite`` knows them as ours if we stop."""
+        self._files = sorted(set(names))
+        self._save()
 
     def record(self, shard: ShardPlan, sha256: str) -> None:
         """Note ``shard`` as committed (called after its file was renamed into place)."""
@@ -255,11 +277,17 @@ class Progress:
 
     def _save(self) -> None:
         doc = {"format": FORMAT, "complete": False, "sources": self.identity.sources, "options": self.identity.options,
-               "shards": [self._done[s.filename] for s in self.plan.shards if s.filename in self._done]}
+               "shards": [self._done[s.filename] for s in self.plan.shards if s.filename in self._done],
+               "files": [{"file": n} for n in self._files],
+               # every name this run may write, so that --overwrite/--resume know them as streammerge's even
+               # when a kill came between a shard's rename and its record
+               "planned": [{"file": s.filename} for s in self.plan.shards]}
         write_atomic(self.out / PROGRESS_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
-    def finish(self, files: Iterable[str]) -> dict:
-        """Write the manifest (last), then drop the progress record. Returns the manifest."""
+    def finish(self, files: Iterable[str], warnings: Sequence[str] = ()) -> dict:
+        """Write the manifest (last), then drop the progress record. Returns the manifest.
+
+        ``warnings`` (e.g. an unmerge forced past a check) are recorded in it for whoever reads it later."""
         missing = [s.filename for s in self.plan.shards if s.filename not in self._done]
         if missing:  # an internal invariant: write_shards wrote every shard not kept
             raise AssertionError(f"shards not written: {missing}")
@@ -273,10 +301,49 @@ class Progress:
             "files": [{"file": n, "size": (self.out / n).stat().st_size, "sha256": file_sha256(self.out / n)}
                       for n in files],
         }
+        if warnings:
+            doc["warnings"] = list(warnings)
         write_atomic(self.out / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
         _unlink(self.out / PROGRESS_NAME)
         fsync_dir(self.out)
         return doc
+
+
+def same_recipe(doc: Mapping[str, object], identity: Identity) -> bool:
+    """True when a manifest ``doc`` records the inputs and options of ``identity`` (the tool version aside)."""
+    want = json.loads(json.dumps({"inputs": identity.inputs, "options": identity.options}))
+    return {"inputs": doc.get("inputs"), "options": doc.get("options")} == want
+
+
+def check_resumable(out: Path, identity: Identity, *, overwrite: bool) -> bool:
+    """Whether a resume may keep anything in ``out``: False when it holds a complete output of other inputs or
+    options and ``overwrite`` allows replacing it. Without ``overwrite`` such an output is refused, untouched.
+
+    Raises:
+        OutputError: a complete output of other inputs or options, and no ``overwrite``.
+    """
+    doc = read_json_file(out / MANIFEST_NAME)
+    if doc is None or (out / PROGRESS_NAME).exists() or same_recipe(doc, identity):
+        return True
+    if overwrite:
+        LOG.info("resume: %s holds a complete output of other inputs or options; replacing it (overwrite)", out)
+        return False
+    raise OutputError(
+        f"{out}: holds a complete streammerge output made from other inputs or options "
+        f"({recipe_difference(doc, identity)}); `resume` does not replace it: pass `overwrite` as well "
+        "to replace it, or choose another `out`"
+    )
+
+
+def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
+    """What differs between a manifest and ``identity``, in a few words (for an error message)."""
+    want = json.loads(json.dumps({"inputs": identity.inputs, "options": identity.options}))
+    inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else {}
+    what = [k for k in ("base", "adapters") if inputs.get(k) != want["inputs"][k]]
+    options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
+    what += [f"option {k}" for k in sorted(set(options) | set(want["options"]))
+             if options.get(k) != want["options"].get(k)]
+    return ", ".join(what) or "the recorded inputs"
 
 
 def recorded_run(out: Path) -> tuple[dict, dict] | None:

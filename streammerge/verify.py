@@ -28,7 +28,7 @@ import mmap
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +39,15 @@ import torch
 from streammerge import changes, execute, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
-from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.checkpoint import INDEX_NAME, Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
-from streammerge.locate import find_base
+from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.plan import Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.units import format_size
 from streammerge.writer import is_temporary
 
 LOG = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class VerifyReport:
         rows = "all rows" if self.sample is None else f"{self.sample} sampled row(s) per tensor"
         head = (f"{'OK' if self.ok else 'FAILED'}: {self.out}: {self.tensors_checked} tensors checked "
                 f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
-                f"{self.bytes_hashed / 1e9:.3f} GB hashed in {self.seconds:.1f} s")
+                f"{format_size(self.bytes_hashed)} hashed in {self.seconds:.1f} s")
         return "\n".join([head, *(f"problem: {p}" for p in self.problems), *(f"warning: {w}" for w in self.warnings)])
 
 
@@ -113,6 +114,8 @@ def verify(
     device: str | torch.device | None = None,
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     base_subfolder: str | None = None,
     against_base: bool = False,
 ) -> VerifyReport:
@@ -127,20 +130,23 @@ def verify(
     to the base bit for bit is a warning, or a problem when ``against_base``. An untargeted tensor that
     differs from the base is always a problem (its bytes must be the base's).
 
+    ``on_start`` is called once with the number of bytes the checks will go through (twice the planned
+    shards' size: hashed, then compared), ``on_progress`` with each byte count done (for a progress bar).
+
     Raises:
         StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
     """
     started = time.monotonic()
     out = Path(out)
     if not out.is_dir():
-        raise OutputError(f"{out}: not a directory; pass --out DIR with a merged checkpoint")
+        raise OutputError(f"{out}: not a directory; pass `out` DIR with a merged checkpoint")
     if sample is not None and sample < 1:
-        raise StreamMergeError(f"--sample {sample}: must be at least 1 row")
+        raise StreamMergeError(f"`sample` {sample}: must be at least 1 row")
     found = _Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
         found.add(f"{out / manifest.MANIFEST_NAME}: missing or unreadable: the merge did not complete "
-                  "(rerun it with --resume)")
+                  "(rerun it with `resume`)")
         doc = {}
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
     recorded = MergeOptions.from_record(options)
@@ -159,7 +165,9 @@ def verify(
         device = "cuda" if options.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
-    counts = _check_tensors(out, plan, opts, sample, shas, found)
+    if on_start is not None:
+        on_start(2 * plan.total_bytes)
+    counts = _check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
     measured = changes.measure_output(out, plan, ckpt, None if sample is None else lambda t: sample_blocks(t, sample))
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
@@ -199,8 +207,8 @@ def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None,
     if base is None and isinstance(sources.get("base"), str):
         base = sources["base"]
     subfolder = subfolder if subfolder is not None else recorded.base_subfolder
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]), subfolder)
-    original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
+    ckpt = read_base(Path(base) if base is not None else find_base(loaded[0]), "base", subfolder)
+    original = read_base(Path(recorded.original_base), "base") if recorded.original_base else None
     return ckpt, loaded, original
 
 
@@ -248,7 +256,7 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
             found.add(f"{path}: content differs from the manifest's sha256 (modified after the merge?)")
     for name in sorted(os.listdir(out)):
         if name == manifest.PROGRESS_NAME or is_temporary(name):
-            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with --resume")
+            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with `resume`")
         elif name not in expected and (name.endswith(".safetensors") or name in (INDEX_NAME, plan.index_name)):
             found.add(f"{out / name}: not part of this merge's output")
     index = out / plan.index_name
@@ -260,17 +268,20 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
 
 
 def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
-                   found: _Findings) -> tuple[int, int, int, int]:
+                   found: _Findings, progress: Callable[[int], None]) -> tuple[int, int, int, int]:
     checked = recomputed = rows = hashed = 0
     with TensorReader() as reader, ExitStack() as stack:
         for shard in plan.shards:
             path = out / shard.filename
             mm = _open_shard(path, shard, found, stack)
             if mm is None:
+                progress(2 * shard.data_size)
                 continue
             hashed += len(mm)
             if shard.filename in shas:
-                _check_sha(path, mm, shas[shard.filename], found)
+                _check_sha(path, mm, shas[shard.filename], found, progress)
+            else:
+                progress(shard.data_size)
             if mm[: len(shard.header)] != shard.header:
                 found.add(f"{path}: header differs from the plan's header")
             base = len(shard.header)
@@ -281,6 +292,7 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
             for task in shard.tasks:
                 if task.is_raw_copy and task.nbytes:
                     _compare_copy(path, mm, offsets[task.name], task, reader, found)
+                    progress(task.nbytes)
             merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
             with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
                 for task, r0, r1, data in blocks:
@@ -289,6 +301,7 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
                     _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
                              execute.as_bytes(data), "the recomputation", found)
                     rows += r1 - r0
+            progress(sum(t.nbytes for t in merged))
             checked += len(shard.tasks)
             recomputed += len(merged)
     return checked, recomputed, rows, hashed
@@ -308,16 +321,24 @@ def _open_shard(path: Path, shard: ShardPlan, found: _Findings, stack: ExitStack
         return None
     with path.open("rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    stack.callback(mm.close)
+    stack.callback(_close, mm)
     return mm
 
 
-def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings) -> None:
+def _close(mm: mmap.mmap) -> None:
+    """Close a shard map; a view still held by an interrupted frame (BufferError) leaves it to the GC."""
+    with contextlib.suppress(BufferError):
+        mm.close()
+
+
+def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings,
+               progress: Callable[[int], None]) -> None:
     h = hashlib.sha256()
-    view = memoryview(mm)
-    for i in range(0, len(mm), _CHUNK):
-        h.update(view[i : i + _CHUNK])
-    view.release()
+    with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
+        for i in range(0, len(mm), _CHUNK):
+            with view[i : i + _CHUNK] as piece:
+                h.update(piece)
+            progress(min(_CHUNK, len(mm) - i))
     if h.hexdigest() != recorded:
         found.add(f"{path}: sha256 differs from the manifest (modified after the merge, or a disk error)")
 

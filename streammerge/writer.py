@@ -29,13 +29,13 @@ _HASH_CHUNK = 8 << 20  # raw-copied bytes are read back for hashing in pieces of
 def output_error(path: Path, e: OSError) -> OutputError:
     """One line for a failed write, saying what to do."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"{path}: disk full while writing; free space on that filesystem (or choose another --out) "
-                           "and rerun with --resume")
+        return OutputError(f"{path}: disk full while writing; free space on that filesystem (or choose another `out`) "
+                           "and rerun with `resume`")
     if e.errno == errno.EFBIG:
         return OutputError(f"{path}: file size limit exceeded while writing (ulimit -f); raise the limit or use "
-                           "--max-shard-size, then rerun with --resume")
+                           "`max_shard_size`, then rerun with `resume`")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"{path}: not writable ({e.strerror}); choose an --out directory you can write to")
+        return OutputError(f"{path}: not writable ({e.strerror}); choose an `out` directory you can write to")
     return OutputError(f"{path}: write failed ({e.strerror or e})")
 
 

@@ -444,6 +444,9 @@ CASES = {f.__name__: f for f in (
     out_contains_base, out_not_empty, out_is_a_file, out_parent_is_a_file, out_not_writable, disk_full,
     memory_budget_too_small, negative_workers,
 )}
+#: Many problems (how many): a summary line naming the adapter, what it was trained on and the base, then one
+#: line per problem, each holding every fragment.
+MULTI = {"different_base": 14, "config_rank_disagrees": 14, "dora": 14}
 #: After these, the output may hold what --resume needs (the progress record and finished shards).
 RESUMABLE = {"disk_full"}
 #: Also run as a genuine ``python -m streammerge`` process.
@@ -526,14 +529,21 @@ def test_the_corpus_is_big_enough():
 
 
 @pytest.mark.parametrize("name", [*sorted(CASES), *(f"{n}[python -m]" for n in REAL)])
-def test_bad_input_exits_2_with_one_named_line_and_changes_nothing(outcomes, name):
+def test_bad_input_exits_2_with_named_lines_and_changes_nothing(outcomes, name):
     o = outcomes[name]
     lines = o.stderr.strip().splitlines()
     assert o.code == 2, o.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    many = MULTI.get(name.removesuffix("[python -m]"), 0)
+    assert len(lines) == 1 + many and lines[0].startswith("error: "), lines
+    assert all(line.startswith("  ") for line in lines[1:]), lines
     assert "Traceback" not in o.stderr
-    for fragment in o.fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    if many:
+        trained_on = json.loads((o.case.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert lines[0] == (f"error: {many} problems fitting the adapter(s) {o.case.adapter} (trained on "
+                            f"{trained_on!r}) to the base {o.case.base_arg or o.case.base}:")
+        assert all(all(f in line for f in o.fragments) for line in lines[1:]), lines
+    else:
+        assert all(fragment in lines[0] for fragment in o.fragments), (o.fragments, lines[0])
     assert o.after == o.before  # every input byte unchanged
     if name.removesuffix("[python -m]") in RESUMABLE:
         return

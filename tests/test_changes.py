@@ -189,7 +189,8 @@ def test_the_cli_prints_a_digest_and_the_flagged_tensors(merged, tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("changes: 14 targeted tensor(s), relative change min ") and lines[1].endswith(
         "; 1 unchanged")
-    assert lines[2:] == [f"  {NOOP}.weight ({NOOP}): relative change UNCHANGED (bit-identical to the base)"]
+    assert lines[2:] == [f"  {NOOP}.weight ({NOOP}): relative change UNCHANGED (bit-identical to the base)",
+                         f"check it with: streammerge verify --out {tmp_path / 'a'}"]  # the summary ends with it
     assert main([*argv, "--out", str(tmp_path / "b"), "-v"]) == 0  # -v: every targeted tensor
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if line.startswith("  model.layers.")]) == 14

@@ -82,7 +82,7 @@ def test_tensor_larger_than_budget_merges_bit_identically(tmp_path):
 
 def test_budget_below_plan_minimum_says_what_is_needed(tmp_path, llama):
     base, adapter = llama
-    with pytest.raises(BudgetError, match=r"pass --max-memory \d+MiB or more"):
+    with pytest.raises(BudgetError, match=r"pass `max_memory` [\d.]+[kMG]B or more"):
         streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", max_memory=1000)
     assert not (tmp_path / "out").exists()
 

@@ -163,7 +163,7 @@ def test_bnb_keep_format_is_refused(llama_bf16, tmp_path):
     index = _detect(qb.make_bnb(llama_bf16, tmp_path / "nf4", "nf4"))
     fmt = next(f for f in registry.FORMATS if f.name == "bitsandbytes")
     assert fmt.output_config(index.config, True, frozenset()) is None
-    with pytest.raises(PlanError, match=r"pass --dequantize.*merge into the original 16-bit model"):
+    with pytest.raises(PlanError, match=r"pass `dequantize`.*merge into the original 16-bit model"):
         fmt.output_config(index.config, False, frozenset(index.weights))
 
 
@@ -182,7 +182,7 @@ def test_int4_decode_matches_reference_unpack(method, llama_bf16, tmp_path):
             got = _decode(base, index, index.weights[name], torch.bfloat16, blocks)
             assert torch.equal(_bits(got), _bits(ref[name])), name
     fmt = next(f for f in registry.FORMATS if f.name == method)
-    with pytest.raises(PlanError, match=f"a {method.upper()} base cannot keep its format.*--dequantize"):
+    with pytest.raises(PlanError, match=f"a {method.upper()} base cannot keep its format.*`dequantize`"):
         fmt.output_config(index.config, False, frozenset())
 
 

@@ -319,7 +319,7 @@ def _with_head(root: Path, base: Path, seed: int, **config) -> Path:
 def test_two_saved_heads_are_never_blended(tmp_path, llama):
     base, _ = llama
     h1, h2 = _with_head(tmp_path / "h1", base, 1), _with_head(tmp_path / "h2", base, 2)
-    with pytest.raises(PlanError, match=r"'lm_head.weight'.*heads are never blended: pass --heads-from"):
+    with pytest.raises(PlanError, match=r"'lm_head.weight'.*heads are never blended: pass `heads_from`"):
         streammerge.merge(base=base, adapters=[h1, h2], out=tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
     streammerge.merge(base=base, adapters=[(h1, 0.5), (h2, 0.5)], heads_from="h2", out=tmp_path / "out", device="cpu")

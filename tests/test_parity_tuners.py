@@ -205,6 +205,10 @@ def test_a_partial_unmerge_of_a_tuner_is_refused(built, tmp_path, capsys):
     back = tmp_path / "back"
     code, err = _cli(capsys, "unmerge", "--merged", str(out), "--adapter", str(case.adapter_dir), "--weight", "0.5",
                      "--out", str(back))
+    assert code == 2 and not back.exists()  # the manifest records weight 1 (tests/test_trust.py)
+    assert "merged with weight 1, not 0.5" in err, err
+    code, err = _cli(capsys, "unmerge", "--merged", str(out), "--adapter", str(case.adapter_dir), "--weight", "0.5",
+                     "--force", "--out", str(back))  # past the manifest check, the tuner itself has no such inverse
     assert code == 2 and not back.exists()
     assert "cannot unmerge a OFT adapter with weight 0.5" in err, err
 

@@ -46,7 +46,7 @@ def test_old_adapter_whose_scale_changed_gets_a_warning(tmp_path):
     adapter = testing.make_adapter(tmp_path / "ad", base, targets=("q_proj",), r=16, alpha=8,
                                    config={k: v for k, v in SPEC_EXAMPLE.items() if k.endswith("pattern")})
     plan = streammerge.plan_merge(base, adapter)
-    assert any("no peft_version" in w and repr(M0) in w and "--pattern-rules" in w for w in plan.warnings)
+    assert any("no peft_version" in w and repr(M0) in w and "`pattern_rules`" in w for w in plan.warnings)
     doc = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**doc, "peft_version": "0.21.2"}))
     assert not any("peft_version" in w for w in streammerge.plan_merge(base, adapter).warnings)

@@ -93,9 +93,11 @@ def test_problems_are_all_reported_together_by_name():
                   extra={"target_modules": ["q_proj", "x_proj"]})
     with pytest.raises(PlanError) as e:
         build_plan(checkpoint(), [bad])
-    text = str(e.value)
-    assert "makes a delta of shape (65, 64) but base tensor 'model.layers.0.self_attn.q_proj.weight'" in text
-    assert "(and 1 more problem(s): " in text and "'model.layers.0.self_attn.x_proj.weight'" in text
+    assert e.value.summary == "2 problems fitting the adapter(s) /nowhere/a to the base /nowhere/base:"
+    first, second = e.value.problems
+    assert "makes a delta of shape (65, 64) but base tensor 'model.layers.0.self_attn.q_proj.weight'" in first
+    assert "'model.layers.0.self_attn.x_proj.weight'" in second
+    assert str(e.value) == "\n".join([e.value.summary, f"  {first}", f"  {second}"])
 
 
 def test_rank_pattern_and_rslora_scales():

@@ -133,7 +133,7 @@ def test_a_tuner_without_an_inverse_is_refused_by_name(monkeypatch):
     ad = tuner_adapter("HRA", {f"{Q0}.hra_u": (H, 4)}, {"r": 4})
     with pytest.raises(UnsupportedAdapterError) as e:
         build_unmerge_plan(checkpoint(), ad)
-    assert str(e.value).startswith("/nowhere/t: cannot unmerge: the reflections were lost; pass --base ORIGINAL")
+    assert str(e.value).startswith("/nowhere/t: cannot unmerge: the reflections were lost; pass `base` ORIGINAL")
     original = checkpoint()
     restored = {t.name: t for t in build_unmerge_plan(checkpoint(), ad, base=original).tasks() if t.kind != "copy"}
     assert list(restored) == [f"{Q0}.weight"] and restored[f"{Q0}.weight"].kind == "replace"

@@ -344,7 +344,7 @@ def test_a_format_that_cannot_reencode_is_refused_without_dequantize():
     lora = LoraTerm("linear", TensorRef("a", "A", "F32", (4, 256), 0), TensorRef("a", "B", "F32", (256, 4), 0), 2.0)
     merged = TensorTask("m.weight", "F8_E4M3", (256, 256), refs["m.weight"], (Step((lora,), "once"),), "merge")
     copied = {n: TensorTask(n, r.dtype, r.shape, r) for n, r in refs.items()}
-    with pytest.raises(PlanError, match="cannot write back in its fp8-block format; pass --dequantize"):
+    with pytest.raises(PlanError, match="cannot write back in its fp8-block format; pass `dequantize`"):
         apply_quantization(index, {}, {**copied, "m.weight": merged}, refs, dequantize=False)
     tasks = {**copied, "m.weight": merged}
     drop, updates, removals, _ = apply_quantization(index, {}, tasks, refs, dequantize=True)

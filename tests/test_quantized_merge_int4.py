@@ -158,7 +158,7 @@ def test_bnb_dequantize_is_transformers_dequantize_plus_peft_merge(llama, tmp_pa
     _assert_same(tmp_path / "out", tmp_path / "ref")
     assert "quantization_config" not in _config(tmp_path / "out")
     plan = streammerge.plan_merge(base, llama["adapter"], dequantize=True)
-    assert any("merging into that is better: pass its directory as --base" in w for w in plan.warnings)
+    assert any("merging into that is better: pass its directory as `base`" in w for w in plan.warnings)
 
 
 def test_bnb_verify_and_resume_with_nothing_but_out(llama, tmp_path, capsys):

@@ -165,8 +165,14 @@ def test_resume_keeps_matching_shards_and_recomputes_tampered_or_reconfigured_on
     victim.write_bytes(bytes(data))
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)
     assert _files(out) == want
-    # An option that changes bytes (here: the shard layout) invalidates every old shard; stale names vanish.
-    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, max_shard_size=60_000)
+    # A complete output of other options is not replaced by --resume alone, and is left untouched ...
+    with pytest.raises(streammerge.OutputError, match=r"complete streammerge output made from other inputs or "
+                       r"options \(option max_shard_size\); `resume` does not replace it: pass `overwrite`"):
+        streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, max_shard_size=60_000)
+    assert _files(out) == want
+    # ... with overwrite it is: the old shard layout is invalid, stale names vanish.
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, overwrite=True,
+                      max_shard_size=60_000)
     resharded = tmp_path / "resharded"
     streammerge.merge(base=base, adapter=adapter, out=resharded, device="cpu", max_shard_size=60_000)
     assert _files(out) == _files(resharded)
@@ -180,8 +186,9 @@ def test_resume_refuses_a_directory_that_is_not_a_streammerge_output(tmp_path, l
     with pytest.raises(streammerge.OutputError, match="not a streammerge output to resume"):
         streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)
     assert os.listdir(out) == ["notes.txt"]
-    with pytest.raises(streammerge.StreamMergeError, match="pass only one"):
+    with pytest.raises(streammerge.OutputError, match=r"holds files streammerge did not write: notes.txt; "):
         streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, overwrite=True)
+    assert os.listdir(out) == ["notes.txt"]
     fresh = tmp_path / "fresh"  # --resume on nothing is a plain merge
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu", resume=True)
     assert (fresh / manifest.MANIFEST_NAME).exists()

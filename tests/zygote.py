@@ -19,7 +19,7 @@ import streammerge
 
 _PROGRAM = r"""
 import json, os, resource, sys
-import torch, tqdm, streammerge.api, streammerge.cli, streammerge.verify
+import torch, tqdm, streammerge.api, streammerge.cli, streammerge.interrupts, streammerge.verify
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -30,9 +30,12 @@ for line in sys.stdin:
         os.dup2(null, 1)
         err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if job["stderr"] else null
         os.dup2(err, 2)
+        if job.get("cwd"):
+            os.chdir(job["cwd"])
         if job["fsize"] is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
         code = 1
+        streammerge.interrupts.startup()  # as python -m streammerge does before anything else
         try:
             code = streammerge.cli.main(job["argv"])
         finally:
@@ -57,8 +60,9 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", _PROGRAM], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=cli_env())
 
-    def start(self, argv: list[str], *, stderr: Path | None = None, fsize: int | None = None) -> int:
-        job = {"argv": argv, "stderr": str(stderr) if stderr else None, "fsize": fsize}
+    def start(self, argv: list[str], *, stderr: Path | None = None, fsize: int | None = None,
+              cwd: Path | None = None) -> int:
+        job = {"argv": argv, "stderr": str(stderr) if stderr else None, "fsize": fsize, "cwd": str(cwd or "")}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())

@@ -168,7 +168,7 @@ class Bitsandbytes:
 #: One line for a keep-format merge into a format that cannot hold a merged weight (the CLI prints it).
 KEEP_REFUSAL = (
     "a {kind} base cannot keep its format after a merge (re-quantizing would bury the LoRA delta in rounding "
-    "noise): pass --dequantize to write the merged model in the config's dtype, or better, merge into the "
+    "noise): pass `dequantize` to write the merged model in the config's dtype, or better, merge into the "
     "original 16-bit model if you have it (pass its directory as the base)"
 )
 

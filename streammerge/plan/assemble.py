@@ -42,7 +42,7 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
     draft = Draft()
     for index, adapter in enumerate(adapters):
         plan_adapter(ctx, AdapterInput.of(index, adapter), draft)
-    return assemble(ctx, draft, options or PlanOptions())
+    return assemble(ctx, draft, options or PlanOptions(), adapters)
 
 
 def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
@@ -71,7 +71,7 @@ def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
     if drift and cfg.pattern_rules == "current":
         draft.warnings.append(
             f"{src.where}: saved before PEFT 0.18 (no peft_version) with rank/alpha patterns, and {drift}; the merge "
-            "follows PEFT >= 0.15 as PEFT 0.21 does; pass --pattern-rules 0.14 or pre-0.14 to use the rules "
+            "follows PEFT >= 0.15 as PEFT 0.21 does; pass `pattern_rules` 0.14 or pre-0.14 to use the rules "
             "of the PEFT version that trained it"
         )
 
@@ -84,8 +84,16 @@ def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
             tokens.plan_tokens(ctx, src, draft, module, roles["token_delta"], naming.module_order(module))
 
 
-def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
-    """Turn the per-tensor accumulators into the frozen plan (or raise every problem found)."""
+def misfit_summary(ctx: PlanContext, adapters: Sequence[Adapter], count: int) -> str:
+    """First line of a many-problem error: which adapters, what they were trained on, which base."""
+    who = ", ".join(f"{a.root} (trained on {a.config.base_model_name_or_path!r})" if a.config.base_model_name_or_path
+                    else str(a.root) for a in adapters) or "(none)"
+    return f"{count} problems fitting the adapter(s) {who} to the base {ctx.ckpt.root}:"
+
+
+def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions, adapters: Sequence[Adapter] = ()) -> Plan:
+    """Turn the per-tensor accumulators into the frozen plan (or raise every problem found: one, or a summary
+    naming ``adapters`` and the problems one per line)."""
     targets = draft.targets
     warnings = list(draft.warnings)
     tied = draft.config_updates.get("tie_word_embeddings", True)
@@ -100,9 +108,10 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
             )
     check_resized(ctx, draft)
     problems = draft.problems
+    if len(problems) == 1:
+        raise PlanError(problems[0])
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
-        raise PlanError(problems[0] + more)
+        raise PlanError(misfit_summary(ctx, adapters, len(problems)), problems)
 
     tasks_by_name = {}
     for name in ctx.located:

@@ -35,17 +35,17 @@ def plan_each(ctx: PlanContext, adapters: Sequence[Adapter]) -> list[Draft]:
 def _check_combination(adapters: Sequence[Adapter], combine: CombineOptions) -> None:
     if len(combine.weights) != len(adapters):
         raise PlanError(
-            f"--weights has {len(combine.weights)} value(s) for {len(adapters)} adapter(s); give one weight per "
-            "--adapter, in the same order (e.g. --weights 0.7,0.3)"
+            f"`weights` has {len(combine.weights)} value(s) for {len(adapters)} adapter(s); give one weight per "
+            "adapter, in the same order (e.g. `weights` 0.7,0.3)"
         )
     if combine.method not in COMBINATIONS:
-        raise PlanError(f"--combination {combine.method!r} is not one of {', '.join(COMBINATIONS)}")
+        raise PlanError(f"`combination` {combine.method!r} is not one of {', '.join(COMBINATIONS)}")
     if not all(math.isfinite(w) for w in combine.weights):
-        raise PlanError(f"--weights {combine.weights}: every weight must be a finite number")
+        raise PlanError(f"`weights` {combine.weights}: every weight must be a finite number")
     if combine.method != "cat" and not 0 < combine.density <= 1:
-        raise PlanError(f"--density {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
+        raise PlanError(f"`density` {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
     if combine.heads_from is not None and not 0 <= combine.heads_from < len(adapters):
-        raise PlanError(f"--heads-from {combine.heads_from}: there are only {len(adapters)} adapters")
+        raise PlanError(f"`heads_from` {combine.heads_from}: there are only {len(adapters)} adapters")
     tuned = [a for a in adapters if a.config.peft_type in TUNERS]
     if tuned:
         raise UnsupportedAdapterError(
@@ -84,11 +84,11 @@ def _pick_full(name: str, holders: Sequence[tuple[int, TensorRef]], adapters: Se
     if heads_from is None:
         problems.append(
             f"tensor {name!r} is a full tensor (modules_to_save, a saved head or a saved layer) in adapters {who}; "
-            "heads are never blended: pass --heads-from NAME (adapter directory name or index) to take it from one"
+            "heads are never blended: pass `heads_from` NAME (adapter directory name or index) to take it from one"
         )
     else:
         problems.append(
-            f"--heads-from {_label(adapters, heads_from)} does not carry tensor {name!r}; adapters {who} do"
+            f"`heads_from` {_label(adapters, heads_from)} does not carry tensor {name!r}; adapters {who} do"
         )
     return None
 
@@ -126,7 +126,7 @@ def build_combined_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], combine: 
     out.warnings = [f"{_label(adapters, i)}: {w}" for i, one in enumerate(each) for w in one.warnings]
     out.warnings += _peft_difference_warnings(adapters, combine)
     out.drop = set().union(*(one.drop for one in each))
-    return assemble(ctx, out, options or PlanOptions())
+    return assemble(ctx, out, options or PlanOptions(), adapters)
 
 
 def _combined_step(name: str, slots: Sequence[tuple[int, Target]], combine: CombineOptions) -> Step | None:

@@ -168,7 +168,7 @@ def _decoded(quant: QuantIndex, tasks: Mapping[str, TensorTask], dequantize: boo
                 fmt.output_config(quant.config, False, frozenset())  # a format that cannot be kept says so first
                 raise PlanError(
                     f"the adapter changes quantized weight {qw.name!r}, which streammerge cannot write back in its "
-                    f"{qw.scheme.format} format; pass --dequantize to write the merged checkpoint in {dtype}"
+                    f"{qw.scheme.format} format; pass `dequantize` to write the merged checkpoint in {dtype}"
                 )
             decoded.update(together(quant, qw.name))
     return decoded
@@ -181,5 +181,5 @@ def advice(quant: QuantIndex, dequantize: bool) -> list[str]:
     return [
         f"the base is {quant.format}-quantized: the merge is exact on its dequantized weights, but their "
         "quantization error stays in the output; if you have the 16-bit model it was quantized from, merging "
-        "into that is better: pass its directory as --base (the adapter's base_model_name_or_path often names it)"
+        "into that is better: pass its directory as `base` (the adapter's base_model_name_or_path often names it)"
     ]

@@ -17,6 +17,7 @@ from streammerge.formats.dtypes import DTYPE_SIZES
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.memory import block_bytes
+from streammerge.units import format_size
 
 if TYPE_CHECKING:
     from streammerge.plan.quantized import QuantSummary
@@ -312,15 +313,14 @@ class Plan:
 
     def summary(self) -> str:
         c = self.counts()
-        gb = self.total_bytes / 1e9
         quant = (f", {c['dequantize']} to dequantize, {c['rescale']} fresh scales"
                  if self.quantization is not None else "")
         lines = [
             f"plan: {c['merge']} tensors to merge, {c['replace']} to replace, {c['add']} to add, "
             f"{c['copy']} to copy, {c['drop']} to drop{quant}",
-            f"output: {len(self.shards)} shard(s), {gb:.3f} GB"
+            f"output: {len(self.shards)} shard(s), {format_size(self.total_bytes)}"
             + (f", index {self.index_name}" if self.write_index else ""),
-            f"minimum working memory: {self.min_memory() / 2**20:.1f} MiB",
+            f"minimum working memory: {format_size(self.min_memory())}",
         ]
         if self.quantization is not None:
             lines.append(self.quantization.line(self.tasks()))

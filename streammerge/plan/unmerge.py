@@ -65,7 +65,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     """
     options = options or PlanOptions()
     if not math.isfinite(weight):
-        raise PlanError(f"--weight {weight}: must be a finite number")
+        raise PlanError(f"`weight` {weight}: must be a finite number")
     ctx = PlanContext.of(merged)
     reason = _no_inverse(adapter)
     if adapter.config.peft_type in TUNERS and weight != 1.0:
@@ -76,12 +76,12 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     if reason is not None:
         if base is None:
             raise UnsupportedAdapterError(
-                f"{adapter.root}: cannot unmerge: {reason}; pass --base ORIGINAL to take the tensors it changed "
+                f"{adapter.root}: cannot unmerge: {reason}; pass `base` ORIGINAL to take the tensors it changed "
                 "from the original base checkpoint"
             )
         out = Draft()
         out.targets.update(_restore_from(base, dict.fromkeys(_touched(adapter, ctx)), ctx, out.problems))
-        return assemble(ctx, out, options)
+        return assemble(ctx, out, options, [adapter])
 
     (one,) = plan_each(ctx, [adapter])
     if one.added or one.drop:
@@ -96,7 +96,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
             f"{adapter.root}: cannot unmerge {full[0]!r}"
             + (f" (and {len(full) - 1} more)" if len(full) > 1 else "")
             + ": the adapter replaced it with a full tensor (modules_to_save, a saved head or layer), so the original "
-            "is not in the merged checkpoint; pass --base ORIGINAL to take such tensors from the original base"
+            "is not in the merged checkpoint; pass `base` ORIGINAL to take such tensors from the original base"
         )
     out = Draft(problems=one.problems, warnings=list(one.warnings))
     if full:
@@ -105,7 +105,7 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
         if name in out.targets:
             continue
         out.targets[name] = Target(steps=_inverse_steps(t, weight))
-    return assemble(ctx, out, options)
+    return assemble(ctx, out, options, [adapter])
 
 
 def _inverse_steps(t: Target, weight: float) -> list:
@@ -127,13 +127,13 @@ def _restore_from(base: Checkpoint | None, names: Mapping[str, None], ctx: PlanC
     out = {}
     for name in names:
         if name not in originals:
-            problems.append(f"{base.root}: --base has no tensor {name!r} to restore; is it the original base?")
+            problems.append(f"{base.root}: `base` has no tensor {name!r} to restore; is it the original base?")
             continue
         shard_no, info = originals[name]
         have = ctx.info(name)
         if (info.shape, info.dtype) != (have.shape, have.dtype):
             problems.append(
-                f"{base.root}: tensor {name!r} is {info.dtype}{list(info.shape)} in --base but "
+                f"{base.root}: tensor {name!r} is {info.dtype}{list(info.shape)} in `base` but "
                 f"{have.dtype}{list(have.shape)} in the merged checkpoint; is it the original base?"
             )
             continue
