@@ -32,14 +32,26 @@ def startup() -> None:
         signal.signal(sig, handler)
 
 
+#: The signal received since ``running`` (None: none). An interrupt that lands inside an import can leave a
+#: half-initialised C extension behind, and the next import of it raises an ImportError whose chain no
+#: longer shows the KeyboardInterrupt: ``cause`` then still knows that a signal is why the command failed.
+_received: list[int] = []
+
+
 def running() -> None:
     """SIGINT raises KeyboardInterrupt, SIGTERM raises Terminated (main thread only; elsewhere a no-op)."""
+    _received.clear()
+
+    def interrupt(signum: int, frame: object) -> None:
+        _received.append(signum)
+        raise KeyboardInterrupt
 
     def terminate(signum: int, frame: object) -> None:
+        _received.append(signum)
         raise Terminated
 
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, terminate)
     except ValueError:  # not the main thread (main() called from a worker thread, e.g. in tests)
         pass
@@ -59,7 +71,7 @@ def quiet() -> None:
 
 
 def cause(exc: BaseException | None) -> int | None:
-    """The signal behind ``exc`` (itself, or its context/cause chain), or None."""
+    """The signal behind ``exc`` (itself, or its context/cause chain; else one received while running), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -68,4 +80,4 @@ def cause(exc: BaseException | None) -> int | None:
         if isinstance(exc, Terminated):
             return signal.SIGTERM
         exc = exc.__cause__ or exc.__context__
-    return None
+    return _received[0] if _received else None

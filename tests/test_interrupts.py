@@ -69,12 +69,15 @@ def test_sigint_at_random_moments_exits_130_with_one_line(inputs, tmp_path, comm
     with Zygote() as zygote:
         code, err = zygote.run(_argv(command, inputs, tmp_path / "warm"), stderr=tmp_path / "warm.txt")
         assert code == 0, err  # the first run pays for cold caches and lazy initialisation
-        t0 = time.monotonic()
-        code, err = zygote.run(_argv(command, inputs, tmp_path / "timed"), stderr=tmp_path / "timed.txt")
-        run_s = time.monotonic() - t0
-        assert code == 0, err
+        times = []
+        for k in range(3):  # the shortest of three runs: a busy machine stretches some runs, not all
+            t0 = time.monotonic()
+            code, err = zygote.run(_argv(command, inputs, tmp_path / f"timed{k}"), stderr=tmp_path / "timed.txt")
+            times.append(time.monotonic() - t0)
+            assert code == 0, err
+        run_s = min(times)
         for i in range(MOMENTS):
-            at = rng.uniform(0, run_s)
+            at = rng.uniform(0, 0.8 * run_s)
             log = tmp_path / f"{i}.txt"
             pid = zygote.start(_argv(command, inputs, tmp_path / f"o{i}"), stderr=log)
             time.sleep(at)
@@ -114,19 +117,27 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(inputs, tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
         assert proc.stdout.readline() == "ready\n"
         time.sleep(rng.uniform(0.0, 1.5))
-        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+            proc.send_signal(signal.SIGINT)
         jobs.append((command, proc))
+    late = 0
     for command, proc in jobs:
         _, err = proc.communicate(timeout=120)
+        if proc.returncode in (0, -signal.SIGINT) and not err:
+            # On an idle machine a tiny command can finish before the signal lands, or be in the interpreter's
+            # own shutdown (which restores the default handler: a death by SIGINT, status 130 to a shell).
+            late += 1
+            continue
         assert proc.returncode == 130, (command, proc.returncode, err)
         assert err.splitlines() in ([STARTING], [MESSAGE[command]]), (command, err)
+    assert late <= len(jobs) // 2, f"{late} of {len(jobs)} commands finished before the signal: the test lost its point"
     assert _digest(inputs) == before
 
 
 def test_sigterm_exits_143_with_the_command_line(inputs, tmp_path):
     with Zygote() as zygote:
         pid = zygote.start(_argv("verify", inputs, tmp_path), stderr=tmp_path / "err.txt")
-        time.sleep(0.3)
+        time.sleep(0.05)  # verify of 17 MB takes ~0.3 s on an idle machine
         os.kill(pid, signal.SIGTERM)
         code = zygote.wait()
     err = (tmp_path / "err.txt").read_text().splitlines()
