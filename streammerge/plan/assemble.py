@@ -141,7 +141,9 @@ def _task(name: str, base: TensorRef, target: Target | None, aliases: naming.Ali
     # adapters in order; within one, modules in PEFT's merge order (faces of a tie: named_modules order)
     steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], aliases.face_order(s[0]))))
     kind = "merge" if steps else "replace"
-    return TensorTask(name, base.dtype, source.shape, source, steps, kind)
+    # a tensor transformers keeps in fp32 (DeepSeek-V3's router) is merged and written in fp32, as PEFT does
+    dtype = "F32" if steps and aliases.kept_in_fp32(name, base.dtype) else base.dtype
+    return TensorTask(name, dtype, source.shape, source, steps, kind)
 
 
 def _added_dtype(ckpt: Checkpoint, ref: TensorRef) -> str:
