@@ -6,6 +6,7 @@ Each is a straight line: read headers → build the plan → execute. Errors are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from streammerge import execute, manifest
+from streammerge import finalize as fin
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
+from streammerge.parts import Part, parse_part, shards_of
 from streammerge.plan import (
     CombineOptions,
     Plan,
@@ -183,6 +186,10 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    part: Part | str | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    parts: int | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -211,6 +218,14 @@ def merge(
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
+        part: ``Part(I, N)`` or ``"I/N"``: write only the shards of part I of N into ``out`` (shared
+            by the other parts), never the index, config or manifest; :func:`finalize` seals ``out``
+            once every part is done. Rerunning a part is safe. See ``streammerge.finalize``. Without
+            ``part``, over an ``out`` where parts wrote every shard, ``merge`` finalizes it.
+        executor: ``"ray"``: run ``parts`` parts (default: one per cluster CPU slot) as Ray tasks
+            (``pip install streammerge[ray]``), retrying a task whose worker died, then finalize.
+            Every node must see the inputs and ``out`` at the same paths (shared storage).
+        ray_address: ``ray.init(address=...)``: None starts or reuses a local Ray, ``"auto"`` joins a cluster.
 
     Returns:
         A :class:`MergeReport`.
@@ -225,13 +240,110 @@ def merge(
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
-    options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
-               "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    options = _merge_options(max_shard_size, weights, combination, density, seed, pattern_rules)
+    if part is not None or executor is not None or (not (resume or overwrite or dry_run) and fin.record_paths(out)):
+        request = {"base": str(Path(base).resolve()) if base is not None else None,
+                   "adapters": [str(Path(p).resolve()) for p in paths], "adapter_name": adapter_name,
+                   "weights": weights, "combination": combination, "density": density, "seed": seed,
+                   "heads_from": heads_from, "pattern_rules": pattern_rules, "max_shard_size": max_shard_size,
+                   "allow_nonfinite": allow_nonfinite}
+        split = _Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
+        return _run_split(plan, ckpt, loaded, options, request, split, out=out, started=started, device=device,
+                          workers=workers, max_memory=max_memory, dry_run=dry_run, overwrite=overwrite,
+                          on_progress=on_progress, on_plan=on_plan)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
         overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
         on_plan=on_plan,
+    )
+
+
+def _merge_options(max_shard_size: int | None, weights: Sequence[float] | None, combination: str | None,
+                   density: float | None, seed: int, pattern_rules: str) -> dict[str, object]:
+    """The byte-changing options of a merge, as its manifest and shard identities record them."""
+    return {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
+            "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    part: Part | None
+    executor: str | None
+    ray_address: str | None
+    parts: int | None
+
+
+def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options: dict[str, object],
+               request: dict[str, object], split: _Split, *, out: Path, started: float, device: str | torch.device,
+               workers: int | None, max_memory: int, dry_run: bool, overwrite: bool,
+               on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None) -> MergeReport:
+    """A merge split into parts: one part (``split.part``), all parts on Ray, or sealing what parts wrote."""
+    if on_plan is not None:  # a part reports (and --dry-run prints) its own shards
+        solo = split.part is not None and split.executor is None
+        on_plan(dataclasses.replace(plan, shards=shards_of(plan, split.part)) if solo else plan)
+    dev = resolve_device(device)
+    execute.check_budget(plan, max_memory)
+    if overwrite:
+        raise StreamMergeError("--overwrite would delete the shards other parts wrote; parts always resume, "
+                               "so rerun without it (or remove --out first)")
+    if split.executor not in (None, "ray"):
+        raise StreamMergeError(f"executor {split.executor!r}: only 'ray' is supported")
+    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=True)
+    request = {**request, "device": dev.type}
+    written, shards = plan.total_bytes, len(plan.shards)
+    if not dry_run:
+        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": request["allow_nonfinite"],
+                                                    "device": dev.type})
+        if split.part is not None and split.executor is None:
+            opts = ExecOptions(dev, workers or execute.default_workers(), max_memory,
+                               check_finite=not request["allow_nonfinite"])
+            written, shards = fin.write_part(out, plan, identity, split.part, request, opts, on_progress)
+        else:
+            if split.executor == "ray":
+                from streammerge.integrations import ray as ray_executor  # optional dependency
+
+                ray_executor.run_parts(plan, request, out, address=split.ray_address, parts=split.parts,
+                                       workers=workers or execute.default_workers(), max_memory=max_memory,
+                                       on_progress=on_progress)
+            _seal(out, plan, ckpt, loaded, identity, fin.recorded_request(out)[1])
+    c = (dataclasses.replace(plan, shards=shards_of(plan, split.part)) if split.part else plan).counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written, seconds=time.monotonic() - started,
+        device=str(dev), shards=shards, warnings=plan.warnings, dry_run=dry_run,
+    )
+
+
+def _seal(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], identity: manifest.Identity,
+          count: int | None) -> None:
+    found = fin.check_complete(out, plan, identity, count)
+    fin.seal(out, plan, identity, found, lambda: _finish_files(out, plan, ckpt, [a.root for a in loaded]))
+
+
+def finalize(out: PathLike) -> MergeReport:
+    """Seal an output directory that parts (``merge(..., part=...)``) wrote: check every shard of the
+    plan is there with the identity the plan expects, then write side files, index and manifest.
+
+    Raises:
+        streammerge.finalize.IncompleteError: shards missing or stale (named, with the parts to rerun);
+            nothing is written.
+    """
+    started, out = time.monotonic(), Path(out)
+    r, count = fin.recorded_request(out)
+    ckpt, loaded = _load(r["base"], r["adapters"], r["adapter_name"], r["pattern_rules"])
+    plan = _plan(ckpt, loaded, r["weights"], r["combination"], r["density"], r["seed"], r["heads_from"],
+                 r["max_shard_size"])
+    options = _merge_options(r["max_shard_size"], r["weights"], r["combination"], r["density"], r["seed"],
+                             r["pattern_rules"])
+    identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": r["allow_nonfinite"],
+                                                "device": r["device"]})
+    _seal(out, plan, ckpt, loaded, identity, count)
+    c = plan.counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes,
+        seconds=time.monotonic() - started, device=str(r["device"]), shards=len(plan.shards), warnings=plan.warnings,
     )
 
 
@@ -284,11 +396,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
             on_progress(kept_bytes)
         with TensorReader() as reader:
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
-        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
-        if plan.write_index:
-            write_index(out, plan.index_json())
-            files.append(INDEX_NAME)
-        progress.finish(files)
+        progress.finish(_finish_files(out, plan, ckpt, tokenizer_roots))
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
             manifest.remove_temporaries(out)
@@ -299,6 +407,15 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         manifest.remove_temporaries(out)
         raise
     return written + kept_bytes
+
+
+def _finish_files(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path]) -> list[str]:
+    """Config, generation and tokenizer files, then the index. Returns the names written."""
+    files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
+    if plan.write_index:
+        write_index(out, plan.index_json())
+        files.append(INDEX_NAME)
+    return files
 
 
 def _cleanup(out: Path, created: bool) -> None:
@@ -323,6 +440,7 @@ def iter_merged(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    part: Part | str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -330,7 +448,9 @@ def iter_merged(
     from it, memory stays within ``max_memory`` (the same pipeline as ``merge``). This is the
     in-process path for pushing merged weights into an inference engine, e.g.
     ``llm.load_weights(streammerge.iter_merged(base=..., adapter=...))``. Adapter, weight and
-    combination arguments are those of :func:`merge`.
+    combination arguments are those of :func:`merge`. ``part`` (``Part(I, N)`` or ``"I/N"``) yields
+    only the tensors of the output shards of part I of N (``streammerge.parts``): N consumers, e.g.
+    N Ray actors, each get a disjoint slice, and together every tensor once.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
@@ -338,8 +458,11 @@ def iter_merged(
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
+    if isinstance(part, str):
+        part = parse_part(part)
+    tasks = plan.tasks() if part is None else tuple(t for s in shards_of(plan, part) for t in s.tasks)
     with TensorReader() as reader:
-        yield from execute.whole_tensors(plan.tasks(), reader, opts)
+        yield from execute.whole_tensors(tasks, reader, opts)
 
 
 def plan_unmerge(

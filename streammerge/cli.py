@@ -1,4 +1,4 @@
-"""Command line: ``python -m streammerge {merge,unmerge,verify,demo} ...``. The only module that prints.
+"""Command line: ``python -m streammerge {merge,unmerge,verify,finalize,demo} ...``. The only module that prints.
 
 Exit status: 0 success, 1 ``verify`` found a problem, 2 bad input or environment (one ``error: …`` line on stderr, no
 traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Unexpected exceptions keep their
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     _output_args(m)
     _combination_args(m)
+    _split_args(m)
     _common(m)
 
     u = sub.add_parser("unmerge", help="take an adapter back out of a merged checkpoint: W - w*s*B@A, one rounding")
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
     v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
     _common(v)
+
+    f = sub.add_parser("finalize", help="seal an --out written by `merge --part I/N` runs: check every shard, "
+                       "then write index, config and manifest (exit 2 naming missing or stale shards)")
+    f.add_argument("--out", required=True, metavar="DIR", help="the output directory the parts wrote")
+    _common(f)
 
     d = sub.add_parser("demo", help="build a tiny base + adapter in a temporary directory, merge, verify")
     d.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it (default: a temp dir)")
@@ -121,6 +127,17 @@ def _combination_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--pattern-rules", choices=("current", "0.14", "pre-0.14"), default="current",
                    help="how rank_pattern/alpha_pattern keys match module names: 'current' as PEFT >= 0.15 "
                    "(what PEFT 0.21 applies to every adapter; default), or the rules of older PEFT versions")
+
+
+def _split_args(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--part", metavar="I/N",
+                   help="write only the output shards of part I of N (0 <= I < N) into the shared --out; run every "
+                   "part (any machines), then `streammerge finalize --out DIR`. Default in a Slurm array job: "
+                   "SLURM_ARRAY_TASK_ID/COUNT (minus SLURM_ARRAY_TASK_MIN)")
+    m.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the parts as Ray tasks (pip install 'streammerge[ray]'), then finalize; ADDRESS for "
+                   "ray.init ('auto' joins a running cluster; none: start or reuse a local one). Needs shared storage")
+    m.add_argument("--parts", type=int, metavar="N", help="with --ray: number of parts (default: one per task slot)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -194,7 +211,35 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "verify":
         return _verify(args)
+    if args.command == "finalize":
+        from streammerge.api import finalize
+
+        report = finalize(args.out)
+        if not args.quiet:
+            print(f"finalized {args.out}: {report.shards} shard(s), {report.bytes_written / 1e9:.3f} GB")
+        return 0
     return _merge(args)
+
+
+def _split(args: argparse.Namespace) -> dict[str, object]:
+    """merge's ``part``/``executor`` arguments from --part, --ray, --parts, or a Slurm array's environment."""
+    if getattr(args, "ray", None) is not None:
+        if args.part is not None:
+            raise StreamMergeError("--part and --ray exclude each other: --ray runs every part itself")
+        return {"executor": "ray", "ray_address": args.ray or None, "parts": args.parts}
+    if getattr(args, "parts", None) is not None:
+        raise StreamMergeError("--parts goes with --ray; for one part of a split merge use --part I/N")
+    part = getattr(args, "part", None)
+    if part is None and args.command == "merge":
+        from streammerge.parts import part_from_slurm
+
+        found = part_from_slurm(os.environ)
+        if found is not None:
+            LOG.info("part %s from SLURM_ARRAY_TASK_ID=%s (SLURM_ARRAY_TASK_COUNT=%s, SLURM_ARRAY_TASK_MIN=%s); "
+                     "pass --part to override", found, os.environ["SLURM_ARRAY_TASK_ID"],
+                     os.environ["SLURM_ARRAY_TASK_COUNT"], os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return {"part": found}
+    return {"part": part} if part is not None else {}
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -241,7 +286,7 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, **common,
+                pattern_rules=args.pattern_rules, **common, **_split(args),
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

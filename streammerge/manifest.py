@@ -46,6 +46,8 @@ LOG = logging.getLogger(__name__)
 
 MANIFEST_NAME = "streammerge.json"
 PROGRESS_NAME = ".streammerge-progress.json"
+#: Records of parts of a merge split across processes (``streammerge.finalize``): ``<prefix><I>-of-<N>.json``.
+PART_PREFIX = ".streammerge-part-"
 FORMAT = "streammerge-manifest/1"
 _READ_CHUNK = 8 << 20
 
@@ -157,7 +159,8 @@ def read_json_file(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _records(doc: dict | None) -> list[dict]:
+def shard_records(doc: dict | None) -> list[dict]:
+    """The well-formed shard records (file, size, sha256, identity) of a progress, part or manifest document."""
     shards = doc.get("shards") if doc else None
     if not isinstance(shards, list):
         return []
@@ -200,13 +203,14 @@ class Progress:
                 _unlink(out / name)
         names = [n for n in names if not is_temporary(n)]
         progress, manifest = read_json_file(out / PROGRESS_NAME), read_json_file(out / MANIFEST_NAME)
-        if names and progress is None and manifest is None:
+        if names and progress is None and manifest is None and not any(n.startswith(PART_PREFIX) for n in names):
             raise OutputError(
                 f"{out}: --resume found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
                 "to resume; choose a new --out, or pass --overwrite to replace its contents"
             )
         candidates: dict[str, list[dict]] = {}
-        for rec in _records(progress) + _records(manifest):
+        parts = [read_json_file(out / n) for n in names if n.startswith(PART_PREFIX) and n.endswith(".json")]
+        for rec in [r for doc in (progress, manifest, *parts) for r in shard_records(doc)]:
             candidates.setdefault(rec["file"], []).append(rec)
         kept = {}
         for shard in plan.shards:
