@@ -78,7 +78,7 @@ def read_records(out: Path) -> list[dict]:
 
 def _shard_records(out: Path) -> dict[str, list[dict]]:
     """Every shard record in ``out`` (part records, the one-process progress record, the manifest), by file."""
-    docs = [*read_records(out), manifest.read_json_file(out / PROGRESS_NAME), manifest.read_json_file(out / MANIFEST_NAME)]
+    docs = [*read_records(out), *(manifest.read_json_file(out / n) for n in (PROGRESS_NAME, MANIFEST_NAME))]
     found: dict[str, list[dict]] = {}
     for doc in docs:
         for rec in manifest.shard_records(doc):
