@@ -22,18 +22,15 @@ from streammerge.adapter import Adapter, read_adapter
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
+from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base
+from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
 from streammerge.parts import Part, parse_part, shards_of
-from streammerge.plan import (
-    CombineOptions,
-    Plan,
-    PlanOptions,
-    build_combined_plan,
-    build_plan,
-    build_unmerge_plan,
-)
-from streammerge.reader import TensorReader
+from streammerge.plan import CombineOptions, Plan, PlanOptions
+from streammerge.plan.assemble import build_plan
+from streammerge.plan.combined import build_combined_plan
+from streammerge.plan.unmerge import build_unmerge_plan
 
 LOG = logging.getLogger(__name__)
 
@@ -109,7 +106,9 @@ def plan_merge(
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size)
+    return plan_with(ckpt, loaded, options)
 
 
 def _adapter_specs(
@@ -143,13 +142,28 @@ def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> 
     return found[0]
 
 
-def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] | None, combination: str | None,
-          density: float | None, seed: int, heads_from: str | int | None, max_shard_size: int | None) -> Plan:
-    """One plain adapter: PEFT's own merge (``build_plan``). Several, or weights: ``build_combined_plan``."""
-    options = PlanOptions(max_shard_size=max_shard_size)
+def merge_options(
+    loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
+    density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
+    adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+) -> MergeOptions:
+    """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
+    return MergeOptions(
+        weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
+        density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
+        pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions) -> Plan:
+    """The plan of a merge with recorded ``options``: one plain adapter is PEFT's own merge (``build_plan``);
+    several, weights or a combination: ``build_combined_plan``."""
+    plan_options = PlanOptions(max_shard_size=options.max_shard_size)
+    weights, combination, density = options.weights, options.combination, options.density
     plain = weights is None or all(w == 1.0 for w in weights)
-    if combination is None and len(loaded) == 1 and plain and heads_from is None:
-        return build_plan(ckpt, loaded, options)
+    if combination is None and len(loaded) == 1 and plain and options.heads_from is None:
+        return build_plan(ckpt, loaded, plan_options)
     method = combination or "cat"
     if method != "cat" and density is None:
         raise StreamMergeError(
@@ -157,10 +171,9 @@ def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] 
         )
     combine = CombineOptions(
         weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
-        density=1.0 if density is None else float(density), seed=int(seed),
-        heads_from=resolve_heads_from(heads_from, loaded),
+        density=1.0 if density is None else float(density), seed=options.seed, heads_from=options.heads_from,
     )
-    return build_combined_plan(ckpt, loaded, combine, options)
+    return build_combined_plan(ckpt, loaded, combine, plan_options)
 
 
 def merge(
@@ -222,8 +235,8 @@ def merge(
             by the other parts), never the index, config or manifest; :func:`finalize` seals ``out``
             once every part is done. Rerunning a part is safe. See ``streammerge.finalize``. Without
             ``part``, over an ``out`` where parts wrote every shard, ``merge`` finalizes it.
-        executor: ``"ray"``: run ``parts`` parts (default: one per cluster CPU slot) as Ray tasks
-            (``pip install streammerge[ray]``), retrying a task whose worker died, then finalize.
+        executor: ``"ray"``: run ``parts`` parts (default: one per task slot of the cluster) as Ray
+            tasks (``pip install streammerge[ray]``), retrying a task whose worker died, then finalize.
             Every node must see the inputs and ``out`` at the same paths (shared storage).
         ray_address: ``ray.init(address=...)``: None starts or reuses a local Ray, ``"auto"`` joins a cluster.
 
@@ -238,17 +251,16 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
+    if resume and not paths and base is None:
+        return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
+                                allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
-    options = _merge_options(max_shard_size, weights, combination, density, seed, pattern_rules)
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size, allow_nonfinite)
+    plan = plan_with(ckpt, loaded, options)
     if part is not None or executor is not None or (not (resume or overwrite or dry_run) and fin.record_paths(out)):
-        request = {"base": str(Path(base).resolve()) if base is not None else None,
-                   "adapters": [str(Path(p).resolve()) for p in paths], "adapter_name": adapter_name,
-                   "weights": weights, "combination": combination, "density": density, "seed": seed,
-                   "heads_from": heads_from, "pattern_rules": pattern_rules, "max_shard_size": max_shard_size,
-                   "allow_nonfinite": allow_nonfinite}
         split = _Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
-        return _run_split(plan, ckpt, loaded, options, request, split, out=out, started=started, device=device,
+        return _run_split(plan, ckpt, loaded, options, split, out=out, started=started, device=device,
                           workers=workers, max_memory=max_memory, dry_run=dry_run, overwrite=overwrite,
                           on_progress=on_progress, on_plan=on_plan)
     return _run_plan(
@@ -259,11 +271,27 @@ def merge(
     )
 
 
-def _merge_options(max_shard_size: int | None, weights: Sequence[float] | None, combination: str | None,
-                   density: float | None, seed: int, pattern_rules: str) -> dict[str, object]:
-    """The byte-changing options of a merge, as its manifest and shard identities record them."""
-    return {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
-            "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+def _resume_recorded(out: Path, **run: object) -> MergeReport:
+    """``merge(out=..., resume=True)`` with no inputs named: the inputs and options ``out`` recorded."""
+    recorded = manifest.recorded_run(out)
+    if recorded is None:
+        raise StreamMergeError(
+            f"{out}: no streammerge record of inputs to resume from; name the inputs (adapter, and base) again"
+        )
+    sources, doc = recorded
+    o = MergeOptions.from_record(doc)
+    adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
+    base = sources.get("base") if isinstance(sources.get("base"), str) else None
+    if not adapters or base is None:
+        raise StreamMergeError(f"{out}: the record names no base or adapter; name the inputs again")
+    run["allow_nonfinite"] = bool(run["allow_nonfinite"]) or o.allow_nonfinite
+    LOG.info("resume: %s of %s into %s with the recorded options", o.operation, ", ".join(adapters), base)
+    if o.operation == "unmerge":
+        return unmerge(base, adapters[0], out, weight=1.0 if o.weight is None else o.weight, base=o.original_base,
+                       adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
+    return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
+                 weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,14 +302,15 @@ class _Split:
     parts: int | None
 
 
-def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options: dict[str, object],
-               request: dict[str, object], split: _Split, *, out: Path, started: float, device: str | torch.device,
-               workers: int | None, max_memory: int, dry_run: bool, overwrite: bool,
-               on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None) -> MergeReport:
+def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions, split: _Split, *,
+               out: Path, started: float, device: str | torch.device, workers: int | None, max_memory: int,
+               dry_run: bool, overwrite: bool, on_progress: Callable[[int], None] | None,
+               on_plan: Callable[[Plan], None] | None) -> MergeReport:
     """A merge split into parts: one part (``split.part``), all parts on Ray, or sealing what parts wrote."""
+    solo = split.part is not None and split.executor is None
+    scope = dataclasses.replace(plan, shards=shards_of(plan, split.part)) if solo else plan
     if on_plan is not None:  # a part reports (and --dry-run prints) its own shards
-        solo = split.part is not None and split.executor is None
-        on_plan(dataclasses.replace(plan, shards=shards_of(plan, split.part)) if solo else plan)
+        on_plan(scope)
     dev = resolve_device(device)
     execute.check_budget(plan, max_memory)
     if overwrite:
@@ -290,24 +319,22 @@ def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options:
     if split.executor not in (None, "ray"):
         raise StreamMergeError(f"executor {split.executor!r}: only 'ray' is supported")
     check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=True)
-    request = {**request, "device": dev.type}
-    written, shards = plan.total_bytes, len(plan.shards)
+    written, shards = scope.total_bytes, len(scope.shards)
     if not dry_run:
-        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": request["allow_nonfinite"],
-                                                    "device": dev.type})
-        if split.part is not None and split.executor is None:
+        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
+        if solo:
             opts = ExecOptions(dev, workers or execute.default_workers(), max_memory,
-                               check_finite=not request["allow_nonfinite"])
-            written, shards = fin.write_part(out, plan, identity, split.part, request, opts, on_progress)
+                               check_finite=not options.allow_nonfinite)
+            written, shards = fin.write_part(out, plan, identity, split.part, opts, on_progress)
         else:
             if split.executor == "ray":
                 from streammerge.integrations import ray as ray_executor  # optional dependency
 
-                ray_executor.run_parts(plan, request, out, address=split.ray_address, parts=split.parts,
+                ray_executor.run_parts(plan, identity, out, address=split.ray_address, parts=split.parts,
                                        workers=workers or execute.default_workers(), max_memory=max_memory,
                                        on_progress=on_progress)
-            _seal(out, plan, ckpt, loaded, identity, fin.recorded_request(out)[1])
-    c = (dataclasses.replace(plan, shards=shards_of(plan, split.part)) if split.part else plan).counts()
+            _seal(out, plan, ckpt, loaded, identity, fin.recorded_run(out)[2])
+    c = scope.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written, seconds=time.monotonic() - started,
@@ -323,33 +350,31 @@ def _seal(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], id
 
 def finalize(out: PathLike) -> MergeReport:
     """Seal an output directory that parts (``merge(..., part=...)``) wrote: check every shard of the
-    plan is there with the identity the plan expects, then write side files, index and manifest.
+    plan is there with the identity the plan expects, then write side files, index and manifest
+    (the bytes a one-process merge writes). The inputs and options are those the parts recorded.
 
     Raises:
         streammerge.finalize.IncompleteError: shards missing or stale (named, with the parts to rerun);
             nothing is written.
     """
     started, out = time.monotonic(), Path(out)
-    r, count = fin.recorded_request(out)
-    ckpt, loaded = _load(r["base"], r["adapters"], r["adapter_name"], r["pattern_rules"])
-    plan = _plan(ckpt, loaded, r["weights"], r["combination"], r["density"], r["seed"], r["heads_from"],
-                 r["max_shard_size"])
-    options = _merge_options(r["max_shard_size"], r["weights"], r["combination"], r["density"], r["seed"],
-                             r["pattern_rules"])
-    identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": r["allow_nonfinite"],
-                                                "device": r["device"]})
-    _seal(out, plan, ckpt, loaded, identity, count)
+    sources, doc, count = fin.recorded_run(out)
+    o = MergeOptions.from_record(doc)
+    ckpt, loaded = _load(sources["base"], sources["adapters"], o.adapter_name, o.pattern_rules)
+    plan = plan_with(ckpt, loaded, o)
+    _seal(out, plan, ckpt, loaded, manifest.identify(ckpt, loaded, o.record(str(doc.get("device")))), count)
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(r["device"]), shards=len(plan.shards), warnings=plan.warnings,
+        seconds=time.monotonic() - started, device=str(doc.get("device")), shards=len(plan.shards),
+        warnings=plan.warnings,
     )
 
 
 def _run_plan(
     plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
-    options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
+    options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
     on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
 ) -> MergeReport:
@@ -366,7 +391,7 @@ def _run_plan(
     written = 0
     if not dry_run:
         opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
+        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress)
     c = plan.counts()
@@ -454,7 +479,8 @@ def iter_merged(
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
+    plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
+                                                 pattern_rules, adapter_name))
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
@@ -513,8 +539,9 @@ def unmerge(
     original = read_checkpoint(Path(base)) if base is not None else None
     plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    options = {"operation": "unmerge", "weight": weight, "max_shard_size": max_shard_size,
-               "original_base": str(original.root) if original is not None else None}
+    options = MergeOptions(operation="unmerge", weight=weight, max_shard_size=max_shard_size,
+                           original_base=str(original.root) if original is not None else None,
+                           adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,

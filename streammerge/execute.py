@@ -34,8 +34,8 @@ import torch
 
 from streammerge import kernel
 from streammerge.errors import BudgetError, NonFiniteError
+from streammerge.formats.reader import TensorReader
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
-from streammerge.reader import TensorReader
 from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)

@@ -6,13 +6,14 @@ Protocol (no locks, no collectives; see ``streammerge.parts`` for the assignment
   name, then ``rename``), and its own record ``.streammerge-part-<I>-of-<N>.json``, rewritten
   atomically after every committed shard with that shard's size, SHA-256 and *identity*
   (``manifest.Identity.shard``: tool version, inputs, byte-changing options, header, tasks). The
-  record also holds the part's *request* (input paths and options), from which ``finalize``
-  rebuilds the plan. A part never writes the index, config, tokenizer files or the manifest, and
-  never deletes a file of another part (only the temporaries of its own shards).
+  record also holds the inputs' paths and the recorded options (``sources``, ``options``: what a
+  progress record holds), from which ``finalize`` rebuilds the plan. A part never writes the
+  index, config, tokenizer files or the manifest, and never deletes a file of another part (only
+  the temporaries of its own shards).
 * Rerunning a part is always safe: the ``--resume`` rules keep each of its shards whose recorded
   identity and size match and whose file still hashes to the recorded SHA-256; the rest are
   rewritten.
-* ``finalize`` rebuilds the plan from the recorded request, then checks that every shard of the
+* ``finalize`` rebuilds the plan from the recorded inputs and options, then checks that every shard of the
   plan is present, with the size and identity the plan expects, in some record. A shard that is
   absent is *missing*; one present under another identity (its part ran with other inputs or
   options, or the inputs changed since) is *stale*. Either way it names the shards and the parts
@@ -33,10 +34,10 @@ from pathlib import Path
 
 from streammerge import execute, manifest, parts
 from streammerge.errors import OutputError
+from streammerge.formats.reader import TensorReader
 from streammerge.manifest import MANIFEST_NAME, PART_PREFIX, PROGRESS_NAME, Identity
 from streammerge.parts import Part
 from streammerge.plan import Plan, ShardPlan
-from streammerge.reader import TensorReader
 from streammerge.writer import fsync_dir, is_temporary, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -126,13 +127,13 @@ class PartRecord:
     out: Path
     part: Part
     identity: Identity
-    request: Mapping[str, object]
     shards: tuple[ShardPlan, ...]
     done: dict[str, dict]
 
     def save(self, *, complete: bool = False) -> None:
         doc = {"format": PART_FORMAT, "part": self.part.index, "parts": self.part.count, "complete": complete,
-               "request": dict(self.request), "assigned": [s.filename for s in self.shards],
+               "sources": dict(self.identity.sources), "options": dict(self.identity.options),
+               "assigned": [s.filename for s in self.shards],
                "shards": [self.done[s.filename] for s in self.shards if s.filename in self.done]}
         write_atomic(self.out / record_name(self.part), (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
@@ -143,7 +144,7 @@ class PartRecord:
         self.save()
 
 
-def start_part(out: Path, plan: Plan, identity: Identity, part: Part, request: Mapping[str, object]) -> PartRecord:
+def start_part(out: Path, plan: Plan, identity: Identity, part: Part) -> PartRecord:
     """Prepare ``out`` for ``part``: keep its shards that still match (resume rules), record the rest as to do."""
     check_part_output(out)
     try:
@@ -160,16 +161,16 @@ def start_part(out: Path, plan: Plan, identity: Identity, part: Part, request: M
             kept[shard.filename] = rec
     LOG.info("part %s: %d shard(s) assigned, %d kept from an earlier run", part, len(shards), len(kept))
     if len(kept) < len(shards) and (out / MANIFEST_NAME).exists():
-        _unseal(out, request)
-    rec = PartRecord(out, part, identity, request, tuple(shards), kept)
+        _unseal(out, identity)
+    rec = PartRecord(out, part, identity, tuple(shards), kept)
     rec.save()
     return rec
 
 
-def write_part(out: Path, plan: Plan, identity: Identity, part: Part, request: Mapping[str, object],
-               opts: execute.ExecOptions, on_progress: Callable[[int], None] | None) -> tuple[int, int]:
+def write_part(out: Path, plan: Plan, identity: Identity, part: Part, opts: execute.ExecOptions,
+               on_progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Write the shards of ``part`` not already there. Returns (bytes of its shards, number of shards)."""
-    rec = start_part(out, plan, identity, part, request)
+    rec = start_part(out, plan, identity, part)
     todo = [s for s in rec.shards if s.filename not in rec.done]
     kept_bytes = sum(r["size"] for r in rec.done.values())
     if on_progress is not None and kept_bytes:
@@ -196,12 +197,13 @@ def _remove_temporaries(out: Path, shards: Sequence[ShardPlan]) -> None:
                     os.unlink(out / name)
 
 
-def _unseal(out: Path, request: Mapping[str, object]) -> None:
+def _unseal(out: Path, identity: Identity) -> None:
     """A part is about to change a finalized directory: carry the manifest's shard records into a
     record of their own, then delete the manifest (it would no longer describe the directory)."""
     doc = manifest.read_json_file(out / MANIFEST_NAME)
-    sealed = {"format": PART_FORMAT, "part": None, "parts": None, "complete": True, "request": dict(request),
-              "assigned": [], "shards": manifest.shard_records(doc)}
+    sealed = {"format": PART_FORMAT, "part": None, "parts": None, "complete": True,
+              "sources": dict(identity.sources), "options": dict(identity.options), "assigned": [],
+              "shards": manifest.shard_records(doc)}
     write_atomic(out / SEALED_NAME, (json.dumps(sealed, indent=2) + "\n").encode("utf-8"))
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     fsync_dir(out)
@@ -255,8 +257,8 @@ def seal(out: Path, plan: Plan, identity: Identity, found: Mapping[str, dict],
     return doc
 
 
-def recorded_request(out: Path) -> tuple[dict, int | None]:
-    """The request of the part records in ``out`` and their part count (None when they disagree)."""
+def recorded_run(out: Path) -> tuple[dict, dict, int | None]:
+    """``(sources, options, N)`` the part records of ``out`` hold (N None when they disagree on it)."""
     docs = read_records(out)
     if not docs:
         if (out / MANIFEST_NAME).is_file():
@@ -264,8 +266,9 @@ def recorded_request(out: Path) -> tuple[dict, int | None]:
         raise OutputError(f"{out}: no part records (.streammerge-part-*.json); run the parts "
                           "(`streammerge merge ... --part I/N`) into this --out first")
     counts = {d.get("parts") for d in docs if d.get("parts") is not None}
-    request = next((d["request"] for d in docs if isinstance(d.get("request"), dict) and d.get("part") is not None),
-                   docs[0].get("request"))
-    if not isinstance(request, dict):
-        raise OutputError(f"{out}: part records hold no request; rerun one part, then finalize")
-    return request, counts.pop() if len(counts) == 1 else None
+    usable = [d for d in docs if isinstance(d.get("sources"), dict) and isinstance(d.get("options"), dict)
+              and isinstance(d["sources"].get("base"), str) and isinstance(d["sources"].get("adapters"), list)]
+    if not usable:
+        raise OutputError(f"{out}: the part records name no inputs; rerun one part, then finalize")
+    doc = next((d for d in usable if d.get("part") is not None), usable[0])
+    return doc["sources"], doc["options"], counts.pop() if len(counts) == 1 else None

@@ -175,11 +175,14 @@ def test_finalize_with_a_part_missing_exits_2_naming_its_shards(inputs, tmp_path
     assert _files(out) == _files(inputs[3]["single"])
 
 
-def test_merge_resume_over_parts_keeps_their_shards_and_writes_the_rest(inputs, tmp_path):
+@pytest.mark.parametrize("named", [True, False])
+def test_merge_resume_over_parts_keeps_their_shards_and_writes_the_rest(inputs, tmp_path, named):
     out = tmp_path / "out"
     assert cli.main(_argv(inputs, out, "--part", "1/2")) == 0
     kept = {n: (out / n).stat().st_ino for n in os.listdir(out) if n.endswith(".safetensors")}
-    assert cli.main(_argv(inputs, out, "--resume")) == 0
+    # with the inputs named again, or with nothing but --out (the part's record names them)
+    argv = _argv(inputs, out, "--resume") if named else ["merge", "--out", str(out), "--resume", "--device", "cpu"]
+    assert cli.main(argv) == 0
     assert _files(out) == _files(inputs[3]["single"])
     assert {n: (out / n).stat().st_ino for n in kept} == kept  # not rewritten
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from streammerge.errors import OutputError, StreamMergeError
+from streammerge.manifest import Identity
 from streammerge.plan import Plan
 
 LOG = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ def _ray():
     return ray
 
 
-def check_visible(request: Mapping[str, object], out: str) -> None:
-    """Raise a clear error when this process cannot see an input or the output directory."""
-    paths = [p for p in (request.get("base"), *request["adapters"]) if p is not None] + [out]
+def check_visible(sources: Mapping[str, object], out: str) -> None:
+    """Raise a clear error when this process cannot see an input (``sources``: base, adapters) or ``out``."""
+    paths = [p for p in (sources.get("base"), *sources.get("adapters", ())) if p is not None] + [out]
     for path in paths:
         if not Path(str(path)).exists():
             raise OutputError(
@@ -70,14 +71,18 @@ class _Tracker:
         return sum(self.done.values())
 
 
-def _run_part(request: dict, out: str, index: int, count: int, workers: int, max_memory: int, tracker) -> int:
-    """The body of one Ray task: merge part ``index`` of ``count``. Returns bytes of its shards."""
+def _run_part(sources: dict, recorded: dict, out: str, index: int, count: int, workers: int, max_memory: int,
+              tracker) -> int:
+    """The body of one Ray task: merge part ``index`` of ``count`` of the merge of ``sources`` with the
+    ``recorded`` options (``MergeOptions.record``). Returns bytes of its shards."""
     import ray
 
     from streammerge import api
+    from streammerge.options import MergeOptions
     from streammerge.parts import Part
 
-    check_visible(request, out)
+    check_visible(sources, out)
+    o = MergeOptions.from_record(recorded)
     ray.get(tracker.start.remote(index))
     pending, last = 0, time.monotonic()
 
@@ -89,11 +94,10 @@ def _run_part(request: dict, out: str, index: int, count: int, workers: int, max
             pending, last = 0, time.monotonic()
 
     report = api.merge(
-        base=request["base"], adapters=request["adapters"], out=out, adapter_name=request["adapter_name"],
-        weights=request["weights"], combination=request["combination"], density=request["density"],
-        seed=request["seed"], heads_from=request["heads_from"], pattern_rules=request["pattern_rules"],
-        max_shard_size=request["max_shard_size"], allow_nonfinite=request["allow_nonfinite"],
-        device=request["device"], workers=workers, max_memory=max_memory, part=Part(index, count),
+        base=sources["base"], adapters=sources["adapters"], out=out, adapter_name=o.adapter_name, weights=o.weights,
+        combination=o.combination, density=o.density, seed=o.seed, heads_from=o.heads_from,
+        pattern_rules=o.pattern_rules, max_shard_size=o.max_shard_size, allow_nonfinite=o.allow_nonfinite,
+        device=str(recorded["device"]), workers=workers, max_memory=max_memory, part=Part(index, count),
         on_progress=on_progress,
     )
     ray.get(tracker.add.remote(index, pending))
@@ -106,9 +110,10 @@ def default_parts(plan: Plan, workers: int, resources: Mapping[str, float]) -> i
     return max(1, min(len(plan.shards), slots))
 
 
-def run_parts(plan: Plan, request: Mapping[str, object], out: Path, *, address: str | None, parts: int | None,
+def run_parts(plan: Plan, identity: Identity, out: Path, *, address: str | None, parts: int | None,
               workers: int, max_memory: int, on_progress: Callable[[int], None] | None) -> int:
-    """Run every part as a Ray task and wait for all. Returns the number of parts.
+    """Run every part of the merge ``identity`` describes as a Ray task and wait for all. Returns the
+    number of parts.
 
     Uses the Ray runtime already initialised in this process, else ``ray.init(address=address)``
     (and shuts it down afterwards).
@@ -127,7 +132,8 @@ def run_parts(plan: Plan, request: Mapping[str, object], out: Path, *, address: 
         tracker = ray.remote(num_cpus=0)(_Tracker).remote()
         task = ray.remote(_run_part).options(num_cpus=workers, memory=max_memory + TASK_OVERHEAD,
                                              max_retries=MAX_RETRIES, retry_exceptions=False)
-        refs = {task.remote(dict(request), str(out), i, count, workers, max_memory, tracker): i for i in range(count)}
+        args = (dict(identity.sources), dict(identity.options), str(out))
+        refs = {task.remote(*args, i, count, workers, max_memory, tracker): i for i in range(count)}
         _wait(ray, refs, tracker, on_progress)
         return count
     finally:
