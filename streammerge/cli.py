@@ -136,7 +136,7 @@ def _split_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--part", metavar="I/N",
                    help="write only the output shards of part I of N (0 <= I < N) into the shared --out; run every "
                    "part (any machines), then `streammerge finalize --out DIR`. Default in a Slurm array job: "
-                   "SLURM_ARRAY_TASK_ID/COUNT (minus SLURM_ARRAY_TASK_MIN)")
+                   "SLURM_ARRAY_TASK_ID/COUNT (minus SLURM_ARRAY_TASK_MIN); --part all: one process, ignoring Slurm")
     m.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the parts as Ray tasks (pip install 'streammerge[ray]'), then finalize; ADDRESS for "
                    "ray.init ('auto' joins a running cluster; none: start or reuse a local one). Needs shared storage")
@@ -233,6 +233,8 @@ def _split(args: argparse.Namespace) -> dict[str, object]:
     if getattr(args, "parts", None) is not None:
         raise StreamMergeError("--parts goes with --ray; for one part of a split merge use --part I/N")
     part = getattr(args, "part", None)
+    if part == "all":  # one process, whatever a Slurm array says
+        return {}
     if part is None and args.command == "merge":
         from streammerge.parts import part_from_slurm
 

@@ -216,13 +216,14 @@ def check_complete(out: Path, plan: Plan, identity: Identity, count: int | None)
     records = _shard_records(out)
     found, missing, stale = {}, [], []
     for shard in plan.shards:
-        rec = _match(out, shard, identity.shard(shard), records, rehash=False)
+        want = identity.shard(shard)
+        rec = _match(out, shard, want, records, rehash=False)
         if rec is not None:
             found[shard.filename] = rec
-        elif shard.filename in records or _size(out / shard.filename) is not None:
-            stale.append(shard.filename)
+        elif records.get(shard.filename) and all(r["identity"] != want for r in records[shard.filename]):
+            stale.append(shard.filename)  # written, but for other inputs or options
         else:
-            missing.append(shard.filename)
+            missing.append(shard.filename)  # never written, not recorded, or gone since
     if missing or stale:
         raise IncompleteError(_incomplete(out, plan, count, missing, stale), missing, stale)
     return found

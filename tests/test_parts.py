@@ -107,6 +107,8 @@ def test_slurm_array_task_runs_its_part_and_says_so(inputs, tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "99")
     assert cli.main(_argv(inputs, out)) == 2
     assert capsys.readouterr().err.startswith("error: SLURM_ARRAY_TASK_ID=99 (MIN 4, STEP 1) is not one of 2 ")
+    assert cli.main(_argv(inputs, tmp_path / "whole", "--part", "all")) == 0  # one process inside an array job
+    assert _files(tmp_path / "whole") == _files(inputs[3]["single"])
 
 
 def test_parts_as_concurrent_processes_on_one_directory(inputs, tmp_path):
@@ -217,6 +219,28 @@ def test_rerunning_a_part_after_finalize_changes_nothing(inputs, tmp_path):
     assert _files(out) == _files(inputs[3]["single"])
     report = streammerge.verify(out=out, base=inputs[0], adapters=[inputs[1]])
     assert report.ok, report.summary()
+
+
+def test_a_part_rerun_on_new_inputs_after_finalize_reopens_the_output(inputs, tmp_path, capsys):
+    base = inputs[0]
+    adapter = shutil.copytree(inputs[1], tmp_path / "adapter")
+    out = tmp_path / "out"
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", "cpu", "-q"]
+    for i in range(2):
+        assert cli.main([*argv, "--part", f"{i}/2"]) == 0
+    assert cli.main(["finalize", "--out", str(out), "-q"]) == 0
+    testing.make_adapter(adapter, base, targets=testing.LLAMA_LINEAR, r=8, seed=98)
+    assert cli.main([*argv, "--part", "0/2"]) == 0
+    assert not (out / manifest.MANIFEST_NAME).exists()  # it no longer describes the directory
+    assert cli.main(["finalize", "--out", str(out)]) == 2
+    plan = streammerge.plan_merge(base, adapter)
+    stale = ", ".join(f"{s.filename} (part 1/2)" for s in parts.assign(plan, 2)[1])
+    assert f"stale (written for other inputs or options than the plan's): {stale}; rerun --part 1/2" in (
+        capsys.readouterr().err)
+    assert cli.main([*argv, "--part", "1/2"]) == 0
+    assert cli.main(["finalize", "--out", str(out), "-q"]) == 0
+    fresh = streammerge.merge(base, adapter, tmp_path / "fresh", device="cpu").out
+    assert _files(out) == _files(Path(fresh))
 
 
 def test_part_refuses_overwrite_and_a_foreign_directory(inputs, tmp_path, capsys):
