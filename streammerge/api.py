@@ -330,7 +330,7 @@ def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options:
             if split.executor == "ray":
                 from streammerge.integrations import ray as ray_executor  # optional dependency
 
-                ray_executor.run_parts(plan, identity, out, address=split.ray_address, parts=split.parts,
+                ray_executor.run_parts(merge, plan, identity, out, address=split.ray_address, parts=split.parts,
                                        workers=workers or execute.default_workers(), max_memory=max_memory,
                                        on_progress=on_progress)
             _seal(out, plan, ckpt, loaded, identity, fin.recorded_run(out)[2])

@@ -71,13 +71,13 @@ class _Tracker:
         return sum(self.done.values())
 
 
-def _run_part(sources: dict, recorded: dict, out: str, index: int, count: int, workers: int, max_memory: int,
-              tracker) -> int:
-    """The body of one Ray task: merge part ``index`` of ``count`` of the merge of ``sources`` with the
-    ``recorded`` options (``MergeOptions.record``). Returns bytes of its shards."""
+def _run_part(merge: Callable, sources: dict, recorded: dict, out: str, index: int, count: int, workers: int,
+              max_memory: int, tracker) -> int:
+    """The body of one Ray task: ``merge`` (``streammerge.merge``, passed by reference) part ``index`` of
+    ``count`` of the merge of ``sources`` with the ``recorded`` options (``MergeOptions.record``).
+    Returns bytes of its shards."""
     import ray
 
-    from streammerge import api
     from streammerge.options import MergeOptions
     from streammerge.parts import Part
 
@@ -93,7 +93,7 @@ def _run_part(sources: dict, recorded: dict, out: str, index: int, count: int, w
             tracker.add.remote(index, pending)
             pending, last = 0, time.monotonic()
 
-    report = api.merge(
+    report = merge(
         base=sources["base"], adapters=sources["adapters"], out=out, adapter_name=o.adapter_name, weights=o.weights,
         combination=o.combination, density=o.density, seed=o.seed, heads_from=o.heads_from,
         pattern_rules=o.pattern_rules, max_shard_size=o.max_shard_size, allow_nonfinite=o.allow_nonfinite,
@@ -110,10 +110,10 @@ def default_parts(plan: Plan, workers: int, resources: Mapping[str, float]) -> i
     return max(1, min(len(plan.shards), slots))
 
 
-def run_parts(plan: Plan, identity: Identity, out: Path, *, address: str | None, parts: int | None,
-              workers: int, max_memory: int, on_progress: Callable[[int], None] | None) -> int:
-    """Run every part of the merge ``identity`` describes as a Ray task and wait for all. Returns the
-    number of parts.
+def run_parts(merge: Callable, plan: Plan, identity: Identity, out: Path, *, address: str | None,
+              parts: int | None, workers: int, max_memory: int, on_progress: Callable[[int], None] | None) -> int:
+    """Run every part of the merge ``identity`` describes as a Ray task calling ``merge(..., part=...)``
+    (``streammerge.merge``) and wait for all. Returns the number of parts.
 
     Uses the Ray runtime already initialised in this process, else ``ray.init(address=address)``
     (and shuts it down afterwards).
@@ -132,7 +132,7 @@ def run_parts(plan: Plan, identity: Identity, out: Path, *, address: str | None,
         tracker = ray.remote(num_cpus=0)(_Tracker).remote()
         task = ray.remote(_run_part).options(num_cpus=workers, memory=max_memory + TASK_OVERHEAD,
                                              max_retries=MAX_RETRIES, retry_exceptions=False)
-        args = (dict(identity.sources), dict(identity.options), str(out))
+        args = (merge, dict(identity.sources), dict(identity.options), str(out))
         refs = {task.remote(*args, i, count, workers, max_memory, tracker): i for i in range(count)}
         _wait(ray, refs, tracker, on_progress)
         return count
