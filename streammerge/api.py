@@ -19,6 +19,7 @@ import torch
 from streammerge import execute, manifest
 from streammerge import finalize as fin
 from streammerge.adapter import Adapter, read_adapter
+from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
@@ -59,6 +60,9 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
+    #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
+    changes: tuple[TensorChange, ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
@@ -80,13 +84,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load(
-    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
         raise StreamMergeError("no adapter given; pass --adapter DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
-    return read_checkpoint(base_path), loaded
+    return read_checkpoint(base_path, base_subfolder), loaded
 
 
 def plan_merge(
@@ -102,12 +107,13 @@ def plan_merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size)
+                            max_shard_size, base_subfolder=base_subfolder)
     return plan_with(ckpt, loaded, options)
 
 
@@ -146,13 +152,14 @@ def merge_options(
     loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
     density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
     adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+    base_subfolder: str | None = None,
 ) -> MergeOptions:
     """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
     return MergeOptions(
         weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
         density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
         pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, base_subfolder=base_subfolder or None,
     )
 
 
@@ -203,6 +210,7 @@ def merge(
     executor: str | None = None,
     ray_address: str | None = None,
     parts: int | None = None,
+    base_subfolder: str | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -228,6 +236,8 @@ def merge(
         seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
         heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
             where several adapters carry one; heads are never blended.
+        base_subfolder: the model inside a multi-model repository (``text_encoder``, ``transformer``):
+            its weights, config and side files are read from ``base/base_subfolder``; recorded in the manifest.
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
@@ -254,9 +264,9 @@ def merge(
     if resume and not paths and base is None:
         return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
                                 allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, allow_nonfinite)
+                            max_shard_size, allow_nonfinite, base_subfolder)
     plan = plan_with(ckpt, loaded, options)
     if part is not None or executor is not None or (not (resume or overwrite or dry_run) and fin.record_paths(out)):
         split = _Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
@@ -291,7 +301,8 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
-                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder, resume=True,
+                 **run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +371,7 @@ def finalize(out: PathLike) -> MergeReport:
     started, out = time.monotonic(), Path(out)
     sources, doc, count = fin.recorded_run(out)
     o = MergeOptions.from_record(doc)
-    ckpt, loaded = _load(sources["base"], sources["adapters"], o.adapter_name, o.pattern_rules)
+    ckpt, loaded = _load(sources["base"], sources["adapters"], o.adapter_name, o.pattern_rules, o.base_subfolder)
     plan = plan_with(ckpt, loaded, o)
     _seal(out, plan, ckpt, loaded, manifest.identify(ckpt, loaded, o.record(str(doc.get("device")))), count)
     c = plan.counts()
@@ -389,17 +400,23 @@ def _run_plan(
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
+    tally = ChangeTally()
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
+        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           changes=tally)
         identity = manifest.identify(ckpt, loaded, options.record(dev.type))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress)
     c = plan.counts()
+    changes = tally.result()
+    noops = tuple(ch.warning() for ch in changes if ch.unchanged)
+    for warning in noops:
+        LOG.warning("%s", warning)
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
-        dry_run=dry_run,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
+        warnings=(*ckpt.notes, *plan.warnings, *noops), dry_run=dry_run, changes=changes,
     )
 
 
@@ -466,6 +483,7 @@ def iter_merged(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     part: Part | str | None = None,
+    base_subfolder: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -478,9 +496,9 @@ def iter_merged(
     N Ray actors, each get a disjoint slice, and together every tensor once.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
-                                                 pattern_rules, adapter_name))
+                                                 pattern_rules, adapter_name, base_subfolder=base_subfolder))
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)

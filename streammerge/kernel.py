@@ -190,8 +190,8 @@ def merge_block(
     (or None): the adapters' task vectors are then combined by ``combined_delta`` instead of summed.
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
     ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``; ``dora`` → ``dora_block``;
-    ``rows`` → ``replace_rows``. Returns a new tensor of ``out_dtype`` on ``w``'s device (``w`` is
-    never written).
+    ``rows`` → ``replace_rows``; ``tuner`` → the tuner's ``apply`` (``streammerge.tuners``). Returns
+    a new tensor of ``out_dtype`` on ``w``'s device (``w`` is never written).
 
     ``chunk_rows`` walks the block in cache-sized chunks (cut by ``plan.row_blocks`` so the GEMM
     sums stay those of the whole matrix): the fp32 scratch then stays in L2, which measured 2-5×
@@ -212,6 +212,9 @@ def merge_block(
                 continue
             if rounding == "rows":
                 cur = replace_rows(cur.to(out_dtype), terms[0], r0 + c0, r0 + c1)
+                continue
+            if rounding == "tuner":  # one tuners.base.LoadedTerm: the tuner's own merge and rounding (PEFT's)
+                cur = terms[0](cur.to(out_dtype), r0 + c0, r0 + c1)
                 continue
             if combination and combination[0] is not None:
                 delta = combined_delta(terms, combination[0], cur.shape, r0 + c0, r0 + c1)

@@ -51,6 +51,7 @@ def reload(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
     device: str = "cpu",
     workers: int | None = None,
     max_memory: int | None = None,
@@ -71,7 +72,7 @@ def reload(
         "adapters": [str(Path(a).resolve()) for a in ([adapter] if adapter is not None else []) + list(adapters)],
         "weights": list(weights) if weights is not None else None, "adapter_name": adapter_name,
         "combination": combination, "density": density, "seed": seed, "heads_from": heads_from,
-        "pattern_rules": pattern_rules, "device": device, "workers": workers,
+        "pattern_rules": pattern_rules, "base_subfolder": base_subfolder, "device": device, "workers": workers,
     }
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
