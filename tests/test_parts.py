@@ -277,3 +277,21 @@ def test_iter_merged_part_by_part_yields_every_tensor_once(inputs):
             got[name] = tensor
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype for k in want) and not testing.changed(want, got)
+
+
+def test_ray_executor_without_ray_says_what_to_install(inputs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    with pytest.raises(streammerge.StreamMergeError) as e:
+        streammerge.merge(out=tmp_path / "out", device="cpu", executor="ray", **_kwargs(inputs, "single"))
+    assert str(e.value) == "--ray needs Ray: pip install 'streammerge[ray]' (or pip install ray)"
+    with pytest.raises(streammerge.StreamMergeError, match=r"^executor 'dask': only 'ray' is supported$"):
+        streammerge.merge(out=tmp_path / "out2", device="cpu", executor="dask", **_kwargs(inputs, "single"))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_dry_run_of_a_part_prints_its_own_shards(inputs, tmp_path, capsys):
+    assert cli.main(_argv(inputs, tmp_path / "out", "--part", "1/2", "--dry-run")) == 0
+    plan = streammerge.plan_merge(inputs[0], inputs[1])
+    mine = parts.assign(plan, 2)[1]
+    assert f"output: {len(mine)} shard(s), {sum(s.data_size for s in mine) / 1e9:.3f} GB" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
