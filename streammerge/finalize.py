@@ -144,8 +144,9 @@ class PartRecord:
         self.save()
 
 
-def start_part(out: Path, plan: Plan, identity: Identity, part: Part) -> PartRecord:
-    """Prepare ``out`` for ``part``: keep its shards that still match (resume rules), record the rest as to do."""
+def start_part(out: Path, plan: Plan, identity: Identity, part: Part) -> PartRecord | None:
+    """Prepare ``out`` for ``part``: keep its shards that still match (resume rules), record the rest as to do.
+    None: ``out`` is finalized and every shard of the part still matches (nothing to do, nothing written)."""
     check_part_output(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,10 @@ def start_part(out: Path, plan: Plan, identity: Identity, part: Part) -> PartRec
         if rec is not None:
             kept[shard.filename] = rec
     LOG.info("part %s: %d shard(s) assigned, %d kept from an earlier run", part, len(shards), len(kept))
-    if len(kept) < len(shards) and (out / MANIFEST_NAME).exists():
+    if (out / MANIFEST_NAME).exists():
+        if len(kept) == len(shards):
+            LOG.info("part %s: %s is finalized and this part's shards still match; nothing to do", part, out)
+            return None
         _unseal(out, identity)
     rec = PartRecord(out, part, identity, tuple(shards), kept)
     rec.save()
@@ -171,6 +175,12 @@ def write_part(out: Path, plan: Plan, identity: Identity, part: Part, opts: exec
                on_progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Write the shards of ``part`` not already there. Returns (bytes of its shards, number of shards)."""
     rec = start_part(out, plan, identity, part)
+    if rec is None:
+        mine = parts.shards_of(plan, part)
+        size = sum(len(s.header) + s.data_size for s in mine)
+        if on_progress is not None and size:
+            on_progress(size)
+        return size, len(mine)
     todo = [s for s in rec.shards if s.filename not in rec.done]
     kept_bytes = sum(r["size"] for r in rec.done.values())
     if on_progress is not None and kept_bytes:
