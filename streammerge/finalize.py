@@ -61,10 +61,10 @@ def record_name(part: Part) -> str:
 
 
 def record_paths(out: Path) -> list[Path]:
-    """The part records in ``out`` (sorted by name)."""
+    """The part records in ``out`` (sorted by name); none when ``out`` is not a directory."""
     try:
         names = sorted(os.listdir(out))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as e:
         raise OutputError(f"{out}: cannot list the output directory ({e.strerror or e})") from e
