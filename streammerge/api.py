@@ -20,7 +20,7 @@ from streammerge import execute, manifest
 from streammerge import finalize as fin
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.checkpoint import Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.execute import ExecOptions
 from streammerge.formats.reader import TensorReader
@@ -455,8 +455,8 @@ def _finish_files(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequ
     """Config, generation and tokenizer files, then the index. Returns the names written."""
     files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
     if plan.write_index:
-        write_index(out, plan.index_json())
-        files.append(INDEX_NAME)
+        write_index(out, plan.index_json(), plan.index_name)
+        files.append(plan.index_name)
     return files
 
 

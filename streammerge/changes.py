@@ -9,7 +9,7 @@ Measured two ways, with the same arithmetic (:meth:`ChangeTally.add` on row bloc
 
 * during a merge, from each merged block while it is in memory (``execute`` calls ``add`` with the
   base rows it read and the rows it computed): no extra read;
-* by ``verify``, from the output file against the base (:func:`measure`), which also covers saved
+* by ``verify``, from the output file against the base (:func:`measure_output`), which also covers saved
   modules (``modules_to_save`` heads copied from the adapter) and shards a ``--resume`` kept.
 
 Squared norms are summed per 64-row block in fp32 (BLAS dot) and across blocks in float64 in row
@@ -21,11 +21,14 @@ from __future__ import annotations
 import math
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from streammerge.checkpoint import Checkpoint
+from streammerge.formats.reader import TensorReader
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.types import Plan, TensorTask
@@ -109,32 +112,41 @@ def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, floa
     w_flat, m_flat = base.reshape(-1), written.reshape(-1)
     wsq = dsq = 0.0
     for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
-        w = w_flat[i : i + _CHUNK_ELEMS].float()  # (n,) fp32 copies: the scratch is bounded by the chunk
-        d = m_flat[i : i + _CHUNK_ELEMS].float() - w  # never in place: .float() of fp32 is the output itself
-        wsq += float(torch.dot(w, w))
+        d = w_flat[i : i + _CHUNK_ELEMS].to(torch.float32, copy=True)  # (n,) fp32 scratch of our own, never a view
+        wsq += float(torch.dot(d, d))
+        d.neg_().add_(m_flat[i : i + _CHUNK_ELEMS])  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
         dsq += float(torch.dot(d, d))
     return wsq, dsq
 
 
-def measure(plan: Plan, out_offsets: Mapping[str, TensorRef], base: Mapping[str, TensorRef],
-            rows: Callable[[TensorRef, int, int], torch.Tensor],
-            release: Callable[[TensorRef, int, int], None]) -> tuple[TensorChange, ...]:
-    """The change of every targeted task of ``plan``, read back from the written output.
+def measure_output(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[TensorChange, ...]:
+    """The change of every targeted task of ``plan`` as written in ``out``, against the base ``ckpt``.
 
-    ``out_offsets``: each output tensor's place in the output files; ``base``: each base tensor's;
-    ``rows(ref, r0, r1)`` reads rows (``TensorReader.rows``) and ``release(ref, r0, r1)`` drops them.
-    Tasks with no base tensor of the same name and shape (added tensors) are left out.
+    Shards of another size than the plan's are skipped (``verify`` reports them); tasks with no base
+    tensor of the same name and shape (added tensors) are left out.
     """
-    tally = ChangeTally()
-    for task in plan.tasks():
-        ref, src = out_offsets.get(task.name), base.get(task.name)
-        if not targeted(task) or ref is None or src is None or src.shape != task.shape:
+    placed: dict[str, TensorRef] = {}
+    for shard in plan.shards:
+        path = out / shard.filename
+        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
             continue
-        step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
-        for r0, r1 in row_blocks(task.rows, step):
-            tally.add(task, r0, rows(src, r0, r1), rows(ref, r0, r1))
-            release(src, r0, r1)
-            release(ref, r0, r1)
+        offset = len(shard.header)
+        for t in shard.tasks:
+            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
+            offset += t.nbytes
+    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
+            for name, (i, info) in ckpt.locate().items()}
+    tally = ChangeTally()
+    with TensorReader() as reader:
+        for task in plan.tasks():
+            ref, src = placed.get(task.name), base.get(task.name)
+            if not targeted(task) or ref is None or src is None or src.shape != task.shape:
+                continue
+            step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
+            for r0, r1 in row_blocks(task.rows, step):
+                tally.add(task, r0, reader.rows(src, r0, r1), reader.rows(ref, r0, r1))
+                reader.release(src, r0, r1)
+                reader.release(ref, r0, r1)
     return tally.result()
 
 

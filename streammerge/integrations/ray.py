@@ -1,11 +1,12 @@
 """Run the parts of a merge as Ray tasks (``merge(..., executor="ray")``, CLI ``--ray [ADDRESS]``).
 
 One task per part (``streammerge.parts``), each running ``merge(..., part=Part(i, N))`` on
-whatever node Ray picks, with ``num_cpus=workers`` and ``memory`` = ``max_memory`` plus the
-interpreter's overhead (``TASK_OVERHEAD``). A task whose worker process dies (OOM killer, node
-lost, SIGKILL) is retried up to ``MAX_RETRIES`` times by Ray; a retried part resumes, keeping the
-shards the dead attempt committed. A task that fails on bad input is not retried: its error is
-raised as it is. Progress comes back through a small actor to the caller's ``on_progress``.
+whatever node Ray picks, with ``num_cpus=workers``, ``memory`` = ``max_memory`` plus the
+interpreter's overhead (``TASK_OVERHEAD``), and one GPU when the merge runs on CUDA. A task whose
+worker process dies (OOM killer, node lost, SIGKILL) is retried up to ``MAX_RETRIES`` times by
+Ray; a retried part resumes, keeping the shards the dead attempt committed. A task that fails on
+bad input is not retried: its error is raised as it is. Progress comes back through a small actor
+to the caller's ``on_progress``.
 
 Every node must see the base, the adapters and the output directory at the same paths (shared
 storage: NFS, Lustre, CPFS, a FUSE-mounted bucket); a task checks this first and says so.
@@ -131,7 +132,8 @@ def run_parts(merge: Callable, plan: Plan, identity: Identity, out: Path, *, add
         LOG.info("ray: %d part(s) of %d shard(s), %d CPU(s) and %.1f GiB per task", count, len(plan.shards), workers,
                  (max_memory + TASK_OVERHEAD) / 2**30)
         tracker = ray.remote(num_cpus=0)(_Tracker).remote()
-        task = ray.remote(_run_part).options(num_cpus=workers, memory=max_memory + TASK_OVERHEAD,
+        gpus = 1 if identity.options.get("device") == "cuda" else 0  # Ray hides GPUs from tasks that ask for none
+        task = ray.remote(_run_part).options(num_cpus=workers, num_gpus=gpus, memory=max_memory + TASK_OVERHEAD,
                                              max_retries=MAX_RETRIES, retry_exceptions=False)
         args = (merge, dict(identity.sources), dict(identity.options), str(out))
         refs = {task.remote(*args, i, count, workers, max_memory, tracker): i for i in range(count)}
