@@ -294,3 +294,13 @@ def test_dry_run_of_a_part_prints_its_own_shards(inputs, tmp_path, capsys):
     mine = parts.assign(plan, 2)[1]
     assert f"output: {len(mine)} shard(s), {sum(s.data_size for s in mine) / 1e9:.3f} GB" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_conflicting_split_flags_are_refused(inputs, tmp_path, capsys):
+    assert cli.main(_argv(inputs, tmp_path / "out", "--part", "0/2", "--ray")) == 2
+    assert capsys.readouterr().err == "error: --part and --ray exclude each other: --ray runs every part itself\n"
+    assert cli.main(_argv(inputs, tmp_path / "out", "--parts", "2")) == 2
+    assert capsys.readouterr().err == "error: --parts goes with --ray; for one part of a split merge use --part I/N\n"
+    assert cli.main(_argv(inputs, tmp_path / "out", "--part", "x")) == 2
+    assert capsys.readouterr().err == "error: --part 'x': expected I/N with 0 <= I < N, e.g. --part 0/8\n"
+    assert not (tmp_path / "out").exists()
