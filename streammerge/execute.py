@@ -27,16 +27,17 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from streammerge import kernel
+from streammerge import kernel, requant
 from streammerge.changes import ChangeTally
 from streammerge.errors import BudgetError, NonFiniteError
 from streammerge.formats.reader import TensorReader
 from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.requant import QuantRun
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
 from streammerge.writer import ShardWriter
@@ -56,6 +57,7 @@ class ExecOptions:
     workers: int
     max_memory: int
     check_finite: bool = True
+    quant_run: QuantRun | None = None  # a quantized base's per-run state (``pieces`` makes one when None)
     changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
 
 
@@ -70,13 +72,22 @@ class Piece:
 
 
 def block_rows(task: TensorTask, opts: ExecOptions) -> int:
-    """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN or task.whole:
+    """Rows per block for ``task``: a multiple of ``task.row_align`` (or the whole tensor) within the budget."""
+    align = task.row_align
+    if task.rows <= align or task.whole:
         return task.rows
     target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
     per_row = block_bytes(task, 1) - block_bytes(task, 0)
-    rows = max(ROW_ALIGN, (target - block_bytes(task, 0)) // max(per_row, 1) // ROW_ALIGN * ROW_ALIGN)
+    rows = max(align, (target - block_bytes(task, 0)) // max(per_row, 1) // align * align)
     return min(rows, task.rows)
+
+
+def unit_cost(task: TensorTask, r0: int, r1: int, opts: ExecOptions) -> int:
+    """Working memory of one piece: its block's, or for a fresh-scale task one block of the weight it walks."""
+    view = task.weight_view()
+    if view is task:
+        return block_bytes(task, r1 - r0)
+    return block_bytes(view, block_rows(view, opts))
 
 
 def check_budget(plan: Plan, max_memory: int) -> None:
@@ -92,13 +103,15 @@ def check_budget(plan: Plan, max_memory: int) -> None:
 
 def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
     """Yield every task's rows in order; merge blocks are computed ahead on ``opts.workers`` threads."""
+    if opts.quant_run is None and any(t.quant is not None for t in tasks):
+        opts = replace(opts, quant_run=QuantRun())
     units: deque[tuple[TensorTask, int, int, int]] = deque()
     for task in tasks:
         if task.is_raw_copy:
             units.append((task, 0, task.rows, 0))
             continue
         for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
-            units.append((task, r0, r1, block_bytes(task, r1 - r0)))
+            units.append((task, r0, r1, unit_cost(task, r0, r1, opts)))
     if not units:
         return
     pending: deque[tuple[tuple[TensorTask, int, int, int], Future[torch.Tensor] | None]] = deque()
@@ -133,12 +146,34 @@ def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts:
 
 def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
-    w = reader.rows(task.source, r0, r1)
+    if task.quant is not None:
+        view = task.weight_view()
+        work = kernel.TORCH_DTYPES[task.quant.compute_dtype]
+
+        def merge(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            return _merged(view, w, a, b, reader, opts, work)
+
+        out = requant.compute(task, r0, r1, reader, merge, block_rows(view, opts), opts.quant_run or QuantRun())
+    else:
+        w = reader.rows(task.source, r0, r1)
+        out = _merged(task, w, r0, r1, reader, opts, kernel.TORCH_DTYPES[task.dtype])
+        reader.release(task.source, r0, r1)
+    for term in (t for s in task.steps for t in s.terms):
+        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
+        # (safe under other threads: the private, never-written mapping faults them back in from the file).
+        for ref in term.refs():
+            reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
+    return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
+
+
+def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``w`` (rows ``[r0, r1)`` of ``task``'s source, any dtype) merged into ``out_dtype``, finite-checked."""
     if opts.device.type == "cuda":
-        out = _compute_cuda(task, w, r0, r1, reader, opts.device)
+        out = _compute_cuda(task, w, r0, r1, reader, opts.device, out_dtype)
     else:
         chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
-        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, opts.device), r0, r1, chunk)
+        out = kernel.merge_block(w, out_dtype, _steps(task, reader, opts.device), r0, r1, chunk)
     if opts.check_finite:
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
@@ -148,18 +183,13 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
     if opts.changes is not None and task.kind == "merge":
+        # a quantized weight: its decoded base rows and merged rows (before any re-quantization)
         opts.changes.add(task, r0, w, out)
-    reader.release(task.source, r0, r1)
-    for term in (t for s in task.steps for t in s.terms):
-        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
-        # (safe under other threads: the private, never-written mapping faults them back in from the file).
-        for ref in term.refs():
-            reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
-    return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
+    return out
 
 
 def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
     """The same merge on a GPU: rows staged through pinned host buffers, copies asynchronous on
     this call's own stream, so blocks of different workers overlap transfer and compute.
 
@@ -171,7 +201,7 @@ def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: T
         staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         staged.copy_(w)
         w_dev = staged.to(device, non_blocking=True)
-        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, device), r0, r1, None)
+        merged = kernel.merge_block(w_dev, out_dtype, _steps(task, reader, device), r0, r1, None)
         out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
         out.copy_(merged, non_blocking=True)
     stream.synchronize()

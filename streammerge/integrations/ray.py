@@ -98,7 +98,7 @@ def _run_part(merge: Callable, sources: dict, recorded: dict, out: str, index: i
         base=sources["base"], adapters=sources["adapters"], out=out, adapter_name=o.adapter_name, weights=o.weights,
         combination=o.combination, density=o.density, seed=o.seed, heads_from=o.heads_from,
         pattern_rules=o.pattern_rules, max_shard_size=o.max_shard_size, allow_nonfinite=o.allow_nonfinite,
-        base_subfolder=o.base_subfolder,
+        base_subfolder=o.base_subfolder, dequantize=o.dequantize,
         device=str(recorded["device"]), workers=workers, max_memory=max_memory, part=Part(index, count),
         on_progress=on_progress,
     )
