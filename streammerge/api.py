@@ -6,6 +6,7 @@ Each is a straight line: read headers → build the plan → execute. Errors are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from streammerge import execute, manifest
+from streammerge import finalize as fin
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import Checkpoint
@@ -25,6 +27,7 @@ from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
+from streammerge.parts import Part, parse_part, shards_of
 from streammerge.plan import CombineOptions, Plan, PlanOptions
 from streammerge.plan.assemble import build_plan
 from streammerge.plan.combined import build_combined_plan
@@ -227,6 +230,10 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    part: Part | str | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    parts: int | None = None,
     base_subfolder: str | None = None,
     dequantize: bool = False,
 ) -> MergeReport:
@@ -259,9 +266,14 @@ def merge(
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
-        dequantize: a quantized base (FP8 block, compressed-tensors FP8): write every quantized weight in the
-            config's ``torch_dtype`` and drop ``quantization_config``. Default: keep the format (untouched
-            weights and scales copied raw; merged weights re-quantized with fresh scales).
+        part: ``Part(I, N)`` or ``"I/N"``: write only the shards of part I of N into ``out`` (shared
+            by the other parts), never the index, config or manifest; :func:`finalize` seals ``out``
+            once every part is done. Rerunning a part is safe. See ``streammerge.finalize``. Without
+            ``part``, over an ``out`` where parts wrote every shard, ``merge`` finalizes it.
+        executor: ``"ray"``: run ``parts`` parts (default: one per task slot of the cluster) as Ray
+            tasks (``pip install streammerge[ray]``), retrying a task whose worker died, then finalize.
+            Every node must see the inputs and ``out`` at the same paths (shared storage).
+        ray_address: ``ray.init(address=...)``: None starts or reuses a local Ray, ``"auto"`` joins a cluster.
 
     Returns:
         A :class:`MergeReport`.
@@ -281,6 +293,11 @@ def merge(
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
                             max_shard_size, allow_nonfinite, base_subfolder, dequantize)
     plan = plan_with(ckpt, loaded, options)
+    if part is not None or executor is not None or (not (resume or overwrite or dry_run) and fin.record_paths(out)):
+        split = _Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
+        return _run_split(plan, ckpt, loaded, options, split, out=out, started=started, device=device,
+                          workers=workers, max_memory=max_memory, dry_run=dry_run, overwrite=overwrite,
+                          on_progress=on_progress, on_plan=on_plan)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
@@ -312,6 +329,84 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
                  heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder,
                  dequantize=o.dequantize, resume=True, **run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    part: Part | None
+    executor: str | None
+    ray_address: str | None
+    parts: int | None
+
+
+def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions, split: _Split, *,
+               out: Path, started: float, device: str | torch.device, workers: int | None, max_memory: int,
+               dry_run: bool, overwrite: bool, on_progress: Callable[[int], None] | None,
+               on_plan: Callable[[Plan], None] | None) -> MergeReport:
+    """A merge split into parts: one part (``split.part``), all parts on Ray, or sealing what parts wrote."""
+    solo = split.part is not None and split.executor is None
+    scope = dataclasses.replace(plan, shards=shards_of(plan, split.part)) if solo else plan
+    if on_plan is not None:  # a part reports (and --dry-run prints) its own shards
+        on_plan(scope)
+    dev = resolve_device(device)
+    execute.check_budget(plan, max_memory)
+    if overwrite:
+        raise StreamMergeError("`overwrite` would delete the shards other parts wrote; parts always resume, "
+                               "so rerun without it (or remove `out` first)")
+    if split.executor not in (None, "ray"):
+        raise StreamMergeError(f"executor {split.executor!r}: only 'ray' is supported")
+    check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=False, resume=True)  # parts always resume
+    written, shards = scope.total_bytes, len(scope.shards)
+    if not dry_run:
+        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
+        if solo:
+            opts = ExecOptions(dev, workers or execute.default_workers(), max_memory,
+                               check_finite=not options.allow_nonfinite)
+            written, shards = fin.write_part(out, plan, identity, split.part, opts, on_progress)
+        else:
+            if split.executor == "ray":
+                from streammerge.integrations import ray as ray_executor  # optional dependency
+
+                ray_executor.run_parts(merge, plan, identity, out, address=split.ray_address, parts=split.parts,
+                                       workers=workers or execute.default_workers(), max_memory=max_memory,
+                                       on_progress=on_progress)
+            _seal(out, plan, ckpt, loaded, identity, fin.recorded_run(out)[2])
+    c = scope.counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written, seconds=time.monotonic() - started,
+        device=str(dev), shards=shards, warnings=plan.warnings, dry_run=dry_run,
+    )
+
+
+def _seal(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], identity: manifest.Identity,
+          count: int | None) -> None:
+    found = fin.check_complete(out, plan, identity, count)
+    fin.seal(out, plan, identity, found, lambda: _finish_files(out, plan, ckpt, [a.root for a in loaded]))
+
+
+def finalize(out: PathLike) -> MergeReport:
+    """Seal an output directory that parts (``merge(..., part=...)``) wrote: check every shard of the
+    plan is there with the identity the plan expects, then write side files, index and manifest
+    (the bytes a one-process merge writes). The inputs and options are those the parts recorded.
+
+    Raises:
+        streammerge.finalize.IncompleteError: shards missing or stale (named, with the parts to rerun);
+            nothing is written.
+    """
+    started, out = time.monotonic(), Path(out)
+    sources, doc, count = fin.recorded_run(out)
+    o = MergeOptions.from_record(doc)
+    ckpt, loaded = _load(sources["base"], sources["adapters"], o.adapter_name, o.pattern_rules, o.base_subfolder)
+    plan = plan_with(ckpt, loaded, o)
+    _seal(out, plan, ckpt, loaded, manifest.identify(ckpt, loaded, o.record(str(doc.get("device")))), count)
+    c = plan.counts()
+    return MergeReport(
+        out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
+        tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes,
+        seconds=time.monotonic() - started, device=str(doc.get("device")), shards=len(plan.shards),
+        warnings=plan.warnings,
+    )
 
 
 def _run_plan(
@@ -383,12 +478,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
             written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
         progress.expect_files([*side_file_names(ckpt.root, tokenizer_roots, ckpt.config),
                                *([plan.index_name] if plan.write_index else [])])
-        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
-                                 plan.config_removals)
-        if plan.write_index:
-            write_index(out, plan.index_json(), plan.index_name)
-            files.append(plan.index_name)
-        progress.finish(files, warnings)
+        progress.finish(_finish_files(out, plan, ckpt, tokenizer_roots), warnings)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume
             manifest.remove_temporaries(out)
@@ -399,6 +489,16 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         manifest.remove_temporaries(out)
         raise
     return written, kept_bytes, False
+
+
+def _finish_files(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path]) -> list[str]:
+    """Config, generation and tokenizer files, then the index. Returns the names written."""
+    files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
+                             plan.config_removals)
+    if plan.write_index:
+        write_index(out, plan.index_json(), plan.index_name)
+        files.append(plan.index_name)
+    return files
 
 
 def _cleanup(out: Path, created: bool) -> None:
@@ -423,6 +523,7 @@ def iter_merged(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    part: Part | str | None = None,
     base_subfolder: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
@@ -431,7 +532,9 @@ def iter_merged(
     from it, memory stays within ``max_memory`` (the same pipeline as ``merge``). This is the
     in-process path for pushing merged weights into an inference engine, e.g.
     ``llm.load_weights(streammerge.iter_merged(base=..., adapter=...))``. Adapter, weight and
-    combination arguments are those of :func:`merge`.
+    combination arguments are those of :func:`merge`. ``part`` (``Part(I, N)`` or ``"I/N"``) yields
+    only the tensors of the output shards of part I of N (``streammerge.parts``): N consumers, e.g.
+    N Ray actors, each get a disjoint slice, and together every tensor once.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
@@ -440,8 +543,11 @@ def iter_merged(
     execute.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
+    if isinstance(part, str):
+        part = parse_part(part)
+    tasks = plan.tasks() if part is None else tuple(t for s in shards_of(plan, part) for t in s.tasks)
     with TensorReader() as reader:
-        yield from execute.whole_tensors(plan.tasks(), reader, opts)
+        yield from execute.whole_tensors(tasks, reader, opts)
 
 
 def plan_unmerge(

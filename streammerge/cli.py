@@ -1,4 +1,4 @@
-"""Command line: ``python -m streammerge {merge,unmerge,verify,demo} ...``. The only module that prints.
+"""Command line: ``python -m streammerge {merge,unmerge,verify,finalize,demo} ...``. The only module that prints.
 
 Exit status: 0 success, 1 ``verify`` found a problem, 2 bad input or environment (``error: …`` on stderr,
 no traceback: one line, or a summary line and one line per problem), 130 interrupted (Ctrl-C), 143
@@ -33,6 +33,7 @@ _STOPPED = {
     "merge": "no partial shard was left under a final name; rerun the same command with --resume to continue",
     "verify": "verify stopped before it finished; nothing was changed",
     "demo": "the demo stopped before it finished",
+    "finalize": "finalize stopped before it wrote the manifest; rerun it",
     None: "stopped while starting; nothing was written",
 }
 _STOPPED["unmerge"] = _STOPPED["merge"]
@@ -122,7 +123,37 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "verify":
         return _verify(args)
+    if args.command == "finalize":
+        from streammerge.api import finalize
+
+        report = finalize(args.out)
+        if not args.quiet:
+            print(f"finalized {args.out}: {report.shards} shard(s), {format_size(report.bytes_written)}")
+        return 0
     return _merge(args)
+
+
+def _split(args: argparse.Namespace) -> dict[str, object]:
+    """merge's ``part``/``executor`` arguments from --part, --ray, --parts, or a Slurm array's environment."""
+    if getattr(args, "ray", None) is not None:
+        if args.part is not None:
+            raise StreamMergeError("--part and --ray exclude each other: --ray runs every part itself")
+        return {"executor": "ray", "ray_address": args.ray or None, "parts": args.parts}
+    if getattr(args, "parts", None) is not None:
+        raise StreamMergeError("--parts goes with --ray; for one part of a split merge use --part I/N")
+    part = getattr(args, "part", None)
+    if part == "all":  # one process, whatever a Slurm array says
+        return {}
+    if part is None and args.command == "merge":
+        from streammerge.parts import part_from_slurm
+
+        found = part_from_slurm(os.environ)
+        if found is not None:
+            LOG.info("part %s from SLURM_ARRAY_TASK_ID=%s (SLURM_ARRAY_TASK_COUNT=%s, SLURM_ARRAY_TASK_MIN=%s); "
+                     "pass --part to override", found, os.environ["SLURM_ARRAY_TASK_ID"],
+                     os.environ["SLURM_ARRAY_TASK_COUNT"], os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return {"part": found}
+    return {"part": part} if part is not None else {}
 
 
 def _bar(args: argparse.Namespace, desc: str):  # -> tqdm
@@ -192,7 +223,7 @@ def _merge(args: argparse.Namespace) -> int:
                 base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
                 pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, dequantize=args.dequantize,
-                **common,
+                **common, **_split(args),
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

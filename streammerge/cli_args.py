@@ -113,6 +113,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     m.add_argument("--pattern-rules", choices=("current", "0.14", "pre-0.14"), default="current",
                    help="how rank_pattern/alpha_pattern keys match module names: 'current' as PEFT >= 0.15 "
                    "(what PEFT 0.21 applies to every adapter; default), or the rules of older PEFT versions")
+    _split_args(m)
     _common(m)
 
     u = make(sub, "unmerge", help="take an adapter back out of a merged checkpoint: W - w*s*B@A, one rounding")
@@ -144,6 +145,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
     _common(v)
 
+    f = make(sub, "finalize", help="seal an --out written by `merge --part I/N` runs: check every shard, "
+             "then write index, config and manifest (exit 2 naming missing or stale shards)")
+    f.add_argument("--out", required=True, metavar="DIR", help="the output directory the parts wrote")
+    _common(f)
+
     d = make(sub, "demo", help="build a tiny base + adapter in a temporary directory, merge, verify")
     d.add_argument("--keep", metavar="DIR", help="build the demo in DIR (new or empty) and keep it "
                    "(default: a temporary directory)")
@@ -173,6 +179,17 @@ def _output_args(p: argparse.ArgumentParser) -> None:
                    "checksum still match, recompute the rest (same bytes as an uninterrupted run); a complete "
                    "output of other inputs or options is refused unless --overwrite is given too")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
+
+
+def _split_args(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--part", metavar="I/N",
+                   help="write only the output shards of part I of N (0 <= I < N) into the shared --out; run every "
+                   "part (any machines), then `streammerge finalize --out DIR`. Default in a Slurm array job: "
+                   "SLURM_ARRAY_TASK_ID/COUNT (minus SLURM_ARRAY_TASK_MIN); --part all: one process, ignoring Slurm")
+    m.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the parts as Ray tasks (pip install 'streammerge[ray]'), then finalize; ADDRESS for "
+                   "ray.init ('auto' joins a running cluster; none: start or reuse a local one). Needs shared storage")
+    m.add_argument("--parts", type=int, metavar="N", help="with --ray: number of parts (default: one per task slot)")
 
 
 def _subfolder_arg(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,8 @@ from streammerge.writer import fsync_dir, is_temporary, output_error, write_atom
 
 LOG = logging.getLogger(__name__)
 
+#: Records of parts of a merge split across processes (``streammerge.finalize``): ``<prefix><I>-of-<N>.json``.
+PART_PREFIX = ".streammerge-part-"
 FORMAT = "streammerge-manifest/1"
 _READ_CHUNK = 8 << 20
 
@@ -167,7 +169,8 @@ def read_json_file(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _records(doc: dict | None) -> list[dict]:
+def shard_records(doc: dict | None) -> list[dict]:
+    """The well-formed shard records (file, size, sha256, identity) of a progress, part or manifest document."""
     shards = doc.get("shards") if doc else None
     if not isinstance(shards, list):
         return []
@@ -233,13 +236,14 @@ class Progress:
                 _unlink(out / name)
         names = [n for n in names if not is_temporary(n)]
         progress, manifest = read_json_file(out / PROGRESS_NAME), read_json_file(out / MANIFEST_NAME)
-        if names and progress is None and manifest is None:
+        if names and progress is None and manifest is None and not any(n.startswith(PART_PREFIX) for n in names):
             raise OutputError(
                 f"{out}: `resume` found no {PROGRESS_NAME} or {MANIFEST_NAME}, so this is not a streammerge output "
                 "to resume; choose a new or empty `out`"
             )
         candidates: dict[str, list[dict]] = {}
-        for rec in _records(progress) + _records(manifest):
+        parts = [read_json_file(out / n) for n in names if n.startswith(PART_PREFIX) and n.endswith(".json")]
+        for rec in [r for doc in (progress, manifest, *parts) for r in shard_records(doc)]:
             candidates.setdefault(rec["file"], []).append(rec)
         kept = {}
         for shard in plan.shards:
@@ -347,8 +351,10 @@ def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
 
 
 def recorded_run(out: Path) -> tuple[dict, dict] | None:
-    """``(sources, options)`` that the progress record (or else the manifest) of ``out`` recorded, or None."""
-    for name in (PROGRESS_NAME, MANIFEST_NAME):
+    """``(sources, options)`` that the progress record (or else the manifest, or a part's record) of ``out``
+    recorded, or None."""
+    parts = sorted(n for n in _entries(out) if n.startswith(PART_PREFIX) and n.endswith(".json"))
+    for name in (PROGRESS_NAME, MANIFEST_NAME, *parts):
         doc = read_json_file(out / name)
         if doc and isinstance(doc.get("sources"), dict) and isinstance(doc.get("options"), dict):
             return doc["sources"], doc["options"]
