@@ -134,6 +134,8 @@ class PartRecord:
         doc = {"format": PART_FORMAT, "part": self.part.index, "parts": self.part.count, "complete": complete,
                "sources": dict(self.identity.sources), "options": dict(self.identity.options),
                "assigned": [s.filename for s in self.shards],
+               # listed before any is written, so a concurrent part (or --overwrite) knows them as streammerge's
+               "planned": [{"file": s.filename} for s in self.shards],
                "shards": [self.done[s.filename] for s in self.shards if s.filename in self.done]}
         write_atomic(self.out / record_name(self.part), (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
