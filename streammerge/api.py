@@ -7,19 +7,19 @@ Each is a straight line: read headers → build the plan → execute. Errors are
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from streammerge import execute, manifest
+from streammerge import budget, digest, manifest, scatter
 from streammerge.adapter import Adapter, read_adapter
+from streammerge.budget import ExecOptions
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.execute import ExecOptions
 from streammerge.locate import find_base
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
 from streammerge.plan import (
@@ -30,7 +30,9 @@ from streammerge.plan import (
     build_plan,
     build_unmerge_plan,
 )
-from streammerge.reader import TensorReader
+
+if TYPE_CHECKING:  # torch is imported when the first block is computed, not before (see ``scatter``)
+    import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -69,8 +71,22 @@ class MergeReport:
         )
 
 
+#: Device nodes of a GPU driver (NVIDIA, AMD ROCm, WSL): without any, torch cannot see a GPU.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device a merge runs on, as torch names it (``cpu``, ``cuda``, ``cuda:1``). ``auto`` on a
+    machine with no GPU driver is ``cpu`` without importing torch; anything else asks torch."""
+    if str(device) == "cpu" or (str(device) == "auto" and not any(os.path.exists(p) for p in _GPU_NODES)):
+        return "cpu"
+    return str(resolve_device(device))
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → CUDA when available, else CPU."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -183,6 +199,8 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    checksum: str = "xxh3",
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -211,6 +229,9 @@ def merge(
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
+        checksum: the manifest's digest of each output file: ``xxh3`` (XXH3-128, per 64-row piece,
+            combined; see ``streammerge.digest``) or ``sha256`` (the whole file, as ``sha256sum``).
+        threads: torch intra-op threads per worker, set when torch is first used (None: torch's default).
 
     Returns:
         A :class:`MergeReport`.
@@ -231,7 +252,7 @@ def merge(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
         overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
-        on_plan=on_plan,
+        on_plan=on_plan, checksum=checksum, threads=threads,
     )
 
 
@@ -239,13 +260,16 @@ def _run_plan(
     plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
     options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
-    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None, checksum: str,
+    threads: int | None,
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
-    dev = resolve_device(device)
-    execute.check_budget(plan, max_memory)
+    if checksum not in digest.CHECKSUMS:
+        raise StreamMergeError(f"--checksum {checksum!r}: use one of {', '.join(digest.CHECKSUMS)}")
+    dev = device_name(device)
+    budget.check_budget(plan, max_memory)
     if resume and overwrite:
         raise StreamMergeError("--resume keeps finished shards and --overwrite deletes them; pass only one")
     check_output(out, inputs, overwrite=overwrite or resume)
@@ -253,10 +277,12 @@ def _run_plan(
         LOG.warning("%s", warning)
     written = 0
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite)
-        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite, "device": dev.type})
+        opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           threads=threads)
+        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite,
+                                                    "device": dev.split(":")[0]})
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
-                         on_progress=on_progress)
+                         on_progress=on_progress, checksum=checksum)
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
@@ -267,7 +293,8 @@ def _run_plan(
 
 
 def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
-           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None) -> int:
+           opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None,
+           checksum: str) -> int:
     """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
 
     On an interrupt (Ctrl-C, SIGTERM) or an output fault (disk full, unwritable), the committed
@@ -277,13 +304,12 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
     """
     created = prepare_output(out, overwrite=overwrite)
     try:
-        progress = manifest.Progress.start(out, identity, plan, resume=resume)
+        progress = manifest.Progress.start(out, identity, plan, resume=resume, checksum=checksum)
         todo = [s for s in plan.shards if s.filename not in progress.kept]
         kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
-        with TensorReader() as reader:
-            written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
+        written = scatter.write_shards(todo, out, opts, on_progress, on_shard=progress.record, checksum=checksum)
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
         if plan.write_index:
             write_index(out, plan.index_json())
@@ -335,9 +361,12 @@ def iter_merged(
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
     plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
-    execute.check_budget(plan, max_memory)
-    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
+    budget.check_budget(plan, max_memory)
+    opts = ExecOptions(resolve_device(device), workers or budget.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
+    from streammerge import execute
+    from streammerge.reader import TensorReader
+
     with TensorReader() as reader:
         yield from execute.whole_tensors(plan.tasks(), reader, opts)
 
@@ -371,6 +400,8 @@ def unmerge(
     allow_nonfinite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    checksum: str = "xxh3",
+    threads: int | None = None,
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
@@ -395,5 +426,5 @@ def unmerge(
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
-        on_progress=on_progress, on_plan=on_plan,
+        on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads,
     )

@@ -1,18 +1,15 @@
-"""Execute a plan: stream merged tensors out of the base shards, in output order.
+"""Execute a plan's arithmetic: merge blocks of rows, and stream them in output order.
 
-``pieces`` is the one code path. It cuts every tensor task into row blocks, computes merge blocks
-on a thread pool ahead of the consumer, and yields them in output order. Two consumers share it:
-``write_shards`` (bytes to atomic shard files; untouched tensors are copied as raw bytes by the
-kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use).
+``compute_rows`` merges rows ``[r0, r1)`` of one tensor task; ``scatter.write_shards`` runs it on
+its workers and writes each block at its offset. ``pieces`` cuts every task into row blocks
+(``budget.block_rows``), computes them on a thread pool ahead of the consumer and yields them in
+output order: ``api.iter_merged`` and ``verify`` consume it.
 
 Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
-``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
-the fp32 factors). Block heights are multiples of ``plan.ROW_ALIGN`` rows chosen so that
-``workers + 1`` blocks fit the budget; raw copies
-take no budget (the kernel moves those bytes). A budget below the plan's minimum (``Plan.min_memory``:
-its largest indivisible block) is refused up front with the budget needed. The interpreter, torch
-and the page cache are outside this budget: expect RSS ≈ 250 MB + ``max_memory`` at most.
+``plan.block_bytes``. A budget below the plan's minimum (``Plan.min_memory``) is refused up front
+(``budget.check_budget``). The interpreter, torch and the page cache are outside this budget:
+expect RSS ≈ 250 MB + ``max_memory`` at most.
 
 Threads, not processes: torch kernels and mmap reads release the GIL, threads share the maps,
 and CUDA does not survive ``fork``. Results do not depend on the worker count: each block is
@@ -23,36 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from streammerge import kernel
-from streammerge.errors import BudgetError, NonFiniteError
-from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers
+from streammerge.errors import NonFiniteError
+from streammerge.plan import TensorTask, block_bytes, chunk_rows, row_blocks
 from streammerge.reader import TensorReader
-from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)
 
-#: Upper bound on one block's working set: big enough to amortise per-block overhead, small enough
-#: that reading, computing and writing overlap.
-MAX_BLOCK_BYTES = 64 << 20
+__all__ = ["MAX_BLOCK_BYTES", "ExecOptions", "Piece", "as_bytes", "block_rows", "check_budget", "compute_rows",
+           "default_workers", "pieces", "whole_tensors"]
+
 #: At most this many pieces are queued ahead of the consumer (copies included).
 MAX_AHEAD = 64
-
-
-@dataclass(frozen=True, slots=True)
-class ExecOptions:
-    device: torch.device
-    workers: int
-    max_memory: int
-    check_finite: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,27 +50,6 @@ class Piece:
     r0: int
     r1: int
     data: torch.Tensor | None
-
-
-def block_rows(task: TensorTask, opts: ExecOptions) -> int:
-    """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN or task.whole:
-        return task.rows
-    target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
-    per_row = block_bytes(task, 1) - block_bytes(task, 0)
-    rows = max(ROW_ALIGN, (target - block_bytes(task, 0)) // max(per_row, 1) // ROW_ALIGN * ROW_ALIGN)
-    return min(rows, task.rows)
-
-
-def check_budget(plan: Plan, max_memory: int) -> None:
-    need = plan.min_memory()
-    if need > max_memory:
-        raise BudgetError(
-            f"--max-memory {max_memory / 2**20:.0f} MiB is below this plan's minimum working set of "
-            f"{need / 2**20:.0f} MiB (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
-            "tensor, or a whole tensor where the merge needs every row at once); "
-            f"pass --max-memory {-(-need // 2**20)}MiB or more"
-        )
 
 
 def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
@@ -118,24 +84,35 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
                     fut.cancel()
 
 
-def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
-    """Merge rows ``[r0, r1)`` of ``task`` exactly as ``pieces`` does (``verify --sample`` uses it).
+def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype (``verify --sample``
+    and ``scatter`` use it; ``pieces`` too). ``out``: a uint8 CPU buffer of at least the block's bytes to
+    compute into (reused between blocks: a fresh one costs a page fault per 4 KiB); None allocates.
 
     ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
     (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
     """
-    return _compute(task, r0, r1, reader, opts)
+    return _compute(task, r0, r1, reader, opts, out)
 
 
-def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+             buf: torch.Tensor | None = None) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
     w = reader.rows(task.source, r0, r1)
-    if opts.device.type == "cuda":
-        out = _compute_cuda(task, w, r0, r1, reader, opts.device)
+    device = torch.device(opts.device)
+    dtype = kernel.TORCH_DTYPES[task.dtype]
+    if device.type == "cuda":
+        out = _compute_cuda(task, w, r0, r1, reader, device)
+        suspect = opts.check_finite and kernel.nonfinite_count(out) > 0
     else:
         chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
-        out = kernel.merge_block(w, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, opts.device), r0, r1, chunk)
-    if opts.check_finite:
+        dst = None
+        if buf is not None:
+            dst = buf[: w.numel() * dtype.itemsize].view(dtype).view(w.shape)
+        out, suspect = kernel.merge_checked(w, dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
+                                            check_finite=opts.check_finite)
+    if suspect:  # the sum filter tripped: count exactly, against what the source already had
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
             origins = ", ".join(sorted({t.origin for s in task.steps for t in s.terms})) or "a replacement"
@@ -192,51 +169,6 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     of its own storage (no copy); otherwise of a contiguous copy."""
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def write_shards(
-    shards: Sequence[ShardPlan],
-    out: Path,
-    reader: TensorReader,
-    opts: ExecOptions,
-    on_progress: Callable[[int], None] | None = None,
-    on_shard: Callable[[ShardPlan, str], None] | None = None,
-) -> int:
-    """Write ``shards`` into ``out`` (atomic per shard). Returns bytes written.
-
-    ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
-    """
-    written = 0
-    # ``closing``: on any exception (Ctrl-C, a full disk) the pool is drained HERE, before the caller
-    # closes the reader: a worker still computing on a row view of an unmapped file would segfault.
-    with contextlib.closing(pieces([t for s in shards for t in s.tasks], reader, opts)) as stream:
-        for shard in shards:
-            with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
-                for task in shard.tasks:
-                    while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
-                        piece = next(stream)
-                        assert piece.task is task, "pieces out of order"
-                        if piece.data is None:
-                            w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
-                            n = task.source.nbytes
-                        else:
-                            buf = as_bytes(piece.data)
-                            w.write(buf)
-                            n = buf.nbytes
-                        written += n
-                        if on_progress is not None:
-                            on_progress(n)
-                        if piece.r1 >= task.rows:
-                            break
-            written += len(shard.header)
-            if on_shard is not None:
-                on_shard(shard, w.sha256)
-            LOG.debug("wrote %s", shard.filename)
-    return written
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def whole_tensors(

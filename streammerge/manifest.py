@@ -2,14 +2,19 @@
 
 A merge writes its shards first, then config/tokenizer files and the index, and LAST
 ``streammerge.json``: the tool version, the identities of its inputs, the options that change
-bytes, and every output file's size and SHA-256. A directory without it is visibly incomplete.
+bytes, and every output file's size and digest. A directory without it is visibly incomplete.
+Each file record names its digest by its key (``streammerge.digest``): ``xxh3_128_rows`` for
+shards and ``xxh3_128`` for other files by default, ``sha256`` with ``--checksum sha256`` and in
+every manifest written before XXH3 (those still verify and resume: a record is checked with the
+digest it names).
 
 While shards are being written, ``.streammerge-progress.json`` records each committed shard with
 its *identity*: the SHA-256 of everything its bytes depend on (tool version, every input's
 identity, the byte-changing options, the shard's precomputed header and its task list with
 sources named relative to the inputs). ``--resume`` keeps a shard only when its recorded identity
 equals the current plan's AND the file still has the recorded size and SHA-256; everything else is
-recomputed. Inputs are identified by content, cheaply: a base shard by file name, size and the
+recomputed (a kept shard whose record names another digest than this run's gets both, from one
+read). Inputs are identified by content, cheaply: a base shard by file name, size and the
 SHA-256 of its header bytes (of its tensor index for a pickled ``.bin``; the tensor bytes are not
 hashed: that would read the whole base, so a base edited in place with the same header and size is
 not noticed by --resume, only by ``verify``); an adapter by the SHA-256 of ``adapter_config.json``
@@ -35,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from streammerge import digest
 from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
@@ -161,15 +167,17 @@ def _records(doc: dict | None) -> list[dict]:
     shards = doc.get("shards") if doc else None
     if not isinstance(shards, list):
         return []
-    return [r for r in shards if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("file", "sha256",
-            "identity")) and isinstance(r.get("size"), int)]
+    return [r for r in shards if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("file", "identity"))
+            and isinstance(r.get("size"), int) and digest.record_digest(r) is not None]
 
 
 class Progress:
     """The resume record of one output directory while a merge writes it."""
 
-    def __init__(self, out: Path, identity: Identity, plan: Plan, kept: Mapping[str, dict]) -> None:
+    def __init__(self, out: Path, identity: Identity, plan: Plan, kept: Mapping[str, dict],
+                 checksum: str = "xxh3") -> None:
         self.out = out
+        self.checksum = checksum
         self.identity = identity
         self.plan = plan
         self._ids = {s.filename: identity.shard(s) for s in plan.shards}
@@ -177,7 +185,7 @@ class Progress:
         self.kept = frozenset(kept)
 
     @classmethod
-    def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool) -> Progress:
+    def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool, checksum: str = "xxh3") -> Progress:
         """Record a fresh start, or (``resume``) keep the shards whose identity and content still match.
 
         Raises:
@@ -185,15 +193,15 @@ class Progress:
         """
         kept: dict[str, dict] = {}
         if resume:
-            kept = cls._reusable(out, identity, plan)
-        progress = cls(out, identity, plan, kept)
+            kept = cls._reusable(out, identity, plan, checksum)
+        progress = cls(out, identity, plan, kept, checksum)
         progress._save()
         if resume:
             progress._remove_others()
         return progress
 
     @classmethod
-    def _reusable(cls, out: Path, identity: Identity, plan: Plan) -> dict[str, dict]:
+    def _reusable(cls, out: Path, identity: Identity, plan: Plan, checksum: str) -> dict[str, dict]:
         names = _entries(out)
         for name in names:
             if is_temporary(name):
@@ -215,10 +223,18 @@ class Progress:
             recs = [r for r in candidates.get(shard.filename, ()) if r["identity"] == want and r["size"] == size]
             path = out / shard.filename
             if recs and path.is_file() and path.stat().st_size == size:
-                digest = file_sha256(path)
-                match = next((r for r in recs if r["sha256"] == digest), None)
-                if match is not None:
-                    kept[shard.filename] = {"file": shard.filename, "size": size, "sha256": digest, "identity": want}
+                got: dict[str, str] = {}
+                for rec in recs:  # each record is checked with the digest it names (sha256 before XXH3)
+                    key, value = digest.record_digest(rec)  # type: ignore[misc]
+                    if key not in got:
+                        got[key] = digest.file_digest(path, key, shard)
+                    if got[key] == value:
+                        mine = digest.SHARD_KEYS[checksum]
+                        kept[shard.filename] = {"file": shard.filename, "size": size,
+                                                mine: got.get(mine) or digest.file_digest(path, mine, shard),
+                                                "identity": want}
+                        break
+                if shard.filename in kept:
                     continue
             LOG.debug("resume: %s will be recomputed", shard.filename)
         LOG.info("resume: keeping %d of %d shard(s)", len(kept), len(plan.shards))
@@ -235,10 +251,11 @@ class Progress:
             _unlink(path)
         fsync_dir(self.out)
 
-    def record(self, shard: ShardPlan, sha256: str) -> None:
-        """Note ``shard`` as committed (called after its file was renamed into place)."""
+    def record(self, shard: ShardPlan, digests: Mapping[str, str]) -> None:
+        """Note ``shard`` as committed (called after its file was renamed into place) with its digest
+        (``{key: hex}``, ``streammerge.digest``)."""
         size = len(shard.header) + shard.data_size
-        self._done[shard.filename] = {"file": shard.filename, "size": size, "sha256": sha256,
+        self._done[shard.filename] = {"file": shard.filename, "size": size, **digests,
                                       "identity": self._ids[shard.filename]}
         self._save()
 
@@ -249,6 +266,7 @@ class Progress:
 
     def finish(self, files: Iterable[str]) -> dict:
         """Write the manifest (last), then drop the progress record. Returns the manifest."""
+        key = digest.FILE_KEYS[self.checksum]
         missing = [s.filename for s in self.plan.shards if s.filename not in self._done]
         if missing:  # an internal invariant: write_shards wrote every shard not kept
             raise AssertionError(f"shards not written: {missing}")
@@ -258,8 +276,8 @@ class Progress:
             "inputs": self.identity.inputs,
             "options": self.identity.options,
             "shards": [self._done[s.filename] for s in self.plan.shards],
-            "files": [{"file": n, "size": (self.out / n).stat().st_size, "sha256": file_sha256(self.out / n)}
-                      for n in files],
+            "files": [{"file": n, "size": (self.out / n).stat().st_size,
+                       key: digest.stream_digest(self.out / n, key)} for n in files],
         }
         write_atomic(self.out / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
         _unlink(self.out / PROGRESS_NAME)

@@ -1,0 +1,361 @@
+"""Write shards in parallel, each byte at the offset the plan gives it ("scatter writes").
+
+The plan knows every tensor's offset in every output file, so no byte has to wait for the bytes
+before it. ``write_shards`` cuts the shards into *units*, in file order:
+
+* a merge block: rows ``[r0, r1)`` of a computed tensor (``execute.compute_rows``'s arithmetic), which
+  the worker that computed it ``pwrite``s at its offset and hashes while it is in cache;
+* a copy run: consecutive untouched tensors whose bytes are contiguous in one base file (cut at
+  ``COPY_UNIT`` bytes so that several workers share a big run): one ``copy_file_range`` per run
+  (at most 1 GiB per call), then its pieces are hashed from the page cache by the same worker.
+
+``workers`` threads run the units. The main thread submits them in order (memory-bounded, see
+``budget``), and once every unit of a shard is done, hands the shard to a committer thread, in plan
+order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pre-sized
+(``writer.ShardFile``), so the result is byte-identical whatever the worker count or the budget,
+and so are the digests (``digest``: per-piece digests combined in file order).
+
+torch is imported by the first worker that computes a block, not before: the raw copies start
+while it loads, and nothing before the first block (planning, checks) ever needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from streammerge import digest
+from streammerge.budget import ExecOptions, block_rows
+from streammerge.errors import CheckpointError
+from streammerge.plan import ROW_ALIGN, ShardPlan, TensorTask, block_bytes, row_blocks
+from streammerge.writer import ShardFile
+
+LOG = logging.getLogger(__name__)
+
+#: A copy run is cut into units of at most this many bytes (at piece boundaries), so workers share it.
+COPY_UNIT = 256 << 20
+#: At most this many units are queued ahead of the workers (copies included).
+MAX_AHEAD = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One piece of work on shard ``shard``: compute ``spans[0]`` (``task.is_raw_copy`` False) or copy
+    ``spans`` (consecutive raw tasks, contiguous in ``src``), landing at byte ``offset`` of the file."""
+
+    shard: int
+    spans: tuple[tuple[TensorTask, int, int], ...]  # (task, r0, r1)
+    offset: int
+    nbytes: int
+    piece0: int  # index of its first piece in the shard's piece list
+    cost: int  # working memory while it runs (``plan.block_bytes``); 0 for copies
+
+    @property
+    def is_copy(self) -> bool:
+        return self.spans[0][0].is_raw_copy
+
+
+def _row_bytes(task: TensorTask) -> int:
+    return task.nbytes // task.rows if task.rows else 0
+
+
+def _pieces_in(task: TensorTask, r0: int, r1: int) -> tuple[int, int]:
+    """Indices ``[j0, j1)`` of ``task``'s pieces (``digest.task_pieces``) inside rows ``[r0, r1)``."""
+    n = len(digest.task_pieces(task))
+    return min(r0 // ROW_ALIGN, n), (n if r1 >= task.rows else r1 // ROW_ALIGN)
+
+
+def shard_units(index: int, shard: ShardPlan, opts: ExecOptions) -> list[Unit]:
+    """``shard``'s units in file order."""
+    units: list[Unit] = []
+    offset, piece = len(shard.header), 1  # piece 0 is the header
+    run: list[tuple[TensorTask, int, int]] = []
+    run_start = run_piece = run_bytes = 0
+
+    def flush() -> None:
+        nonlocal run
+        if run:
+            units.append(Unit(index, tuple(run), run_start, run_bytes, run_piece, 0))
+        run = []
+
+    for task in shard.tasks:
+        row_bytes = _row_bytes(task)
+        if task.is_raw_copy:
+            step = max(ROW_ALIGN, COPY_UNIT // max(row_bytes, 1) // ROW_ALIGN * ROW_ALIGN)
+            for r0, r1 in row_blocks(task.rows, step) if task.nbytes else ():
+                nbytes = (r1 - r0) * row_bytes
+                prev = run[-1] if run else None
+                contiguous = prev is not None and prev[0].source.path == task.source.path and (
+                    _src(prev[0], prev[2]) == _src(task, r0))
+                if not contiguous or run_bytes + nbytes > COPY_UNIT:
+                    flush()
+                    run_start, run_piece, run_bytes = offset + r0 * row_bytes, piece + _pieces_in(task, r0, r1)[0], 0
+                run.append((task, r0, r1))
+                run_bytes += nbytes
+        else:
+            flush()
+            for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
+                units.append(Unit(index, ((task, r0, r1),), offset + r0 * row_bytes, (r1 - r0) * row_bytes,
+                                  piece + _pieces_in(task, r0, r1)[0], block_bytes(task, r1 - r0)))
+        offset += task.nbytes
+        piece += len(digest.task_pieces(task))
+    flush()
+    return units
+
+
+def _src(task: TensorTask, row: int) -> int:
+    """Byte offset of row ``row`` of ``task``'s source in its file."""
+    return task.source.offset + row * _row_bytes(task)
+
+
+class _Shard:
+    """A shard being written: its temporary file, its piece digests, and how many units remain."""
+
+    def __init__(self, shard: ShardPlan, path: Path, checksum: str, units: int) -> None:
+        self.plan = shard
+        self.file = ShardFile(path, len(shard.header) + shard.data_size).__enter__()
+        self.remaining = units
+        self.digests: list[bytes | None] = [None] * len(digest.shard_pieces(shard))
+        self.sha = digest.Sha256Prefix(self.file.fd, path) if checksum == "sha256" else None
+        self.ends: deque[tuple[int, Future]] = deque()  # (end offset, unit) in file order, for sha256
+        try:
+            self.file.pwrite(0, shard.header)
+        except BaseException:
+            self.file.close()
+            raise
+        self.digests[0] = digest.piece_digest(shard.header)
+
+    def advance_sha(self) -> None:
+        """Feed sha256 the prefix of the file whose units are done."""
+        upto = None
+        while self.ends and self.ends[0][1].done():
+            upto = self.ends.popleft()[0]
+        if self.sha is not None and upto is not None:
+            self.sha.advance(upto)
+
+    def record(self) -> dict[str, str]:
+        if self.sha is not None:
+            self.sha.advance(self.file.size)
+            return {"sha256": self.sha.hexdigest()}
+        assert all(d is not None for d in self.digests), "a piece was not hashed"
+        return {digest.SHARD_KEYS["xxh3"]: digest.combine(self.digests)}  # type: ignore[arg-type]
+
+
+class _Sources:
+    """Read-only descriptors of base files (for copies), and the tensor reader (for blocks), made on first use."""
+
+    def __init__(self, opts: ExecOptions) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # held while torch loads: copies must not wait for it
+        self._opts = opts
+        self.reader = None
+        self._local = threading.local()
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from e
+            return self._fds[path]
+
+    def engine(self):
+        """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads."""
+        with self._engine_lock:
+            if self.reader is None:
+                started = time.perf_counter()
+                from streammerge import execute
+                from streammerge.reader import TensorReader
+
+                if self._opts.threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self._opts.threads)
+                self.reader = TensorReader()
+                LOG.debug("torch and the kernel loaded in %.2f s (on a worker)", time.perf_counter() - started)
+            from streammerge import execute
+        return execute, self.reader
+
+    def buffer(self, nbytes: int):
+        """This thread's output buffer (a uint8 tensor of at least ``nbytes``), reused between blocks."""
+        import torch
+
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            self._local.buf = buf = None  # drop the old one first
+            self._local.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def close(self) -> None:
+        with self._lock, self._engine_lock:
+            fds, self._fds = self._fds, {}
+            reader, self.reader = self.reader, None
+        for fd in fds.values():
+            os.close(fd)
+        if reader is not None:
+            reader.close()
+
+
+def _compute(unit: Unit, shard: _Shard, sources: _Sources, opts: ExecOptions) -> int:
+    execute, reader = sources.engine()
+    task, r0, r1 = unit.spans[0]
+    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes))
+    data = execute.as_bytes(out)
+    shard.file.pwrite(unit.offset, data)
+    j0, j1 = _pieces_in(task, r0, r1)
+    row_bytes = _row_bytes(task)
+    pieces = digest.task_pieces(task)
+    for j in range(j0, j1):
+        p0, p1 = pieces[j]
+        shard.digests[unit.piece0 + j - j0] = digest.piece_digest(data[(p0 - r0) * row_bytes : (p1 - r0) * row_bytes])
+    return unit.nbytes
+
+
+def _copy(unit: Unit, shard: _Shard, sources: _Sources) -> int:
+    first = unit.spans[0]
+    fd = sources.fd(first[0].source.path)
+    started = time.perf_counter()
+    calls = shard.file.copy_in(fd, _src(first[0], first[1]), unit.offset, unit.nbytes)
+    copied = time.perf_counter()
+    if shard.sha is None:
+        ranges = []
+        for task, r0, r1 in unit.spans:
+            j0, j1 = _pieces_in(task, r0, r1)
+            pieces = digest.task_pieces(task)
+            ranges += [(_src(task, pieces[j][0]), _src(task, pieces[j][1])) for j in range(j0, j1)]
+        got = digest.range_digests(fd, ranges, Path(first[0].source.path))
+        shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = got
+    LOG.debug("copy %d bytes in %d call(s): %.3f s, hash %.3f s", unit.nbytes, calls, copied - started,
+              time.perf_counter() - copied)
+    return unit.nbytes
+
+
+def write_shards(
+    shards: Sequence[ShardPlan],
+    out: Path,
+    opts: ExecOptions,
+    on_progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[ShardPlan, dict[str, str]], None] | None = None,
+    checksum: str = "xxh3",
+) -> int:
+    """Write ``shards`` into ``out`` (atomic per shard). Returns the bytes written.
+
+    ``on_shard(shard, {key: hex digest})`` is called, in plan order, as each shard file is committed
+    under its final name (``digest`` documents the keys).
+    """
+    run = _Run(shards, out, opts, on_progress, on_shard, checksum)
+    try:
+        run.loop()
+    finally:
+        run.close()
+    return run.written
+
+
+class _Run:
+    """The state of one ``write_shards`` call (the main thread's side)."""
+
+    def __init__(self, shards: Sequence[ShardPlan], out: Path, opts: ExecOptions,
+                 on_progress: Callable[[int], None] | None,
+                 on_shard: Callable[[ShardPlan, dict[str, str]], None] | None, checksum: str) -> None:
+        self.shards, self.out, self.opts, self.checksum = shards, out, opts, checksum
+        self.on_progress, self.on_shard = on_progress, on_shard
+        self.units = deque(u for i, s in enumerate(shards) for u in shard_units(i, s, opts))
+        self.per_shard = [0] * len(shards)
+        for u in self.units:
+            self.per_shard[u.shard] += 1
+        self.sources = _Sources(opts)
+        self.open: dict[int, _Shard] = {}  # opened, not yet handed to the committer
+        self.handed: list[_Shard] = []
+        self.commits: deque[Future] = deque()
+        self.next_commit = 0
+        self.written = 0
+        self.pending: dict[Future, Unit] = {}
+        self.in_use = 0
+        self.pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="streammerge")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-commit")
+
+    def loop(self) -> None:
+        while True:
+            self._submit()
+            self._hand_over()
+            while self.commits and self.commits[0].done():
+                self.commits.popleft().result()
+            if not self.pending:
+                if self.next_commit >= len(self.shards):
+                    break
+                continue
+            self._collect()
+        for fut in self.commits:
+            fut.result()
+
+    def _shard(self, i: int) -> _Shard:
+        if i not in self.open:
+            s = self.shards[i]
+            self.open[i] = _Shard(s, self.out / s.filename, self.checksum, self.per_shard[i])
+            self.written += len(s.header)
+        return self.open[i]
+
+    def _submit(self) -> None:
+        """Queue units in file order while they fit the budget (the first one always does)."""
+        while self.units and len(self.pending) < MAX_AHEAD and (
+                not self.pending or self.in_use + self.units[0].cost <= self.opts.max_memory):
+            unit = self.units.popleft()
+            shard = self._shard(unit.shard)
+            fut = (self.pool.submit(_copy, unit, shard, self.sources) if unit.is_copy
+                   else self.pool.submit(_compute, unit, shard, self.sources, self.opts))
+            if shard.sha is not None:
+                shard.ends.append((unit.offset + unit.nbytes, fut))
+            self.pending[fut] = unit
+            self.in_use += unit.cost
+
+    def _hand_over(self) -> None:
+        """Hand every finished shard to the committer, in plan order."""
+        while self.next_commit < len(self.shards):
+            if self.per_shard[self.next_commit] == 0:  # nothing but a header
+                self._shard(self.next_commit)
+            shard = self.open.get(self.next_commit)
+            if shard is None or shard.remaining:
+                break
+            self.handed.append(self.open.pop(self.next_commit))
+            self.commits.append(self.committer.submit(_commit, shard, self.on_shard))
+            self.next_commit += 1
+
+    def _collect(self) -> None:
+        """Wait for a unit to finish; account for every finished one."""
+        done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            unit = self.pending.pop(fut)
+            n = fut.result()
+            self.in_use -= unit.cost
+            self.written += n
+            self.open[unit.shard].remaining -= 1
+            if self.on_progress is not None:
+                self.on_progress(n)
+        for shard in self.open.values():  # not yet handed to the committer
+            shard.advance_sha()
+
+    def close(self) -> None:
+        # Stop every writer before a file is closed (a descriptor number reused mid-write would be corrupted).
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.committer.shutdown(wait=True, cancel_futures=True)
+        for shard in [*self.handed, *self.open.values()]:
+            shard.file.close()  # deletes the temporary file unless committed
+        self.sources.close()
+
+
+def _commit(shard: _Shard, on_shard: Callable[[ShardPlan, dict[str, str]], None] | None) -> None:
+    record = shard.record()
+    shard.file.commit()
+    if on_shard is not None:
+        on_shard(shard.plan, record)
+    LOG.debug("wrote %s", shard.plan.filename)
+
