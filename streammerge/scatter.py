@@ -15,13 +15,16 @@ order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pr
 (``writer.ShardFile``), so the result is byte-identical whatever the worker count or the budget,
 and so are the digests (``digest``: per-piece digests combined in file order).
 
-torch is imported by the first worker that computes a block, not before: the raw copies start
-while it loads, and nothing before the first block (planning, checks) ever needs it.
+torch is imported on a thread of its own when the writing starts, not before: nothing before it
+(planning, checks) needs torch, so errors found there return at once, and the workers start the
+raw copies (queued first within each shard) while it loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -124,7 +127,8 @@ class _Shard:
         self.remaining = units
         self.digests: list[bytes | None] = [None] * len(digest.shard_pieces(shard))
         self.sha = digest.Sha256Prefix(self.file.fd, path) if checksum == "sha256" else None
-        self.ends: deque[tuple[int, Future]] = deque()  # (end offset, unit) in file order, for sha256
+        self.units: dict[int, tuple[int, Future]] = {}  # start offset -> (end offset, unit), for sha256
+        self.prefix = len(shard.header)  # bytes [0, prefix) are written and fed to sha256
         try:
             self.file.pwrite(0, shard.header)
         except BaseException:
@@ -133,12 +137,11 @@ class _Shard:
         self.digests[0] = digest.piece_digest(shard.header)
 
     def advance_sha(self) -> None:
-        """Feed sha256 the prefix of the file whose units are done."""
-        upto = None
-        while self.ends and self.ends[0][1].done():
-            upto = self.ends.popleft()[0]
-        if self.sha is not None and upto is not None:
-            self.sha.advance(upto)
+        """Feed sha256 the prefix of the file whose units are done (they finish in any order)."""
+        while self.prefix in self.units and self.units[self.prefix][1].done():
+            self.prefix = self.units.pop(self.prefix)[0]
+        if self.sha is not None:
+            self.sha.advance(self.prefix)
 
     def record(self) -> dict[str, str]:
         if self.sha is not None:
@@ -153,6 +156,7 @@ class _Sources:
 
     def __init__(self, opts: ExecOptions) -> None:
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # held while torch loads: copies must not wait for it
         self._opts = opts
@@ -168,20 +172,38 @@ class _Sources:
                     raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from e
             return self._fds[path]
 
+    def hash_copied(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Piece digests of byte ranges of base file ``path``, read through a shared read-only map whose
+        pages are dropped from this process after (the page cache keeps them)."""
+        with self._lock:
+            if path not in self._maps:
+                self._maps[path] = mmap.mmap(self._fds[path], 0, access=mmap.ACCESS_READ)
+            mm = self._maps[path]
+        view = memoryview(mm)
+        try:
+            digests = digest.range_digests(view, ranges)
+        finally:
+            view.release()
+        start, end = ranges[0][0], ranges[-1][1]
+        start -= start % mmap.PAGESIZE
+        if hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return digests
+
     def engine(self):
         """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads."""
         with self._engine_lock:
             if self.reader is None:
                 started = time.perf_counter()
-                from streammerge import execute
-                from streammerge.reader import TensorReader
+                from streammerge.reader import TensorReader  # imports torch
 
                 if self._opts.threads is not None:
                     import torch
 
                     torch.set_num_threads(self._opts.threads)
                 self.reader = TensorReader()
-                LOG.debug("torch and the kernel loaded in %.2f s (on a worker)", time.perf_counter() - started)
+                LOG.debug("torch and the kernel loaded in %.2f s", time.perf_counter() - started)
             from streammerge import execute
         return execute, self.reader
 
@@ -198,7 +220,10 @@ class _Sources:
     def close(self) -> None:
         with self._lock, self._engine_lock:
             fds, self._fds = self._fds, {}
+            maps, self._maps = self._maps, {}
             reader, self.reader = self.reader, None
+        for mm in maps.values():
+            mm.close()
         for fd in fds.values():
             os.close(fd)
         if reader is not None:
@@ -232,8 +257,8 @@ def _copy(unit: Unit, shard: _Shard, sources: _Sources) -> int:
             j0, j1 = _pieces_in(task, r0, r1)
             pieces = digest.task_pieces(task)
             ranges += [(_src(task, pieces[j][0]), _src(task, pieces[j][1])) for j in range(j0, j1)]
-        got = digest.range_digests(fd, ranges, Path(first[0].source.path))
-        shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = got
+        if ranges:
+            shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = sources.hash_copied(first[0].source.path, ranges)
     LOG.debug("copy %d bytes in %d call(s): %.3f s, hash %.3f s", unit.nbytes, calls, copied - started,
               time.perf_counter() - copied)
     return unit.nbytes
@@ -268,7 +293,10 @@ class _Run:
                  on_shard: Callable[[ShardPlan, dict[str, str]], None] | None, checksum: str) -> None:
         self.shards, self.out, self.opts, self.checksum = shards, out, opts, checksum
         self.on_progress, self.on_shard = on_progress, on_shard
-        self.units = deque(u for i, s in enumerate(shards) for u in shard_units(i, s, opts))
+        # Within a shard, copies go first: they need neither budget nor torch, so they run while torch loads
+        # (the commit order, one shard at a time, is unchanged).
+        self.units = deque(u for i, s in enumerate(shards) for u in sorted(shard_units(i, s, opts),
+                                                                           key=lambda u: not u.is_copy))
         self.per_shard = [0] * len(shards)
         for u in self.units:
             self.per_shard[u.shard] += 1
@@ -282,6 +310,11 @@ class _Run:
         self.in_use = 0
         self.pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="streammerge")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-commit")
+        # Load torch and the kernel beside the workers, so every worker starts copying at once. Its errors
+        # surface in the first compute unit, which calls ``engine`` again.
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-load")
+        if any(not u.is_copy for u in self.units):
+            self.loader.submit(self.sources.engine)
 
     def loop(self) -> None:
         while True:
@@ -312,8 +345,8 @@ class _Run:
             shard = self._shard(unit.shard)
             fut = (self.pool.submit(_copy, unit, shard, self.sources) if unit.is_copy
                    else self.pool.submit(_compute, unit, shard, self.sources, self.opts))
-            if shard.sha is not None:
-                shard.ends.append((unit.offset + unit.nbytes, fut))
+            if shard.sha is not None and unit.nbytes:
+                shard.units[unit.offset] = (unit.offset + unit.nbytes, fut)
             self.pending[fut] = unit
             self.in_use += unit.cost
 
@@ -347,6 +380,7 @@ class _Run:
         # Stop every writer before a file is closed (a descriptor number reused mid-write would be corrupted).
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.committer.shutdown(wait=True, cancel_futures=True)
+        self.loader.shutdown(wait=True)
         for shard in [*self.handed, *self.open.values()]:
             shard.file.close()  # deletes the temporary file unless committed
         self.sources.close()

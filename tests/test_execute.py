@@ -44,7 +44,8 @@ def test_merge_equals_reference_and_keeps_layout(tmp_path, llama):
     )
 
 
-def test_workers_and_budget_do_not_change_a_single_byte_nor_the_digests(tmp_path, llama):
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256"])
+def test_workers_and_budget_do_not_change_a_single_byte_nor_the_digests(tmp_path, llama, checksum):
     """Workers write blocks at their offsets in any order (``scatter``): shards, digests and the whole
     manifest must not depend on how many there are, nor on the block heights the budget picks."""
     base, adapter = llama
@@ -52,7 +53,8 @@ def test_workers_and_budget_do_not_change_a_single_byte_nor_the_digests(tmp_path
     for workers in (1, 2, 4):
         for budget in (1 << 20, 512 << 20):
             out = tmp_path / f"w{workers}-{budget}"
-            streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", workers=workers, max_memory=budget)
+            streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", workers=workers, max_memory=budget,
+                              checksum=checksum)
             runs[workers, budget] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     first = next(iter(runs.values()))
     assert "streammerge.json" in first and len(_bytes(base)) == 3
