@@ -46,6 +46,9 @@ LOG = logging.getLogger(__name__)
 COPY_UNIT = 256 << 20
 #: At most this many units are queued ahead of the workers (copies included).
 MAX_AHEAD = 64
+#: Finished units of at least this many bytes are handed to the disk at once (``ShardFile.start_writeback``):
+#: the fsync of a shard then does not start from its whole size.
+WRITEBACK_MIN = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +373,10 @@ class _Run:
             n = fut.result()
             self.in_use -= unit.cost
             self.written += n
-            self.open[unit.shard].remaining -= 1
+            shard = self.open[unit.shard]
+            shard.remaining -= 1
+            if n >= WRITEBACK_MIN:  # on the committer thread: in order with the commit, never on a worker
+                self.committer.submit(shard.file.start_writeback, unit.offset, n)
             if self.on_progress is not None:
                 self.on_progress(n)
         for shard in self.open.values():  # not yet handed to the committer
