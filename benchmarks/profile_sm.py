@@ -56,7 +56,7 @@ TARGETS = [
     ("streammerge.scatter", "_compute"),
     ("streammerge.scatter", "_copy"),
     ("streammerge.scatter", "_commit"),
-    ("streammerge.scatter", "_Sources.engine"),  # the first call imports torch + the kernel (on a worker)
+    ("streammerge.sources", "Sources.engine"),  # the first call imports torch + the kernel (on a worker)
     ("streammerge.execute", "compute_rows"),
     ("streammerge.kernel", "merge_checked"),
     ("streammerge.writer", "ShardFile.pwrite"),

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from streammerge.checkpoint import read_json
 from streammerge.errors import AdapterError, CheckpointError, UnsupportedAdapterError
-from streammerge.header import SafetensorsHeader, read_header
+from streammerge.formats.jsonfile import read_json
+from streammerge.formats.safetensors import SafetensorsHeader, read_header
 
 LOG = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def _read_weights(root: Path) -> SafetensorsHeader:
     if (root / WEIGHTS_NAME).is_file():
         return read_header(root / WEIGHTS_NAME)
     if (root / BIN_WEIGHTS_NAME).is_file():
-        from streammerge.reader import read_pickle_index  # torch is needed only for pickled adapters
+        from streammerge.formats.torchbin import read_pickle_index  # torch is needed only for pickled adapters
 
         LOG.info("%s: pickled adapter, read with torch.load(weights_only=True, mmap=True)", root / BIN_WEIGHTS_NAME)
         return read_pickle_index(root / BIN_WEIGHTS_NAME)

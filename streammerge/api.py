@@ -21,15 +21,12 @@ from streammerge.budget import ExecOptions
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
+from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, write_index, write_side_files
-from streammerge.plan import (
-    CombineOptions,
-    Plan,
-    PlanOptions,
-    build_combined_plan,
-    build_plan,
-    build_unmerge_plan,
-)
+from streammerge.plan import CombineOptions, Plan, PlanOptions
+from streammerge.plan.assemble import build_plan
+from streammerge.plan.combined import build_combined_plan
+from streammerge.plan.unmerge import build_unmerge_plan
 
 if TYPE_CHECKING:  # torch is imported when the first block is computed, not before (see ``scatter``)
     import torch
@@ -122,7 +119,9 @@ def plan_merge(
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    return _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size)
+    return plan_with(ckpt, loaded, options)
 
 
 def _adapter_specs(
@@ -156,13 +155,28 @@ def resolve_heads_from(value: str | int | None, adapters: Sequence[Adapter]) -> 
     return found[0]
 
 
-def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] | None, combination: str | None,
-          density: float | None, seed: int, heads_from: str | int | None, max_shard_size: int | None) -> Plan:
-    """One plain adapter: PEFT's own merge (``build_plan``). Several, or weights: ``build_combined_plan``."""
-    options = PlanOptions(max_shard_size=max_shard_size)
+def merge_options(
+    loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
+    density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
+    adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+) -> MergeOptions:
+    """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
+    return MergeOptions(
+        weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
+        density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
+        pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions) -> Plan:
+    """The plan of a merge with recorded ``options``: one plain adapter is PEFT's own merge (``build_plan``);
+    several, weights or a combination: ``build_combined_plan``."""
+    plan_options = PlanOptions(max_shard_size=options.max_shard_size)
+    weights, combination, density = options.weights, options.combination, options.density
     plain = weights is None or all(w == 1.0 for w in weights)
-    if combination is None and len(loaded) == 1 and plain and heads_from is None:
-        return build_plan(ckpt, loaded, options)
+    if combination is None and len(loaded) == 1 and plain and options.heads_from is None:
+        return build_plan(ckpt, loaded, plan_options)
     method = combination or "cat"
     if method != "cat" and density is None:
         raise StreamMergeError(
@@ -170,10 +184,9 @@ def _plan(ckpt: Checkpoint, loaded: Sequence[Adapter], weights: Sequence[float] 
         )
     combine = CombineOptions(
         weights=tuple(weights) if weights is not None else (1.0,) * len(loaded), method=method,
-        density=1.0 if density is None else float(density), seed=int(seed),
-        heads_from=resolve_heads_from(heads_from, loaded),
+        density=1.0 if density is None else float(density), seed=options.seed, heads_from=options.heads_from,
     )
-    return build_combined_plan(ckpt, loaded, combine, options)
+    return build_combined_plan(ckpt, loaded, combine, plan_options)
 
 
 def merge(
@@ -199,7 +212,7 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
-    checksum: str = "xxh3",
+    checksum: str | None = None,
     threads: int | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
@@ -231,6 +244,7 @@ def merge(
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
         checksum: the manifest's digest of each output file: ``xxh3`` (XXH3-128, per 64-row piece,
             combined; see ``streammerge.digest``) or ``sha256`` (the whole file, as ``sha256sum``).
+            None: ``xxh3``, or with ``resume`` the one ``out``'s records were written with.
         threads: torch intra-op threads per worker, set when torch is first used (None: torch's default).
 
     Returns:
@@ -244,10 +258,14 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     paths, weights = _adapter_specs(adapter, adapters, weights)
+    if resume and not paths and base is None:
+        return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
+                                allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan,
+                                checksum=checksum, threads=threads)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, max_shard_size)
-    options = {"operation": "merge", "max_shard_size": max_shard_size, "weights": list(weights or []),
-               "combination": combination, "density": density, "seed": seed, "pattern_rules": pattern_rules}
+    options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
+                            max_shard_size, allow_nonfinite)
+    plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
@@ -256,16 +274,41 @@ def merge(
     )
 
 
+def _resume_recorded(out: Path, **run: object) -> MergeReport:
+    """``merge(out=..., resume=True)`` with no inputs named: the inputs and options ``out`` recorded."""
+    recorded = manifest.recorded_run(out)
+    if recorded is None:
+        raise StreamMergeError(
+            f"{out}: no streammerge record of inputs to resume from; name the inputs (adapter, and base) again"
+        )
+    sources, doc = recorded
+    o = MergeOptions.from_record(doc)
+    adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
+    base = sources.get("base") if isinstance(sources.get("base"), str) else None
+    if not adapters or base is None:
+        raise StreamMergeError(f"{out}: the record names no base or adapter; name the inputs again")
+    run["allow_nonfinite"] = bool(run["allow_nonfinite"]) or o.allow_nonfinite
+    LOG.info("resume: %s of %s into %s with the recorded options", o.operation, ", ".join(adapters), base)
+    if o.operation == "unmerge":
+        return unmerge(base, adapters[0], out, weight=1.0 if o.weight is None else o.weight, base=o.original_base,
+                       adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
+    return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
+                 weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+
+
 def _run_plan(
     plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
-    options: dict[str, object], *, out: Path, started: float, device: str | torch.device, workers: int | None,
+    options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
-    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None, checksum: str,
+    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None, checksum: str | None,
     threads: int | None,
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
+    if checksum is None:
+        checksum = (manifest.recorded_checksum(out) if resume else None) or "xxh3"
     if checksum not in digest.CHECKSUMS:
         raise StreamMergeError(f"--checksum {checksum!r}: use one of {', '.join(digest.CHECKSUMS)}")
     dev = device_name(device)
@@ -279,8 +322,7 @@ def _run_plan(
     if not dry_run:
         opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
                            threads=threads)
-        identity = manifest.identify(ckpt, loaded, {**options, "allow_nonfinite": allow_nonfinite,
-                                                    "device": dev.split(":")[0]})
+        identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress, checksum=checksum)
     c = plan.counts()
@@ -360,12 +402,13 @@ def iter_merged(
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
-    plan = _plan(ckpt, loaded, weights, combination, density, seed, heads_from, None)
+    plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
+                                                 pattern_rules, adapter_name))
     budget.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or budget.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
     from streammerge import execute
-    from streammerge.reader import TensorReader
+    from streammerge.formats.reader import TensorReader
 
     with TensorReader() as reader:
         yield from execute.whole_tensors(plan.tasks(), reader, opts)
@@ -400,7 +443,7 @@ def unmerge(
     allow_nonfinite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
-    checksum: str = "xxh3",
+    checksum: str | None = None,
     threads: int | None = None,
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
@@ -421,8 +464,9 @@ def unmerge(
     original = read_checkpoint(Path(base)) if base is not None else None
     plan = build_unmerge_plan(ckpt, loaded, weight, original, PlanOptions(max_shard_size=max_shard_size))
     inputs = [ckpt.root, loaded.root, *([original.root] if original is not None else [])]
-    options = {"operation": "unmerge", "weight": weight, "max_shard_size": max_shard_size,
-               "original_base": str(original.root) if original is not None else None}
+    options = MergeOptions(operation="unmerge", weight=weight, max_shard_size=max_shard_size,
+                           original_base=str(original.root) if original is not None else None,
+                           adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,

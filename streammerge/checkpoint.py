@@ -7,7 +7,6 @@ directory holding one ``model.safetensors`` (or any single ``*.safetensors``), o
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from streammerge.errors import CheckpointError
-from streammerge.header import SafetensorsHeader, TensorInfo, read_header
+from streammerge.formats.jsonfile import read_json
+from streammerge.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
 
 LOG = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def _read_shard(path: Path) -> SafetensorsHeader:
     if path.suffix != ".bin":
         return read_header(path)
-    from streammerge.reader import read_pickle_index  # torch is needed only for pickled checkpoints
+    from streammerge.formats.torchbin import read_pickle_index  # torch is needed only for pickled checkpoints
 
     LOG.info("%s: pickled shard, read with torch.load(weights_only=True, mmap=True)", path)
     return read_pickle_index(path)
@@ -194,24 +194,3 @@ def refuse_quantized(ckpt: Checkpoint) -> None:
             f"{ckpt.root / 'config.json'}: quantization_config.quant_method={method!r}: a quantized base; "
             "merge into the full-precision (bf16/fp16) base instead"
         )
-
-
-def read_json(path: Path, error: type[Exception], *, missing_ok: bool = False) -> dict:
-    """Load a JSON object file, raising ``error`` with the file name on any problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if missing_ok:
-            return {}
-        raise error(f"{path}: file not found") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix or re-create the file"
-        ) from e
-    if not isinstance(doc, dict):
-        raise error(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge adapter(s) into a base checkpoint and write a new checkpoint")
     m.add_argument("--base", help="base checkpoint directory or .safetensors file "
                    "(default: base_model_name_or_path of the adapter, local or in the HF cache)")
-    m.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--adapter", action="append", metavar="DIR",
+                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); with --resume and "
+                   "no inputs, the inputs and options --out recorded are used")
     _output_args(m)
     _combination_args(m)
     _common(m)
@@ -61,14 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(saved heads, modules_to_save, DoRA, trainable tokens)")
     _output_args(u)
     _common(u)
-    v = sub.add_parser("verify", help="check a merged directory against its base and adapter(s); exit 0 good, 1 not")
+    v = sub.add_parser("verify", help="check a merged directory against its recorded inputs; exit 0 good, 1 not")
     v.add_argument("--out", required=True, metavar="DIR", help="the merged directory to check")
-    v.add_argument("--base", help="base checkpoint directory (default: base_model_name_or_path of the adapter)")
-    v.add_argument("--adapter", action="append", required=True, metavar="DIR", help="the adapter(s) that were merged")
-    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory to use when DIR holds several")
+    v.add_argument("--base", help="base checkpoint directory (default: the one streammerge.json records)")
+    v.add_argument("--adapter", action="append", metavar="DIR",
+                   help="the adapter(s) that were merged (default: those streammerge.json records)")
+    v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory (default: the recorded one)")
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
-    v.add_argument("--device", default="cpu", help="device for the recomputation (default: cpu)")
+    v.add_argument("--device", default=None,
+                   help="device for the recomputation (default: the recorded device class when available, else cpu)")
     v.add_argument("--workers", type=int, metavar="N", help="compute threads (default: min(4, cores))")
     _common(v)
 
@@ -102,9 +105,10 @@ def _output_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run into --out: keep shards whose recorded inputs, options and "
                    "checksum still match, recompute the rest (same bytes as an uninterrupted run)")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf results instead of stopping")
-    p.add_argument("--checksum", choices=("xxh3", "sha256"), default="xxh3",
-                   help="digest of each output file in streammerge.json: xxh3 (XXH3-128, fast; default) or sha256 "
-                   "(what sha256sum and the Hub show; ~1.7 GB/s on one core)")
+    p.add_argument("--checksum", choices=("xxh3", "sha256"), default=None,
+                   help="digest of each output file in streammerge.json: xxh3 (XXH3-128, fast; the default) or "
+                   "sha256 (what sha256sum and the Hub show; ~1.7 GB/s on one core); --resume keeps the one the "
+                   "directory's records use")
 
 
 def _combination_args(m: argparse.ArgumentParser) -> None:
@@ -203,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from streammerge.verify import verify
 
-    report = verify(out=args.out, base=args.base, adapters=args.adapter, adapter_name=args.adapter_name,
+    report = verify(out=args.out, base=args.base, adapters=args.adapter or (), adapter_name=args.adapter_name,
                     sample=args.sample, device=args.device, workers=args.workers)
     print(report.summary())
     return 0 if report.ok else 1
@@ -244,7 +248,7 @@ def _merge(args: argparse.Namespace) -> int:
             report = unmerge(args.merged, args.adapter, args.out, weight=args.weight, base=args.base, **common)
         else:
             report = merge(
-                base=args.base, adapters=args.adapter, out=args.out, weights=args.weights,
+                base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
                 pattern_rules=args.pattern_rules, **common,
             )

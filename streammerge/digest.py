@@ -75,7 +75,7 @@ def shard_pieces(shard: ShardPlan) -> list[tuple[int, int]]:
 def safetensors_pieces(path: Path) -> list[tuple[int, int]]:
     """The pieces of a safetensors file, from its own header (what ``shard_pieces`` gives for a shard
     streammerge wrote: tensors back to back in offset order)."""
-    from streammerge.header import read_header
+    from streammerge.formats.safetensors import read_header
 
     header = read_header(path)
     tensors = sorted(header.tensors, key=lambda t: t.begin)

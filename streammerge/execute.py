@@ -30,8 +30,8 @@ import torch
 from streammerge import kernel
 from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers
 from streammerge.errors import NonFiniteError
+from streammerge.formats.reader import TensorReader
 from streammerge.plan import TensorTask, block_bytes, chunk_rows, row_blocks
-from streammerge.reader import TensorReader
 
 LOG = logging.getLogger(__name__)
 

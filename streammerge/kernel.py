@@ -28,30 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from streammerge import combine
-from streammerge.experts import ExpertSlice
-from streammerge.plan import row_blocks
+from streammerge.formats.dtypes import torch_dtypes
+from streammerge.plan.geometry import row_blocks
+from streammerge.plan.types import ExpertSlice
 
-#: safetensors dtype code -> torch dtype.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "C64": torch.complex64,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+#: safetensors dtype code -> torch dtype (the one table, :mod:`streammerge.formats.dtypes`).
+TORCH_DTYPES: dict[str, torch.dtype] = dict(torch_dtypes())
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ from streammerge import digest
 from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
-from streammerge.header import SafetensorsHeader
+from streammerge.formats.safetensors import SafetensorsHeader
 from streammerge.plan import Plan, ShardPlan, TensorRef
 from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
 
@@ -89,6 +89,8 @@ class Identity:
     inputs: Mapping[str, object]
     options: Mapping[str, object]
     labels: Mapping[str, str]  # absolute input file path -> "base/<file>" | "adapter<i>/<file>"
+    #: Where the inputs were (absolute paths), for ``verify --out`` alone; not part of any identity.
+    sources: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     def shard(self, shard: ShardPlan) -> str:
         """The identity of one output shard of the current plan (hex SHA-256)."""
@@ -100,7 +102,8 @@ class Identity:
 
 
 def identify(ckpt: Checkpoint, adapters: Sequence[Adapter], options: Mapping[str, object]) -> Identity:
-    """Identify the inputs by content (headers and sizes of base shards; adapter files hashed)."""
+    """Identify the inputs by content (headers and sizes of base shards; adapter files hashed), and say where
+    they are (``sources``: absolute paths, recorded in the manifest beside the identities)."""
     labels = {h.path: f"base/{name}" for h, name in zip(ckpt.shards, ckpt.shard_names, strict=True)}
     adapter_docs = []
     for i, a in enumerate(adapters):
@@ -120,7 +123,14 @@ def identify(ckpt: Checkpoint, adapters: Sequence[Adapter], options: Mapping[str
         },
         "adapters": adapter_docs,
     }
-    return Identity(tool_version(), inputs, dict(options), labels)
+    sources = {"base": str(Path(ckpt.root).absolute()), "adapters": [str(_given_dir(a).absolute()) for a in adapters]}
+    return Identity(tool_version(), inputs, dict(options), labels, sources)
+
+
+def _given_dir(adapter: Adapter) -> Path:
+    """The directory the user named: a sub-adapter chosen by name lives in ``<dir>/<name>``."""
+    root = Path(adapter.root)
+    return root.parent if adapter.name != "default" and root.name == adapter.name else root
 
 
 def _size(path: Path) -> int:
@@ -260,8 +270,8 @@ class Progress:
         self._save()
 
     def _save(self) -> None:
-        doc = {"format": FORMAT, "complete": False, "shards": [self._done[s.filename] for s in self.plan.shards
-                                                               if s.filename in self._done]}
+        doc = {"format": FORMAT, "complete": False, "sources": self.identity.sources, "options": self.identity.options,
+               "shards": [self._done[s.filename] for s in self.plan.shards if s.filename in self._done]}
         write_atomic(self.out / PROGRESS_NAME, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
     def finish(self, files: Iterable[str]) -> dict:
@@ -274,6 +284,7 @@ class Progress:
             "format": FORMAT,
             "tool": {"name": "streammerge", "version": self.identity.tool},
             "inputs": self.identity.inputs,
+            "sources": self.identity.sources,
             "options": self.identity.options,
             "shards": [self._done[s.filename] for s in self.plan.shards],
             "files": [{"file": n, "size": (self.out / n).stat().st_size,
@@ -283,6 +294,24 @@ class Progress:
         _unlink(self.out / PROGRESS_NAME)
         fsync_dir(self.out)
         return doc
+
+
+def recorded_checksum(out: Path) -> str | None:
+    """The ``--checksum`` the records in ``out`` were written with (progress record first), or None."""
+    by_key = {key: name for name, key in digest.SHARD_KEYS.items()}
+    for name in (PROGRESS_NAME, MANIFEST_NAME):
+        for rec in _records(read_json_file(out / name)):
+            return by_key.get(digest.record_digest(rec)[0])  # type: ignore[index]
+    return None
+
+
+def recorded_run(out: Path) -> tuple[dict, dict] | None:
+    """``(sources, options)`` that the progress record (or else the manifest) of ``out`` recorded, or None."""
+    for name in (PROGRESS_NAME, MANIFEST_NAME):
+        doc = read_json_file(out / name)
+        if doc and isinstance(doc.get("sources"), dict) and isinstance(doc.get("options"), dict):
+            return doc["sources"], doc["options"]
+    return None
 
 
 def remove_temporaries(out: Path) -> None:

@@ -1,7 +1,7 @@
 """Write shards in parallel, each byte at the offset the plan gives it ("scatter writes").
 
 The plan knows every tensor's offset in every output file, so no byte has to wait for the bytes
-before it. ``write_shards`` cuts the shards into *units*, in file order:
+before it. ``write_shards`` cuts the shards into *units* (``streammerge.units``), in file order:
 
 * a merge block: rows ``[r0, r1)`` of a computed tensor (``execute.compute_rows``'s arithmetic), which
   the worker that computed it ``pwrite``s at its offset and hashes while it is in cache;
@@ -9,9 +9,9 @@ before it. ``write_shards`` cuts the shards into *units*, in file order:
   ``COPY_UNIT`` bytes so that several workers share a big run): one ``copy_file_range`` per run
   (at most 1 GiB per call), then its pieces are hashed from the page cache by the same worker.
 
-``workers`` threads run the units. The main thread submits them in order (memory-bounded, see
-``budget``), and once every unit of a shard is done, hands the shard to a committer thread, in plan
-order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pre-sized
+``workers`` threads run the units, reading through ``sources.Sources``. The main thread submits
+them in order (memory-bounded, see ``budget``), and once every unit of a shard is done, hands the
+shard to a committer thread, in plan order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pre-sized
 (``writer.ShardFile``), so the result is byte-identical whatever the worker count or the budget,
 and so are the digests (``digest``: per-piece digests combined in file order).
 
@@ -22,28 +22,22 @@ raw copies (queued first within each shard) while it loads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge import digest
-from streammerge.budget import ExecOptions, block_rows
-from streammerge.errors import CheckpointError
-from streammerge.plan import ROW_ALIGN, ShardPlan, TensorTask, block_bytes, row_blocks
+from streammerge import digest, units
+from streammerge.budget import ExecOptions
+from streammerge.plan import ShardPlan
+from streammerge.sources import Sources
+from streammerge.units import Unit, shard_units
 from streammerge.writer import ShardFile
 
 LOG = logging.getLogger(__name__)
 
-#: A copy run is cut into units of at most this many bytes (at piece boundaries), so workers share it.
-COPY_UNIT = 256 << 20
 #: At most this many units are queued ahead of the workers (copies included).
 MAX_AHEAD = 64
 #: Finished units of at least this many bytes are handed to the disk at once (``ShardFile.start_writeback``):
@@ -51,83 +45,13 @@ MAX_AHEAD = 64
 WRITEBACK_MIN = 4 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """One piece of work on shard ``shard``: compute ``spans[0]`` (``task.is_raw_copy`` False) or copy
-    ``spans`` (consecutive raw tasks, contiguous in ``src``), landing at byte ``offset`` of the file."""
-
-    shard: int
-    spans: tuple[tuple[TensorTask, int, int], ...]  # (task, r0, r1)
-    offset: int
-    nbytes: int
-    piece0: int  # index of its first piece in the shard's piece list
-    cost: int  # working memory while it runs (``plan.block_bytes``); 0 for copies
-
-    @property
-    def is_copy(self) -> bool:
-        return self.spans[0][0].is_raw_copy
-
-
-def _row_bytes(task: TensorTask) -> int:
-    return task.nbytes // task.rows if task.rows else 0
-
-
-def _pieces_in(task: TensorTask, r0: int, r1: int) -> tuple[int, int]:
-    """Indices ``[j0, j1)`` of ``task``'s pieces (``digest.task_pieces``) inside rows ``[r0, r1)``."""
-    n = len(digest.task_pieces(task))
-    return min(r0 // ROW_ALIGN, n), (n if r1 >= task.rows else r1 // ROW_ALIGN)
-
-
-def shard_units(index: int, shard: ShardPlan, opts: ExecOptions) -> list[Unit]:
-    """``shard``'s units in file order."""
-    units: list[Unit] = []
-    offset, piece = len(shard.header), 1  # piece 0 is the header
-    run: list[tuple[TensorTask, int, int]] = []
-    run_start = run_piece = run_bytes = 0
-
-    def flush() -> None:
-        nonlocal run
-        if run:
-            units.append(Unit(index, tuple(run), run_start, run_bytes, run_piece, 0))
-        run = []
-
-    for task in shard.tasks:
-        row_bytes = _row_bytes(task)
-        if task.is_raw_copy:
-            step = max(ROW_ALIGN, COPY_UNIT // max(row_bytes, 1) // ROW_ALIGN * ROW_ALIGN)
-            for r0, r1 in row_blocks(task.rows, step) if task.nbytes else ():
-                nbytes = (r1 - r0) * row_bytes
-                prev = run[-1] if run else None
-                contiguous = prev is not None and prev[0].source.path == task.source.path and (
-                    _src(prev[0], prev[2]) == _src(task, r0))
-                if not contiguous or run_bytes + nbytes > COPY_UNIT:
-                    flush()
-                    run_start, run_piece, run_bytes = offset + r0 * row_bytes, piece + _pieces_in(task, r0, r1)[0], 0
-                run.append((task, r0, r1))
-                run_bytes += nbytes
-        else:
-            flush()
-            for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
-                units.append(Unit(index, ((task, r0, r1),), offset + r0 * row_bytes, (r1 - r0) * row_bytes,
-                                  piece + _pieces_in(task, r0, r1)[0], block_bytes(task, r1 - r0)))
-        offset += task.nbytes
-        piece += len(digest.task_pieces(task))
-    flush()
-    return units
-
-
-def _src(task: TensorTask, row: int) -> int:
-    """Byte offset of row ``row`` of ``task``'s source in its file."""
-    return task.source.offset + row * _row_bytes(task)
-
-
 class _Shard:
     """A shard being written: its temporary file, its piece digests, and how many units remain."""
 
-    def __init__(self, shard: ShardPlan, path: Path, checksum: str, units: int) -> None:
+    def __init__(self, shard: ShardPlan, path: Path, checksum: str, count: int) -> None:
         self.plan = shard
         self.file = ShardFile(path, len(shard.header) + shard.data_size).__enter__()
-        self.remaining = units
+        self.remaining = count
         self.digests: list[bytes | None] = [None] * len(digest.shard_pieces(shard))
         self.sha = digest.Sha256Prefix(self.file.fd, path) if checksum == "sha256" else None
         self.units: dict[int, tuple[int, Future]] = {}  # start offset -> (end offset, unit), for sha256
@@ -154,93 +78,14 @@ class _Shard:
         return {digest.SHARD_KEYS["xxh3"]: digest.combine(self.digests)}  # type: ignore[arg-type]
 
 
-class _Sources:
-    """Read-only descriptors of base files (for copies), and the tensor reader (for blocks), made on first use."""
-
-    def __init__(self, opts: ExecOptions) -> None:
-        self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
-        self._lock = threading.Lock()
-        self._engine_lock = threading.Lock()  # held while torch loads: copies must not wait for it
-        self._opts = opts
-        self.reader = None
-        self._local = threading.local()
-
-    def fd(self, path: str) -> int:
-        with self._lock:
-            if path not in self._fds:
-                try:
-                    self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from e
-            return self._fds[path]
-
-    def hash_copied(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Piece digests of byte ranges of base file ``path``, read through a shared read-only map whose
-        pages are dropped from this process after (the page cache keeps them)."""
-        with self._lock:
-            if path not in self._maps:
-                self._maps[path] = mmap.mmap(self._fds[path], 0, access=mmap.ACCESS_READ)
-            mm = self._maps[path]
-        view = memoryview(mm)
-        try:
-            digests = digest.range_digests(view, ranges)
-        finally:
-            view.release()
-        start, end = ranges[0][0], ranges[-1][1]
-        start -= start % mmap.PAGESIZE
-        if hasattr(mmap, "MADV_DONTNEED"):
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-        return digests
-
-    def engine(self):
-        """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads."""
-        with self._engine_lock:
-            if self.reader is None:
-                started = time.perf_counter()
-                from streammerge.reader import TensorReader  # imports torch
-
-                if self._opts.threads is not None:
-                    import torch
-
-                    torch.set_num_threads(self._opts.threads)
-                self.reader = TensorReader()
-                LOG.debug("torch and the kernel loaded in %.2f s", time.perf_counter() - started)
-            from streammerge import execute
-        return execute, self.reader
-
-    def buffer(self, nbytes: int):
-        """This thread's output buffer (a uint8 tensor of at least ``nbytes``), reused between blocks."""
-        import torch
-
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < nbytes:
-            self._local.buf = buf = None  # drop the old one first
-            self._local.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
-
-    def close(self) -> None:
-        with self._lock, self._engine_lock:
-            fds, self._fds = self._fds, {}
-            maps, self._maps = self._maps, {}
-            reader, self.reader = self.reader, None
-        for mm in maps.values():
-            mm.close()
-        for fd in fds.values():
-            os.close(fd)
-        if reader is not None:
-            reader.close()
-
-
-def _compute(unit: Unit, shard: _Shard, sources: _Sources, opts: ExecOptions) -> int:
+def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions) -> int:
     execute, reader = sources.engine()
     task, r0, r1 = unit.spans[0]
     out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes))
     data = execute.as_bytes(out)
     shard.file.pwrite(unit.offset, data)
-    j0, j1 = _pieces_in(task, r0, r1)
-    row_bytes = _row_bytes(task)
+    j0, j1 = units.pieces_in(task, r0, r1)
+    row_bytes = units.row_bytes(task)
     pieces = digest.task_pieces(task)
     for j in range(j0, j1):
         p0, p1 = pieces[j]
@@ -248,18 +93,18 @@ def _compute(unit: Unit, shard: _Shard, sources: _Sources, opts: ExecOptions) ->
     return unit.nbytes
 
 
-def _copy(unit: Unit, shard: _Shard, sources: _Sources) -> int:
+def _copy(unit: Unit, shard: _Shard, sources: Sources) -> int:
     first = unit.spans[0]
     fd = sources.fd(first[0].source.path)
     started = time.perf_counter()
-    calls = shard.file.copy_in(fd, _src(first[0], first[1]), unit.offset, unit.nbytes)
+    calls = shard.file.copy_in(fd, units.src_offset(first[0], first[1]), unit.offset, unit.nbytes)
     copied = time.perf_counter()
     if shard.sha is None:
         ranges = []
         for task, r0, r1 in unit.spans:
-            j0, j1 = _pieces_in(task, r0, r1)
+            j0, j1 = units.pieces_in(task, r0, r1)
             pieces = digest.task_pieces(task)
-            ranges += [(_src(task, pieces[j][0]), _src(task, pieces[j][1])) for j in range(j0, j1)]
+            ranges += [(units.src_offset(task, p0), units.src_offset(task, p1)) for p0, p1 in pieces[j0:j1]]
         if ranges:
             shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = sources.hash_copied(first[0].source.path, ranges)
     LOG.debug("copy %d bytes in %d call(s): %.3f s, hash %.3f s", unit.nbytes, calls, copied - started,
@@ -303,7 +148,7 @@ class _Run:
         self.per_shard = [0] * len(shards)
         for u in self.units:
             self.per_shard[u.shard] += 1
-        self.sources = _Sources(opts)
+        self.sources = Sources(opts)
         self.open: dict[int, _Shard] = {}  # opened, not yet handed to the committer
         self.handed: list[_Shard] = []
         self.commits: deque[Future] = deque()

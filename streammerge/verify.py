@@ -32,18 +32,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streammerge import digest, manifest
-from streammerge.adapter import read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, resolve_device
+from streammerge.adapter import Adapter, read_adapter
+from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.budget import ExecOptions, default_workers
-from streammerge.checkpoint import INDEX_NAME, read_checkpoint
+from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, build_plan, row_blocks
+from streammerge.options import MergeOptions
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
+from streammerge.plan.unmerge import build_unmerge_plan
 
 if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
     import torch
 
-    from streammerge.reader import TensorReader
+    from streammerge.formats.reader import TensorReader
 from streammerge.writer import is_temporary
 
 LOG = logging.getLogger(__name__)
@@ -103,11 +105,16 @@ def verify(
     adapters: Sequence[PathLike] = (),
     adapter_name: str | None = None,
     sample: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> VerifyReport:
-    """Check the merged directory ``out`` against ``base`` + ``adapter(s)``; see the module docstring.
+    """Check the merged directory ``out`` against its inputs; see the module docstring.
+
+    The plan is rebuilt from the inputs and options ``streammerge.json`` records (weights, combination,
+    density, seed, pattern rules, adapter name, heads, shard size, unmerge weight). ``base``/``adapter(s)``/
+    ``adapter_name`` override the recorded inputs (a different number of adapters, or another adapter name,
+    is refused). ``device`` defaults to the recorded device class when it is available here, else the CPU.
 
     Raises:
         StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
@@ -118,11 +125,6 @@ def verify(
         raise OutputError(f"{out}: not a directory; pass --out DIR with a merged checkpoint")
     if sample is not None and sample < 1:
         raise StreamMergeError(f"--sample {sample}: must be at least 1 row")
-    paths = ([adapter] if adapter is not None else []) + list(adapters)
-    if not paths:
-        raise StreamMergeError("no adapter given; pass --adapter DIR (the adapter(s) that were merged)")
-    loaded = [read_adapter(a, adapter_name) for a in paths]
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
     found = _Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
@@ -130,13 +132,20 @@ def verify(
                   "(rerun it with --resume)")
         doc = {}
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
-    max_shard_size = options.get("max_shard_size")
-    plan = build_plan(ckpt, loaded, PlanOptions(max_shard_size=max_shard_size if isinstance(max_shard_size, int)
-                                                 else None))
+    recorded = MergeOptions.from_record(options)
+    paths = ([adapter] if adapter is not None else []) + list(adapters)
+    ckpt, loaded, original = _inputs(out, doc, recorded, base, paths, adapter_name)
+    if recorded.operation == "unmerge":
+        plan = build_unmerge_plan(ckpt, loaded[0], recorded.weight if recorded.weight is not None else 1.0, original,
+                                  PlanOptions(max_shard_size=recorded.max_shard_size))
+    else:
+        plan = plan_with(ckpt, loaded, recorded)
     identity = manifest.identify(ckpt, loaded, options)
     if doc:
         _check_manifest(out, doc, identity, plan, found)
     _check_files(out, doc, plan, found)
+    if device is None:
+        device = "cuda" if options.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
     opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
@@ -144,6 +153,38 @@ def verify(
         out=str(out), problems=found.result(), tensors_checked=counts[0], tensors_recomputed=counts[1],
         rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
     )
+
+
+def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None, paths: Sequence[PathLike],
+            adapter_name: str | None) -> tuple[Checkpoint, list[Adapter], Checkpoint | None]:
+    """The base and adapters to check against: those given, else those the manifest records."""
+    sources = doc.get("sources") if isinstance(doc.get("sources"), dict) else {}
+    recorded_adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
+    if not paths:
+        if not recorded_adapters:
+            raise StreamMergeError(
+                f"{out}: no adapter given and no streammerge.json recording the inputs; pass the adapter(s) that "
+                "were merged (and the base)"
+            )
+        paths = recorded_adapters
+    elif recorded_adapters and len(paths) != len(recorded_adapters):
+        raise StreamMergeError(
+            f"{out}: {len(paths)} adapter(s) given but streammerge.json records {len(recorded_adapters)} "
+            f"({', '.join(recorded_adapters)}); pass the same adapters in the same order, or none to use the "
+            "recorded ones"
+        )
+    if adapter_name is not None and recorded.adapter_name not in (None, adapter_name):
+        raise StreamMergeError(
+            f"{out}: adapter name {adapter_name!r} given but streammerge.json records {recorded.adapter_name!r}; "
+            "pass the recorded name or none"
+        )
+    name = adapter_name if adapter_name is not None else recorded.adapter_name
+    loaded = [read_adapter(a, name, recorded.pattern_rules) for a in paths]
+    if base is None and isinstance(sources.get("base"), str):
+        base = sources["base"]
+    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
+    original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
+    return ckpt, loaded, original
 
 
 def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
@@ -207,7 +248,7 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
                    found: _Findings) -> tuple[int, int, int, int]:
     checked = recomputed = rows = hashed = 0
     from streammerge import execute
-    from streammerge.reader import TensorReader
+    from streammerge.formats.reader import TensorReader
 
     with TensorReader() as reader, ExitStack() as stack:
         for shard in plan.shards:

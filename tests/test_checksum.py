@@ -95,7 +95,8 @@ def test_sha256_mode_writes_what_the_previous_release_wrote(case, tmp_path, old_
     monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum="sha256")
-    assert json.loads((out / manifest.MANIFEST_NAME).read_text()) == old_doc
+    doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
+    assert {k: v for k, v in doc.items() if k != "sources"} == old_doc  # ``sources`` (paths) came later
 
 
 def test_a_manifest_of_the_previous_release_verifies_and_catches_a_flip(case, tmp_path, old_doc):
@@ -121,18 +122,31 @@ def test_a_manifest_of_the_previous_release_resumes_keeping_every_shard(case, tm
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
     (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
     stamps = _stamps(out)
-    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, checksum="xxh3")
     assert _stamps(out) == stamps  # kept, not rewritten
     assert _files(out) == _files(fresh)  # and the new manifest records them with this run's digest
 
 
+def test_resume_keeps_the_checksum_the_records_use(case, tmp_path, old_doc, monkeypatch):
+    base, adapter = case
+    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
+    out = tmp_path / "out"
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
+    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    stamps = _stamps(out)
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)  # no checksum named
+    assert _stamps(out) == stamps
+    doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
+    assert doc["shards"] == old_doc["shards"] and doc["files"] == old_doc["files"]
+
+
 def test_a_progress_record_of_the_previous_release_resumes(case, tmp_path, old_doc, monkeypatch):
     """An interrupted run of the previous release: two shards recorded (its records, as it wrote them),
-    the third missing. The two are kept (checked by sha256), the third recomputed."""
+    the third missing. The two are kept (checked by sha256), the third recomputed, all recorded by sha256."""
     base, adapter = case
     monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
     fresh, out = tmp_path / "fresh", tmp_path / "out"
-    streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu")
+    streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu", checksum="sha256")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
     for name in os.listdir(out):
         if not name.endswith(".safetensors") or name == old_doc["shards"][2]["file"]:

@@ -65,7 +65,7 @@ def test_copy_runs_are_one_unit_each_and_blocks_land_at_their_offsets(tmp_path, 
     """Untouched tensors contiguous in one base file are copied as one run (one copy_file_range), and the
     units of a shard tile its data exactly, in file order."""
     from streammerge.budget import ExecOptions
-    from streammerge.scatter import shard_units
+    from streammerge.units import shard_units
 
     base, _ = llama
     zero = testing.make_adapter(tmp_path / "zero", base, targets=testing.LLAMA_LINEAR, zero_b=True)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 import streammerge
 from streammerge import kernel
 from streammerge.errors import PlanError
-from streammerge.experts import ExpertSlice
+from streammerge.plan import ExpertSlice
 
 V5_CASES = ("mixtral_v5_experts", "mixtral_v5_experts_rslora", "mixtral_v5_down_only", "qwen2_moe_v5_experts")
 V4_CASES = ("mixtral_v4_experts", "mixtral_v4_experts_rslora", "qwen2_moe_v4_experts")

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 
 from streammerge import naming
 from streammerge.adapter import AdapterConfig
-from streammerge.header import TensorInfo
+from streammerge.formats.safetensors import TensorInfo
+from streammerge.plan.draft import AdapterInput, Draft, PlanContext
+from streammerge.plan.targeting import check_float
+from streammerge.plan.types import ExpertSlice, LoraTerm, Step
 
 #: Fused expert parameters of transformers v5 MoE ``experts`` modules, in registration order
 #: (``MixtralExperts``, ``Qwen2MoeExperts`` and the other "qwen2_moe"-pattern models declare gate_up_proj first).
@@ -69,15 +72,6 @@ _V4_ROUTER = re.compile(r"\.(block_sparse_moe|mlp)\.gate$")
 
 #: ``peft_version`` from which 3-D parameters stored (E, out, in) are read that way (spec §6.6).
 SWAPPED_FROM = (0, 19, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertSlice:
-    """Rows ``[row0 + r0, row0 + r1)`` of ΔP[index], one of ``count`` experts (see ``kernel.expert_delta``)."""
-
-    index: int
-    count: int
-    row0: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,3 +302,13 @@ def v4_warnings(where: str, cfg: AdapterConfig, model_type: object, modules: Ite
         "merged expert/router tensors differ on some elements by that extra rounding of ΔW (usually 1 ulp)."
         f"{sqrt2}"
     ]
+
+
+def plan_param_wrappers(ctx: PlanContext, src: AdapterInput, draft: Draft, by_module: dict) -> None:
+    """PEFT ``target_parameters`` (``ParamWrapper``): ``P + rnd(ΔP)``, fused experts de-fused per disk tensor."""
+    cfg = src.adapter.config
+    for wp in take_param_wrappers(src.where, by_module, cfg.raw["target_parameters"], draft.problems):
+        for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems):
+            term = LoraTerm(d.layout, src.ref(d.a), src.ref(d.b), d.scale, origin=d.origin, expert=d.expert)
+            check_float(src, draft, d.target, ctx.info(d.target))
+            draft.add_step(d.target, naming.module_order(wp.module), src.index, Step((term,), "delta_first"))

@@ -1,0 +1,131 @@
+"""The planner's entry point: headers and configs in, a frozen :class:`~streammerge.plan.types.Plan` out.
+
+Pure: no torch, no file I/O. Every adapter key is accounted for: it becomes part of a
+:class:`~streammerge.plan.types.LoraTerm`, a replacement source, or an error. Every base tensor appears in
+the output exactly once (or is dropped for a stated reason, like ``lm_head`` under a sequence-classification
+head). All problems found are reported together.
+
+Ordering (PEFT ``merge_and_unload``, spec §3): saved tensors (``base_layer`` copies, biases,
+``modules_to_save``) replace base values first (PEFT's ``load_state_dict``), then deltas are added module
+by module in ``named_modules`` order, one rounding per :class:`~streammerge.plan.types.Step`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from streammerge import naming
+from streammerge.adapter import Adapter
+from streammerge.checkpoint import Checkpoint
+from streammerge.errors import PlanError, UnsupportedAdapterError
+from streammerge.formats.dtypes import FLOAT_DTYPES
+from streammerge.formats.refs import TensorRef
+from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
+from streammerge.plan.heads import check_resized, plan_replacement
+from streammerge.plan.shards import layout
+from streammerge.plan.targeting import check_targeting
+from streammerge.plan.types import Plan, PlanOptions, TensorTask
+from streammerge.tuners import experts, lora, tokens
+
+
+def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptions | None = None) -> Plan:
+    """Plan merging ``adapters`` (applied in order) into ``ckpt``.
+
+    Raises:
+        PlanError: every mismatch found (unknown keys, shapes, ranks), all in one message.
+        UnsupportedAdapterError: a key or feature streammerge refuses, by name.
+    """
+    ctx = PlanContext.of(ckpt)
+    draft = Draft()
+    for index, adapter in enumerate(adapters):
+        plan_adapter(ctx, AdapterInput.of(index, adapter), draft)
+    return assemble(ctx, draft, options or PlanOptions())
+
+
+def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
+    """Plan every key of one adapter into ``draft``."""
+    cfg = src.adapter.config
+    keys = [naming.parse_key(k) for k in src.adapter.weights.names()]
+    by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
+
+    refused = [k for k in keys if k.role == "other_lora"]
+    if refused:
+        raise UnsupportedAdapterError(
+            f"{src.where}: this LoRA variant is not supported yet (tensor {refused[0].key!r}); "
+            "merge this adapter with PEFT's merge_and_unload for now"
+        )
+
+    for k in keys:
+        if k.role == "tensor":
+            plan_replacement(ctx, src, draft, k)
+        else:
+            by_module[k.module][k.role] = k
+    check_targeting(ctx, src, draft, by_module)
+    drift = cfg.legacy_pattern_drift(sorted(m for m, roles in by_module.items() if roles.keys() & {"lora_A", "emb_A"}))
+    if drift and cfg.pattern_rules == "current":
+        draft.warnings.append(
+            f"{src.where}: saved before PEFT 0.18 (no peft_version) with rank/alpha patterns, and {drift}; the merge "
+            "follows PEFT >= 0.15 as PEFT 0.21 does; pass --pattern-rules 0.14 or pre-0.14 to use the rules "
+            "of the PEFT version that trained it"
+        )
+
+    if cfg.raw.get("target_parameters"):
+        experts.plan_param_wrappers(ctx, src, draft, by_module)
+    draft.warnings.extend(experts.v4_warnings(src.where, cfg, ctx.model_type, by_module))
+    for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
+        lora.plan_module(ctx, src, draft, module, roles)
+        if "token_delta" in roles:
+            tokens.plan_tokens(ctx, src, draft, module, roles["token_delta"], naming.module_order(module))
+
+
+def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
+    """Turn the per-tensor accumulators into the frozen plan (or raise every problem found)."""
+    targets = draft.targets
+    warnings = list(draft.warnings)
+    tied = draft.config_updates.get("tie_word_embeddings", True)
+    for head, emb in ctx.aliases.items():
+        if targets.get(emb) is not None and targets[emb].steps and tied:
+            warnings.append(
+                f"{emb!r} is tied to {head!r} (tie_word_embeddings): its LoRA delta changes the input embeddings "
+                "and the output head together, exactly as PEFT's merge does"
+            )
+    check_resized(ctx, draft)
+    problems = draft.problems
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
+        raise PlanError(problems[0] + more)
+
+    tasks_by_name = {}
+    for name in ctx.located:
+        if name in draft.drop:
+            continue
+        tasks_by_name[name] = _task(name, ctx.ref(name), targets.get(name))
+    for name, ref in draft.added.items():
+        tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
+
+    shards = layout(ctx.ckpt, tasks_by_name, draft.added, draft.drop, options)
+    return Plan(
+        shards=shards,
+        write_index=ctx.ckpt.has_index or len(shards) > 1,
+        index_metadata=tuple((k, v) for k, v in ctx.ckpt.index_metadata.items() if k != "total_size"),
+        config_updates=tuple(draft.config_updates.items()),
+        warnings=tuple(warnings),
+        dropped=tuple(sorted(draft.drop)),
+    )
+
+
+def _task(name: str, base: TensorRef, target: Target | None) -> TensorTask:
+    if target is None:
+        return TensorTask(name, base.dtype, base.shape, base)
+    source = target.replacement or base
+    steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], s[0])))
+    kind = "merge" if steps else "replace"
+    return TensorTask(name, base.dtype, source.shape, source, steps, kind)
+
+
+def _added_dtype(ckpt: Checkpoint, ref: TensorRef) -> str:
+    """New tensors (heads) take the checkpoint's floating dtype, as PEFT's save does."""
+    dtypes = [t.dtype for s in ckpt.shards for t in s.tensors if t.dtype in FLOAT_DTYPES]
+    return max(set(dtypes), key=dtypes.count) if dtypes else ref.dtype
+

@@ -1,0 +1,241 @@
+"""The planner's values: frozen, picklable, comparable. What to do, never how.
+
+A :class:`Plan` is a tuple of :class:`ShardPlan` (one output file each, header bytes precomputed), each a
+tuple of :class:`TensorTask` (one output tensor: a source, then :class:`Step` s of :class:`LoraTerm` s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from streammerge.checkpoint import INDEX_NAME
+from streammerge.formats.dtypes import DTYPE_SIZES
+from streammerge.formats.refs import TensorRef
+from streammerge.plan.geometry import ROW_ALIGN, row_blocks
+from streammerge.plan.memory import block_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSlice:
+    """Rows ``[row0 + r0, row0 + r1)`` of ΔP[index], one of ``count`` experts (see ``kernel.expert_delta``)."""
+
+    index: int
+    count: int
+    row0: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoraTerm:
+    """One low-rank delta. Layouts (shapes in comments are the stored factors):
+
+    * ``linear``:    W (out, in);  A (r, in), B (out, r);     ΔW = (B @ A) · s
+    * ``linear_t``:  W (in, out) (HF Conv1D); same A, B;      ΔW = (B @ A)ᵀ · s
+    * ``embedding``: W (V, d);  A_e (r, V), B_e (d, r);       ΔW = (B_e @ A_e)ᵀ · s
+    * ``bias``:      b (out,);  b_B (out,) (``lora_B.bias``); Δb = b_B · s
+    * ``conv``:      W (out, in, *k); A (r, in, *k), B (out, r, 1, …); ΔW = conv(Aᵀ, B)ᵀ · s (whole tensor)
+    * ``rows``:      W (V, d); b (n, d) replacement rows for ``indices`` (trainable tokens; a=None, scale 1)
+    * ``expert``:    W (out_e, in) one expert's disk tensor; A (r·E, in), B (out, r·E) of a fused 3-D
+      parameter (E, out, in); ΔW = rows ``expert.row0…`` of ΔP[e] (``kernel.expert_delta``)
+    * ``expert_t``:  same, the parameter read as (E, in, out) (peft 0.17–0.19.0)
+
+    ``magnitude`` is DoRA's ``lora_magnitude_vector`` (its step has rounding ``dora``).
+    """
+
+    layout: str
+    a: TensorRef | None
+    b: TensorRef
+    scale: float
+    weight: float = 1.0  # the user's adapter weight (multi-adapter merges); 1.0 leaves PEFT's math untouched
+    origin: str = ""  # adapter key stem, for messages
+    magnitude: TensorRef | None = None
+    indices: tuple[int, ...] = ()
+    expert: ExpertSlice | None = None  # layouts expert / expert_t only
+    task: int = 0  # which adapter (task vector) the term belongs to, for a Step's ``combination``
+
+
+#: ``--combination`` values. ``cat`` sums weighted LoRA deltas (exact); the others are task-vector
+#: operators applied per tensor to the adapters' full deltas ΔWᵢ (``streammerge.combine``).
+COMBINATIONS = ("cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+#: Operators that rank elements over the whole tensor (top-k by magnitude): they cannot be cut into rows.
+WHOLE_TENSOR_COMBINATIONS = frozenset({"ties", "magnitude_prune"})
+
+
+@dataclass(frozen=True, slots=True)
+class Combination:
+    """A task-vector operator for one tensor: ΔW = op({ΔWᵢ}, weights, density), then W ← rnd(W + ΔW).
+
+    ``weights[i]`` belongs to the terms with ``task == i``; ``key`` (the tensor name) and ``seed``
+    feed DARE's counter-based mask, so the mask depends on nothing else (not on blocks or threads).
+    """
+
+    method: str
+    weights: tuple[float, ...]
+    density: float
+    seed: int
+    key: str
+    majority_sign: str = "total"
+
+    @property
+    def whole_tensor(self) -> bool:
+        return self.method in WHOLE_TENSOR_COMBINATIONS
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Terms summed in fp32 and added with one rounding policy.
+
+    ``once``:        W ← rnd(W + ΣΔ)        (PEFT Linear/Conv ``W.data += ΔW``)
+    ``delta_first``: W ← rnd(W + rnd(ΣΔ))   (PEFT Embedding ``W.data += ΔW.to(W.dtype)``)
+    ``dora``:        W ← rnd((m/‖W+ΔW‖)·(W+ΔW))  (one term; ``kernel.dora_block``)
+    ``rows``:        W[idx] ← rnd(rows)       (one term; trainable tokens, ``kernel.replace_rows``)
+    """
+
+    terms: tuple[LoraTerm, ...]
+    rounding: str
+    combination: Combination | None = None  # None: plain sum of the terms (each with its ``weight``)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorTask:
+    """How to produce one output tensor: start from ``source`` (cast to ``dtype``), apply ``steps``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorRef
+    steps: tuple[Step, ...] = ()
+    kind: str = "copy"  # copy | merge | replace | add  (for reporting)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_raw_copy(self) -> bool:
+        """True when the output bytes are the source bytes: no arithmetic and no cast."""
+        return not self.steps and self.source.dtype == self.dtype and self.source.shape == self.shape
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def whole(self) -> bool:
+        """True when the task must not be cut into row blocks (nor the kernel into chunks):
+
+        * a convolution delta, or a DoRA norm taken across rows (embedding columns, HF Conv1D
+          outputs): the step needs every row at once;
+        * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than
+          ROW_ALIGN: blocks slice A's columns, and MKL's fp32 sums then differ from the whole product for
+          widths up to 11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small;
+        * a combination that ranks elements over the whole tensor (ties, magnitude_prune).
+        """
+        return any(
+            term.layout == "conv"
+            or (step.rounding == "dora" and term.layout != "linear")
+            or (term.layout in ("linear_t", "embedding", "expert_t") and self.row_numel < ROW_ALIGN)
+            for step in self.steps
+            for term in step.terms
+        ) or any(s.combination is not None and s.combination.whole_tensor for s in self.steps)
+
+    @property
+    def kernel_chunks(self) -> bool:
+        """May the CPU kernel walk a block in cache-sized chunks? Not a whole task, nor a combination
+        step (its operators work on the block they are given)."""
+        return not self.whole and all(s.combination is None for s in self.steps)
+
+    @property
+    def min_rows(self) -> int:
+        """The fewest rows one block of this task can have."""
+        return self.rows if self.whole else min(self.rows, max(r1 - r0 for r0, r1 in row_blocks(self.rows, ROW_ALIGN)))
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """One output file: its name, its exact header bytes, and its tensors in data order."""
+
+    filename: str
+    header: bytes
+    tasks: tuple[TensorTask, ...]
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOptions:
+    """Options that change the plan (not how it is executed)."""
+
+    max_shard_size: int | None = None  # bytes; None keeps the base's shard layout
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    shards: tuple[ShardPlan, ...]
+    write_index: bool
+    index_metadata: tuple[tuple[str, object], ...]
+    config_updates: tuple[tuple[str, object], ...]
+    warnings: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+    def tasks(self) -> tuple[TensorTask, ...]:
+        return tuple(t for s in self.shards for t in s.tasks)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(("merge", "replace", "add", "copy"), 0)
+        for t in self.tasks():
+            out[t.kind] += 1
+        out["drop"] = len(self.dropped)
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_size for s in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: s.filename for s in self.shards for t in s.tasks}
+
+    def index_json(self) -> str:
+        """``model.safetensors.index.json`` text: base metadata kept, ``total_size`` recomputed in bytes."""
+        meta = dict(self.index_metadata)
+        meta["total_size"] = self.total_bytes
+        doc = {"metadata": meta, "weight_map": dict(sorted(self.weight_map().items()))}
+        return json.dumps(doc, indent=2) + "\n"
+
+    def min_memory(self) -> int:
+        """The smallest working-memory budget that can execute this plan (one minimal block)."""
+        return max((block_bytes(t, t.min_rows) for t in self.tasks() if not t.is_raw_copy), default=0)
+
+    def summary(self) -> str:
+        c = self.counts()
+        gb = self.total_bytes / 1e9
+        lines = [
+            f"plan: {c['merge']} tensors to merge, {c['replace']} to replace, {c['add']} to add, "
+            f"{c['copy']} to copy, {c['drop']} to drop",
+            f"output: {len(self.shards)} shard(s), {gb:.3f} GB"
+            + (f", index {INDEX_NAME}" if self.write_index else ""),
+            f"minimum working memory: {self.min_memory() / 2**20:.1f} MiB",
+        ]
+        lines += [f"config: {k} = {json.dumps(v)}" for k, v in self.config_updates]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class CombineOptions:
+    """How several adapters become one merge (``--weights/--combination/--density/--seed/--heads-from``)."""
+
+    weights: tuple[float, ...]  # one per adapter, in adapter order
+    method: str = "cat"
+    density: float = 1.0  # fraction of each task vector kept by the pruning operators
+    seed: int = 0  # DARE's mask seed
+    heads_from: int | None = None  # index of the adapter whose full tensors win where several carry one
+    majority_sign: str = "total"  # TIES sign election (PEFT's default)
+
