@@ -11,9 +11,10 @@ before it. ``write_shards`` cuts the shards into *units* (``streammerge.units``)
 
 ``workers`` threads run the units, reading through ``sources.Sources``. The main thread submits
 them in order (memory-bounded, see ``budget``), and once every unit of a shard is done, hands the
-shard to a committer thread, in plan order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pre-sized
-(``writer.ShardFile``), so the result is byte-identical whatever the worker count or the budget,
-and so are the digests (``digest``: per-piece digests combined in file order).
+shard to a committer thread, in plan order: fsync, rename, ``on_shard`` (the progress record).
+Temporary files are pre-sized (``writer.ShardFile``), so the result is byte-identical whatever the
+worker count or the budget, and so are the digests (``digest``: per-piece digests combined in file
+order).
 
 torch is imported on a thread of its own when the writing starts, not before: nothing before it
 (planning, checks) needs torch, so errors found there return at once, and the workers start the
