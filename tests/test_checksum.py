@@ -203,3 +203,22 @@ if __name__ == "__main__":  # write the recorded manifest with whatever streamme
         streammerge.merge(base=b, adapter=a, out=Path(tmp) / "out", device="cpu")
         Path(sys.argv[1]).write_text((Path(tmp) / "out" / manifest.MANIFEST_NAME).read_text())
     print(f"wrote {sys.argv[1]} with {streammerge.__file__}")
+
+
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256"])
+def test_checksum_round_trips_through_verify_and_resume_with_nothing_but_out(case, tmp_path, checksum, capsys):
+    from streammerge.cli import main
+
+    base, adapter = case
+    out = tmp_path / "out"
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", "cpu", "-q"]
+    assert main([*argv, "--checksum", checksum]) == 0
+    first = _files(out)
+    key = "sha256" if checksum == "sha256" else "xxh3_128_rows"
+    assert all(key in rec for rec in json.loads(first[manifest.MANIFEST_NAME])["shards"])
+    assert main(["verify", "--out", str(out)]) == 0, capsys.readouterr()
+    victim = sorted(out.glob("*.safetensors"))[1]
+    victim.unlink()
+    assert main(["merge", "--out", str(out), "--resume", "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    assert _files(out) == first  # the same bytes, and the same digests in the same manifest
+    assert main(["verify", "--out", str(out)]) == 0
