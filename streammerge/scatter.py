@@ -82,7 +82,8 @@ class _Shard:
 def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions) -> int:
     execute, reader = sources.engine()
     task, r0, r1 = unit.spans[0]
-    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes))
+    cpu = not str(opts.device).startswith("cuda")  # the CUDA path stages through its own pinned buffers
+    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes) if cpu else None)
     data = execute.as_bytes(out)
     shard.file.pwrite(unit.offset, data)
     j0, j1 = units.pieces_in(task, r0, r1)
