@@ -267,10 +267,7 @@ def parse_config(doc: Mapping[str, object], where: Path) -> AdapterConfig:
     if peft_type is None:
         raise AdapterError(f"{where}: missing required field 'peft_type'; is this a PEFT adapter config?")
     if peft_type != "LORA":
-        raise UnsupportedAdapterError(
-            f"{where}: peft_type {peft_type!r} is not supported (streammerge merges LORA adapters); "
-            "use PEFT's merge_and_unload for this adapter type"
-        )
+        return _tuner_config(doc, where, peft_type)
     for field, reason in _REFUSED_FIELDS:
         if doc.get(field):
             raise UnsupportedAdapterError(f"{where}: {field} is set: {reason}")
@@ -295,6 +292,46 @@ def parse_config(doc: Mapping[str, object], where: Path) -> AdapterConfig:
         bias=str(doc.get("bias", "none")),
         lora_bias=bool(doc.get("lora_bias", False)),
         use_dora=bool(doc.get("use_dora", False)),
+        task_type=doc.get("task_type") if isinstance(doc.get("task_type"), str) else None,
+        base_model_name_or_path=_opt_str(doc.get("base_model_name_or_path")),
+        revision=_opt_str(doc.get("revision")),
+        raw=MappingProxyType(dict(doc)),
+    )
+
+
+def _tuner_config(doc: Mapping[str, object], where: Path, peft_type: object) -> AdapterConfig:
+    """The config of a tuner from ``streammerge.tuners`` (or the refusal, by name, with the reason).
+
+    ``r``/``alpha`` and their patterns matter to LoHa/LoKr (``alpha``) and DeLoRA; every tuner reads its
+    own fields from ``raw`` (``Tuner.plan``). Targeting and ``modules_to_save`` work as for LoRA.
+    """
+    from streammerge.tuners import TUNERS, UNMERGEABLE, supported
+
+    if peft_type in UNMERGEABLE:
+        raise UnsupportedAdapterError(f"{where}: peft_type {peft_type!r} {UNMERGEABLE[str(peft_type)]}")
+    tuner = TUNERS.get(str(peft_type))
+    if tuner is None:
+        hint = (" (PEFT replaced Bone with MiSS: convert the adapter with PEFT's scripts/convert-bone-to-miss.py)"
+                if peft_type == "BONE" else "")
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type {peft_type!r} is not supported (streammerge merges {supported()}){hint}; "
+            "use PEFT's merge_and_unload for this adapter type"
+        )
+    ranked = tuner.alpha_field is not None or tuner.ranked
+    r = _number(doc, "r", 8, where, int) if ranked else 0
+    alpha = _number(doc, tuner.alpha_field, 8, where, float) if tuner.alpha_field else float(r)
+    return AdapterConfig(
+        peft_type=tuner.peft_type,
+        r=int(r),
+        lora_alpha=alpha,
+        use_rslora=False,
+        rank_pattern=_pattern(doc, "rank_pattern", where, int) if ranked else (),
+        alpha_pattern=_pattern(doc, "alpha_pattern", where, float) if tuner.alpha_field else (),
+        target_modules=_targets(doc.get("target_modules"), where),
+        modules_to_save=tuple(doc.get("modules_to_save") or ()),
+        bias="none",
+        lora_bias=False,
+        use_dora=False,
         task_type=doc.get("task_type") if isinstance(doc.get("task_type"), str) else None,
         base_model_name_or_path=_opt_str(doc.get("base_model_name_or_path")),
         revision=_opt_str(doc.get("revision")),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from streammerge import budget, digest, manifest, scatter
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.budget import ExecOptions
+from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
@@ -58,6 +59,9 @@ class MergeReport:
     shards: int
     warnings: tuple[str, ...]
     dry_run: bool = False
+    #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
+    #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
+    changes: tuple[TensorChange, ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
@@ -93,13 +97,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load(
-    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current"
+    base: PathLike | None, adapters: Sequence[PathLike], adapter_name: str | None, pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> tuple[Checkpoint, list[Adapter]]:
     if not adapters:
         raise StreamMergeError("no adapter given; pass --adapter DIR")
     loaded = [read_adapter(a, adapter_name, pattern_rules) for a in adapters]
     base_path = Path(base) if base is not None else find_base(loaded[0])
-    return read_checkpoint(base_path), loaded
+    return read_checkpoint(base_path, base_subfolder), loaded
 
 
 def plan_merge(
@@ -115,12 +120,13 @@ def plan_merge(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size)
+                            max_shard_size, base_subfolder=base_subfolder)
     return plan_with(ckpt, loaded, options)
 
 
@@ -159,13 +165,14 @@ def merge_options(
     loaded: Sequence[Adapter], weights: Sequence[float] | None = None, combination: str | None = None,
     density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
     adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
+    base_subfolder: str | None = None,
 ) -> MergeOptions:
     """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
     return MergeOptions(
         weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
         density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
         pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, base_subfolder=base_subfolder or None,
     )
 
 
@@ -212,6 +219,7 @@ def merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     resume: bool = False,
+    base_subfolder: str | None = None,
     checksum: str | None = None,
     threads: int | None = None,
 ) -> MergeReport:
@@ -239,6 +247,8 @@ def merge(
         seed: DARE's mask seed (the mask depends only on seed, tensor name, adapter and element).
         heads_from: adapter (index or directory name) whose full tensors (saved heads) are taken
             where several adapters carry one; heads are never blended.
+        base_subfolder: the model inside a multi-model repository (``text_encoder``, ``transformer``):
+            its weights, config and side files are read from ``base/base_subfolder``; recorded in the manifest.
         resume: continue an interrupted merge into ``out``: keep the shards whose recorded identity
             (inputs, options, header, tasks) and SHA-256 still match, recompute the rest. The end
             result is byte-identical to an uninterrupted merge. See ``streammerge.manifest``.
@@ -262,9 +272,9 @@ def merge(
         return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
                                 allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan,
                                 checksum=checksum, threads=threads)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, allow_nonfinite)
+                            max_shard_size, allow_nonfinite, base_subfolder)
     plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
@@ -294,7 +304,8 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
-                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, resume=True, **run)
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder, resume=True,
+                 **run)
 
 
 def _run_plan(
@@ -319,18 +330,23 @@ def _run_plan(
     for warning in plan.warnings:
         LOG.warning("%s", warning)
     written = 0
+    tally = ChangeTally()
     if not dry_run:
         opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
-                           threads=threads)
+                           threads=threads, changes=tally)
         identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress, checksum=checksum)
     c = plan.counts()
+    changes = tally.result()
+    noops = tuple(ch.warning() for ch in changes if ch.unchanged)
+    for warning in noops:
+        LOG.warning("%s", warning)
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
-        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards), warnings=plan.warnings,
-        dry_run=dry_run,
+        seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
+        warnings=(*ckpt.notes, *plan.warnings, *noops), dry_run=dry_run, changes=changes,
     )
 
 
@@ -391,6 +407,7 @@ def iter_merged(
     seed: int = 0,
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
+    base_subfolder: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of the merged checkpoint, in output order.
 
@@ -401,9 +418,9 @@ def iter_merged(
     combination arguments are those of :func:`merge`.
     """
     paths, weights = _adapter_specs(adapter, adapters, weights)
-    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules)
+    ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
-                                                 pattern_rules, adapter_name))
+                                                 pattern_rules, adapter_name, base_subfolder=base_subfolder))
     budget.check_budget(plan, max_memory)
     opts = ExecOptions(resolve_device(device), workers or budget.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)

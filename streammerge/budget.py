@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from streammerge.errors import BudgetError
 from streammerge.plan import ROW_ALIGN, Plan, TensorTask, block_bytes
+
+if TYPE_CHECKING:
+    from streammerge.changes import ChangeTally
 
 #: Upper bound on one block's working set: big enough to amortise per-block overhead, small enough
 #: that reading, computing and writing overlap.
@@ -32,6 +36,7 @@ class ExecOptions:
     max_memory: int
     check_finite: bool = True
     threads: int | None = None
+    changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
 
 
 def default_workers() -> int:

@@ -16,13 +16,10 @@ from types import MappingProxyType
 from streammerge.errors import CheckpointError
 from streammerge.formats.jsonfile import read_json
 from streammerge.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
+from streammerge.layout import INDEX_NAME, discover, resolve_subfolder  # noqa: F401 (INDEX_NAME: re-exported)
 
 LOG = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-BIN_INDEX_NAME = "pytorch_model.bin.index.json"
-BIN_SINGLE_NAME = "pytorch_model.bin"
 
 # Tensor-name suffixes and config keys that mark a quantized checkpoint. Merging a float delta
 # into packed integers is meaningless, so these are refused before planning (spec §6.3).
@@ -49,6 +46,8 @@ class Checkpoint:
     has_index: bool
     index_metadata: Mapping[str, object]
     config: Mapping[str, object]  # config.json ({} when absent)
+    notes: tuple[str, ...] = ()  # how the shards were found, when a user should know (``layout.Layout.notes``)
+    repository: Path | None = None  # the directory given, when ``root`` is a sub-folder of it (``subfolder``)
 
     def locate(self) -> dict[str, tuple[int, TensorInfo]]:
         """Map every tensor name to (shard number, its slot)."""
@@ -59,24 +58,28 @@ class Checkpoint:
         return sum(s.data_size for s in self.shards)
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the headers of the base checkpoint at ``path``.
+def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoint:
+    """Read the headers of the base checkpoint at ``path`` (or of the model in its ``subfolder``).
 
     Raises:
         CheckpointError: missing or unreadable files, an index that disagrees with its shards or
             points outside the directory, a quantized checkpoint.
     """
     path = Path(path)
-    if path.is_file():
+    notes: tuple[str, ...] = ()
+    index_path = None
+    if path.is_file() and not subfolder:
         root, names, index = path.parent, (path.name,), None
-    elif path.is_dir():
-        root = path
-        names, index = _discover(path)
+    elif path.exists():
+        root = resolve_subfolder(path, subfolder)
+        found = discover(root)
+        names, index, index_path, notes = found.names, found.index, found.index_path, found.notes
     else:
         raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
     shards = tuple(_read_shard(root / name) for name in names)
-    if index is not None:
-        _check_index(root, names, shards, index)
+    _check_unique(root, names, shards)
+    if index is not None and index_path is not None:
+        _check_index(root, index_path, names, shards, index)
     ckpt = Checkpoint(
         root=root,
         shards=shards,
@@ -84,7 +87,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         has_index=index is not None,
         index_metadata=MappingProxyType(dict(index.get("metadata") or {})) if index else MappingProxyType({}),
         config=MappingProxyType(read_json(root / "config.json", CheckpointError, missing_ok=True)),
+        notes=notes,
+        repository=path if subfolder else None,
     )
+    for note in notes:
+        LOG.warning("%s", note)
     refuse_quantized(ckpt)
     return ckpt
 
@@ -105,55 +112,8 @@ def output_name(shard: str) -> str:
     return shard
 
 
-def _discover(root: Path) -> tuple[tuple[str, ...], dict | None]:
-    index_path = root / INDEX_NAME
-    if not index_path.exists() and not any(root.glob("*.safetensors")) and (root / BIN_INDEX_NAME).exists():
-        index_path = root / BIN_INDEX_NAME
-    if index_path.exists():
-        index = read_json(index_path, CheckpointError)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: no 'weight_map' object; the index is corrupt: re-download it")
-        names: list[str] = []
-        for tensor, file in weight_map.items():
-            _check_relative(index_path, tensor, file)
-            if file not in names:
-                names.append(file)
-        return tuple(sorted(names)), index
-    if (root / SINGLE_NAME).is_file():
-        return (SINGLE_NAME,), None
-    candidates = sorted(p.name for p in root.glob("*.safetensors"))
-    if len(candidates) == 1:
-        return (candidates[0],), None
-    if not candidates:
-        if (root / BIN_SINGLE_NAME).is_file():
-            return (BIN_SINGLE_NAME,), None
-        bins = sorted(p.name for p in root.glob("pytorch_model*.bin"))
-        hint = f" (found {', '.join(bins)} but no {BIN_INDEX_NAME})" if bins else ""
-        raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}; pass --base DIR with the base model")
-    raise CheckpointError(
-        f"{root}: {len(candidates)} *.safetensors files but no {INDEX_NAME}; "
-        "restore the index file, or pass the path of a single .safetensors file as --base"
-    )
-
-
-def _check_relative(index_path: Path, tensor: str, file: object) -> None:
-    """Refuse index entries that escape the base directory (absolute paths, ``..``)."""
-    if not isinstance(file, str) or not file:
-        raise CheckpointError(
-            f"{index_path}: tensor {tensor!r} maps to {file!r}, not a file name; the index is corrupt"
-        )
-    p = PurePosixPath(file)
-    suffix = ".bin" if index_path.name == BIN_INDEX_NAME else ".safetensors"
-    if p.is_absolute() or ".." in p.parts or "\\" in file or not file.endswith(suffix):
-        raise CheckpointError(
-            f"{index_path}: tensor {tensor!r} maps to {file!r}, which is not a {suffix} file inside the "
-            "base directory; refusing to read outside it: fix the index"
-        )
-
-
-def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...], index: dict) -> None:
-    weight_map: dict[str, str] = index["weight_map"]
+def _check_unique(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...]) -> dict[str, str]:
+    """Tensor name -> its shard, refusing a tensor stored in two shards (naming both)."""
     seen: dict[str, str] = {}
     for name, shard in zip(names, shards, strict=True):
         for t in shard.tensors:
@@ -162,6 +122,13 @@ def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHe
                     f"{root}: tensor {t.name!r} is in both {seen[t.name]} and {name}; fix the checkpoint"
                 )
             seen[t.name] = name
+    return seen
+
+
+def _check_index(root: Path, index_path: Path, names: tuple[str, ...], shards: tuple[SafetensorsHeader, ...],
+                 index: dict) -> None:
+    weight_map: dict[str, str] = {t: str(PurePosixPath(f)) for t, f in index["weight_map"].items()}
+    seen = _check_unique(root, names, shards)
     for tensor, file in weight_map.items():
         if seen.get(tensor) != file:
             where = f"is in {seen[tensor]}" if tensor in seen else "is in no shard"
@@ -172,7 +139,7 @@ def _check_index(root: Path, names: tuple[str, ...], shards: tuple[SafetensorsHe
     extra = sorted(set(seen) - set(weight_map))
     if extra:
         raise CheckpointError(
-            f"{root / INDEX_NAME}: tensor {extra[0]!r} (in {seen[extra[0]]}) is missing from the index "
+            f"{index_path}: tensor {extra[0]!r} (in {seen[extra[0]]}) is missing from the index "
             f"({len(extra)} unindexed in all); the index and shards disagree"
         )
 

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", action="append", metavar="DIR",
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); with --resume and "
                    "no inputs, the inputs and options --out recorded are used")
+    _subfolder_arg(m)
     _output_args(m)
     _combination_args(m)
     _common(m)
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter", action="append", metavar="DIR",
                    help="the adapter(s) that were merged (default: those streammerge.json records)")
     v.add_argument("--adapter-name", metavar="NAME", help="adapter sub-directory (default: the recorded one)")
+    _subfolder_arg(v)
+    v.add_argument("--against-base", action="store_true",
+                   help="fail when a tensor the adapter targets equals the base bit for bit (the merge did nothing)")
     v.add_argument("--sample", type=int, metavar="N",
                    help="recompute at least N rows per merged tensor (whole 64-row blocks) instead of all rows")
     v.add_argument("--device", default=None,
@@ -128,6 +132,11 @@ def _combination_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--pattern-rules", choices=("current", "0.14", "pre-0.14"), default="current",
                    help="how rank_pattern/alpha_pattern keys match module names: 'current' as PEFT >= 0.15 "
                    "(what PEFT 0.21 applies to every adapter; default), or the rules of older PEFT versions")
+
+
+def _subfolder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-subfolder", metavar="NAME", help="the model inside a multi-model base repository "
+                   "(e.g. text_encoder, transformer); verify defaults to the one the merge recorded")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -205,11 +214,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from streammerge import changes
     from streammerge.verify import verify
 
     report = verify(out=args.out, base=args.base, adapters=args.adapter or (), adapter_name=args.adapter_name,
-                    sample=args.sample, device=args.device, workers=args.workers)
+                    sample=args.sample, device=args.device, workers=args.workers, base_subfolder=args.base_subfolder,
+                    against_base=args.against_base)
     print(report.summary())
+    if not args.quiet:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
     return 0 if report.ok else 1
 
 
@@ -219,6 +232,7 @@ def _merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from streammerge import changes
     from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
     from streammerge.budget import default_workers
 
@@ -250,10 +264,12 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, **common,
+                pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())
+    if not args.quiet and not args.dry_run:
+        print("\n".join(changes.summary_lines(report.changes, every=args.verbose)))
     return 0
 
 

@@ -32,6 +32,8 @@ from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_b
 from streammerge.errors import NonFiniteError
 from streammerge.formats.reader import TensorReader
 from streammerge.plan import TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.tuners import TUNERS
+from streammerge.tuners.base import LoadedTerm, TunerTerm
 
 LOG = logging.getLogger(__name__)
 
@@ -120,13 +122,14 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
+    if opts.changes is not None and task.kind == "merge":
+        opts.changes.add(task, r0, w, out)
     reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):
         # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
         # (safe under other threads: the private, never-written mapping faults them back in from the file).
-        for ref in (term.a, term.b):
-            if ref is not None:
-                reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
+        for ref in term.refs():
+            reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
     return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
 
 
@@ -156,7 +159,15 @@ def _steps(task: TensorTask, reader: TensorReader, device: torch.device) -> list
             for step in task.steps]
 
 
-def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors:
+def _factors(term, reader: TensorReader, device: torch.device) -> kernel.Factors | LoadedTerm:
+    if isinstance(term, TunerTerm):
+        # PEFT upcasts float adapter tensors to fp32 at load (cast_adapter_dtype); integer ones stay as stored
+        tensors = {}
+        for role, ref in term.tensors:
+            t = reader.tensor(ref)
+            tensors[role] = t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t.to(device)
+        tuner = TUNERS[term.tuner]
+        return LoadedTerm(tuner.invert if term.inverse else tuner.apply, tensors, dict(term.update.params))
     # PEFT upcasts adapter weights to fp32 at load (autocast_adapter_dtype); so do we.
     a = reader.tensor(term.a).to(device=device, dtype=torch.float32, non_blocking=True) if term.a is not None else None
     b = reader.tensor(term.b).to(device=device, dtype=torch.float32, non_blocking=True)

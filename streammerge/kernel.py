@@ -190,8 +190,8 @@ def merge_block(
     (or None): the adapters' task vectors are then combined by ``combined_delta`` instead of summed.
     Each step sums its terms' deltas in fp32 and adds them with its rounding policy:
     ``once`` → ``rnd(W + ΣΔ)``; ``delta_first`` → ``rnd(W + rnd(ΣΔ))``; ``dora`` → ``dora_block``;
-    ``rows`` → ``replace_rows``. Returns a new tensor of ``out_dtype`` on ``w``'s device (``w`` is
-    never written).
+    ``rows`` → ``replace_rows``; ``tuner`` → the tuner's ``apply`` (``streammerge.tuners``). Returns
+    a new tensor of ``out_dtype`` on ``w``'s device (``w`` is never written).
 
     ``chunk_rows`` walks the block in cache-sized chunks (cut by ``plan.row_blocks`` so the GEMM
     sums stay those of the whole matrix): the fp32 scratch then stays in L2, which measured 2-5×
@@ -236,8 +236,8 @@ def merge_checked(
         cur = w[c0:c1]
         for i, step in enumerate(steps):
             cur = _apply_step(cur, out_dtype, step, r0 + c0, r0 + c1)
-            if i + 1 < len(steps):
-                cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next
+            if i + 1 < len(steps) and step[0] in ("once", "delta_first"):
+                cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next (the others did)
         chunk = out[c0:c1]
         chunk.copy_(cur)  # the cast to out_dtype: round to nearest even
         if check_finite and not suspect:
@@ -252,6 +252,8 @@ def _apply_step(cur: torch.Tensor, out_dtype: torch.dtype, step: tuple, r0: int,
         return dora_block(cur.to(out_dtype), out_dtype, terms[0], r0, r1)
     if rounding == "rows":
         return replace_rows(cur.to(out_dtype), terms[0], r0, r1)
+    if rounding == "tuner":  # one tuners.base.LoadedTerm: the tuner's own merge and rounding (PEFT's)
+        return terms[0](cur.to(out_dtype), r0, r1)
     if combination and combination[0] is not None:
         delta = combined_delta(terms, combination[0], cur.shape, r0, r1)
     else:

@@ -123,7 +123,8 @@ def identify(ckpt: Checkpoint, adapters: Sequence[Adapter], options: Mapping[str
         },
         "adapters": adapter_docs,
     }
-    sources = {"base": str(Path(ckpt.root).absolute()), "adapters": [str(_given_dir(a).absolute()) for a in adapters]}
+    base = ckpt.repository or ckpt.root  # the repository a sub-folder model came from (its sub-folder is an option)
+    sources = {"base": str(Path(base).absolute()), "adapters": [str(_given_dir(a).absolute()) for a in adapters]}
     return Identity(tool_version(), inputs, dict(options), labels, sources)
 
 

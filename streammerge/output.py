@@ -2,10 +2,9 @@
 
 The output never aliases an input: it may not be, contain, or lie inside the base or any
 adapter directory. It must not exist, or be empty, unless ``overwrite`` is given. Only the files
-a Hugging Face checkpoint needs are written beside the shards: ``config.json`` (updated where the
-merge changed it), ``generation_config.json``, tokenizer and processor files. Tokenizer files come
-from the first adapter directory that has a tokenizer (a fine-tune often adds tokens), else from the
-base. Adapter files are never copied.
+a Hugging Face checkpoint needs are written beside the shards: ``config.json`` (the base's bytes, or
+re-serialized with the merge's updates when it made any; every other key kept as the base had it), and the
+generation, tokenizer, chat-template and processor files chosen by ``streammerge.sidefiles``, byte for byte.
 """
 
 from __future__ import annotations
@@ -18,19 +17,11 @@ from pathlib import Path
 
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.errors import OutputError
+from streammerge.sidefiles import side_files
 from streammerge.writer import write_atomic
 
 LOG = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json",
-)
-#: Files taken from the base as they are (config.json is rewritten separately).
-BASE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
-              "video_preprocessor_config.json", "image_processor_config.json")
-_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
@@ -85,17 +76,17 @@ def write_side_files(
     """Write config.json and copy generation/tokenizer/processor files. Returns the names written."""
     written: list[str] = []
     if config:
-        text = json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n"
-        write_atomic(out / "config.json", text.encode("utf-8"))
+        if updates or not (base_root / "config.json").is_file():
+            data = (json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        else:
+            data = (base_root / "config.json").read_bytes()  # nothing changed: the base's bytes
+        write_atomic(out / "config.json", data)
         written.append("config.json")
-    tok_root = next((r for r in adapter_roots if any((r / m).is_file() for m in _TOKENIZER_MARKERS)), base_root)
-    for root, names in ((base_root, BASE_FILES), (tok_root, TOKENIZER_FILES)):
-        for name in names:
-            src = root / name
-            if src.is_file():
-                write_atomic(out / name, src.read_bytes())
-                written.append(name)
-    LOG.info("copied %s (tokenizer from %s)", ", ".join(written) or "no side files", tok_root)
+    for name, src in side_files(base_root, adapter_roots):
+        write_atomic(out / name, src.read_bytes())
+        written.append(name)
+        LOG.debug("copied %s from %s", name, src.parent)
+    LOG.info("copied %s", ", ".join(written) or "no side files")
     return written
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streammerge import digest, manifest
+from streammerge import changes, digest, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.budget import ExecOptions, default_workers
@@ -39,7 +39,7 @@ from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
 from streammerge.options import MergeOptions
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
 
 if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
@@ -67,6 +67,9 @@ class VerifyReport:
     bytes_hashed: int
     seconds: float
     sample: int | None
+    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``)
+    changes: tuple[changes.TensorChange, ...] = ()
+    warnings: tuple[str, ...] = ()  # targeted tensors equal to the base (problems under ``against_base``)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +80,7 @@ class VerifyReport:
         head = (f"{'OK' if self.ok else 'FAILED'}: {self.out}: {self.tensors_checked} tensors checked "
                 f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
                 f"{self.bytes_hashed / 1e9:.3f} GB hashed in {self.seconds:.1f} s")
-        return "\n".join([head, *(f"problem: {p}" for p in self.problems)])
+        return "\n".join([head, *(f"problem: {p}" for p in self.problems), *(f"warning: {w}" for w in self.warnings)])
 
 
 class _Findings:
@@ -108,6 +111,8 @@ def verify(
     device: str | torch.device | None = None,
     workers: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    base_subfolder: str | None = None,
+    against_base: bool = False,
 ) -> VerifyReport:
     """Check the merged directory ``out`` against its inputs; see the module docstring.
 
@@ -115,6 +120,10 @@ def verify(
     density, seed, pattern rules, adapter name, heads, shard size, unmerge weight). ``base``/``adapter(s)``/
     ``adapter_name`` override the recorded inputs (a different number of adapters, or another adapter name,
     is refused). ``device`` defaults to the recorded device class when it is available here, else the CPU.
+
+    Every targeted tensor's change against the base is measured (``VerifyReport.changes``); one equal
+    to the base bit for bit is a warning, or a problem when ``against_base``. An untargeted tensor that
+    differs from the base is always a problem (its bytes must be the base's).
 
     Raises:
         StreamMergeError: unusable input (missing directories, a corrupt base or adapter).
@@ -134,7 +143,7 @@ def verify(
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
     recorded = MergeOptions.from_record(options)
     paths = ([adapter] if adapter is not None else []) + list(adapters)
-    ckpt, loaded, original = _inputs(out, doc, recorded, base, paths, adapter_name)
+    ckpt, loaded, original = _inputs(out, doc, recorded, base, paths, adapter_name, base_subfolder)
     if recorded.operation == "unmerge":
         plan = build_unmerge_plan(ckpt, loaded[0], recorded.weight if recorded.weight is not None else 1.0, original,
                                   PlanOptions(max_shard_size=recorded.max_shard_size))
@@ -149,14 +158,19 @@ def verify(
     opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
+    measured = _measure_changes(out, plan, ckpt)
+    noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
+    for text in noops if against_base else ():
+        found.add(text)
     return VerifyReport(
         out=str(out), problems=found.result(), tensors_checked=counts[0], tensors_recomputed=counts[1],
         rows_recomputed=counts[2], bytes_hashed=counts[3], seconds=time.monotonic() - started, sample=sample,
+        changes=measured, warnings=() if against_base else tuple(noops),
     )
 
 
 def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None, paths: Sequence[PathLike],
-            adapter_name: str | None) -> tuple[Checkpoint, list[Adapter], Checkpoint | None]:
+            adapter_name: str | None, subfolder: str | None) -> tuple[Checkpoint, list[Adapter], Checkpoint | None]:
     """The base and adapters to check against: those given, else those the manifest records."""
     sources = doc.get("sources") if isinstance(doc.get("sources"), dict) else {}
     recorded_adapters = [a for a in sources.get("adapters") or [] if isinstance(a, str)]
@@ -182,9 +196,29 @@ def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None,
     loaded = [read_adapter(a, name, recorded.pattern_rules) for a in paths]
     if base is None and isinstance(sources.get("base"), str):
         base = sources["base"]
-    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]))
+    subfolder = subfolder if subfolder is not None else recorded.base_subfolder
+    ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]), subfolder)
     original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
     return ckpt, loaded, original
+
+
+def _measure_changes(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[changes.TensorChange, ...]:
+    """``changes.measure`` over the output shards that have the plan's size (others are already problems)."""
+    placed: dict[str, TensorRef] = {}
+    for shard in plan.shards:
+        path = out / shard.filename
+        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
+            continue
+        offset = len(shard.header)
+        for t in shard.tasks:
+            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
+            offset += t.nbytes
+    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
+            for name, (i, info) in ckpt.locate().items()}
+    from streammerge.formats.reader import TensorReader
+
+    with TensorReader() as reader:
+        return changes.measure(plan, placed, base, reader.rows, reader.release)
 
 
 def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:

@@ -14,6 +14,7 @@ change (``test_execute``, the parity tests).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -46,6 +47,14 @@ def case(tmp_path_factory):
 @pytest.fixture
 def old_doc() -> dict:
     return json.loads(OLD.read_text())
+
+
+def _as_previous_release(out: Path) -> None:
+    """Make ``out`` (shards written today: the same bytes) the directory that release wrote: its manifest and
+    its side files (their bytes changed since, e.g. config.json is now copied verbatim)."""
+    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    for f in OLD.with_suffix("").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
 
 
 def _stamps(out: Path) -> dict[str, tuple[int, int]]:
@@ -96,14 +105,20 @@ def test_sha256_mode_writes_what_the_previous_release_wrote(case, tmp_path, old_
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum="sha256")
     doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
-    assert {k: v for k, v in doc.items() if k != "sources"} == old_doc  # ``sources`` (paths) came later
+    # the shard records byte for byte (digests and identities); ``sources`` (paths) came later, and the side
+    # files' bytes changed since (config.json is copied verbatim now), but not how they are recorded
+    assert {k: doc[k] for k in ("format", "tool", "inputs", "options", "shards")} == \
+        {k: old_doc[k] for k in ("format", "tool", "inputs", "options", "shards")}
+    assert [sorted(r) for r in doc["files"]] == [sorted(r) for r in old_doc["files"]]
+    for rec in doc["files"]:
+        assert rec["sha256"] == hashlib.sha256((out / rec["file"]).read_bytes()).hexdigest()
 
 
 def test_a_manifest_of_the_previous_release_verifies_and_catches_a_flip(case, tmp_path, old_doc):
     base, adapter = case
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
-    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    _as_previous_release(out)
     report = streammerge.verify(out=out, base=base, adapter=adapter, device="cpu")
     assert report.ok, report.problems
     victim = out / old_doc["shards"][1]["file"]
@@ -120,7 +135,7 @@ def test_a_manifest_of_the_previous_release_resumes_keeping_every_shard(case, tm
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
-    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    _as_previous_release(out)
     stamps = _stamps(out)
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True, checksum="xxh3")
     assert _stamps(out) == stamps  # kept, not rewritten
@@ -132,12 +147,12 @@ def test_resume_keeps_the_checksum_the_records_use(case, tmp_path, old_doc, monk
     monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
-    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    _as_previous_release(out)
     stamps = _stamps(out)
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", resume=True)  # no checksum named
     assert _stamps(out) == stamps
     doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
-    assert doc["shards"] == old_doc["shards"] and doc["files"] == old_doc["files"]
+    assert doc["shards"] == old_doc["shards"] and all("sha256" in r for r in doc["files"])
 
 
 def test_a_progress_record_of_the_previous_release_resumes(case, tmp_path, old_doc, monkeypatch):
@@ -165,7 +180,7 @@ def test_resume_checks_a_tampered_old_record_and_recomputes(case, tmp_path, old_
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu", checksum="sha256")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum="sha256")
-    (out / manifest.MANIFEST_NAME).write_text(OLD.read_text())
+    _as_previous_release(out)
     victim = out / old_doc["shards"][0]["file"]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0x01
@@ -195,13 +210,18 @@ def test_an_unknown_checksum_is_refused_before_anything_is_written(case, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-if __name__ == "__main__":  # write the recorded manifest with whatever streammerge is first on the path
+if __name__ == "__main__":  # record the manifest and side files with whatever streammerge is first on the path
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         b, a = build_case(Path(tmp))
         streammerge.merge(base=b, adapter=a, out=Path(tmp) / "out", device="cpu")
-        Path(sys.argv[1]).write_text((Path(tmp) / "out" / manifest.MANIFEST_NAME).read_text())
+        dest = Path(sys.argv[1])
+        dest.write_text((Path(tmp) / "out" / manifest.MANIFEST_NAME).read_text())
+        side = dest.with_suffix("")  # data/manifest-f7df494/: the other small files of that output
+        side.mkdir(exist_ok=True)
+        for rec in json.loads(dest.read_text())["files"]:
+            (side / rec["file"]).write_bytes((Path(tmp) / "out" / rec["file"]).read_bytes())
     print(f"wrote {sys.argv[1]} with {streammerge.__file__}")
 
 

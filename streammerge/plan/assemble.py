@@ -25,8 +25,9 @@ from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
 from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
+from streammerge.plan.tuned import plan_tuned
 from streammerge.plan.types import Plan, PlanOptions, TensorTask
-from streammerge.tuners import experts, lora, tokens
+from streammerge.tuners import TUNERS, experts, lora, tokens
 
 
 def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptions | None = None) -> Plan:
@@ -46,6 +47,9 @@ def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptio
 def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
     """Plan every key of one adapter into ``draft``."""
     cfg = src.adapter.config
+    if cfg.peft_type in TUNERS:
+        plan_tuned(ctx, src, draft)
+        return
     keys = [naming.parse_key(k) for k in src.adapter.weights.names()]
     by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
 

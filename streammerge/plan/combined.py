@@ -19,6 +19,7 @@ from streammerge.formats.refs import TensorRef
 from streammerge.plan.assemble import assemble, plan_adapter
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.types import COMBINATIONS, Combination, CombineOptions, LoraTerm, Plan, PlanOptions, Step
+from streammerge.tuners import TUNERS
 
 
 def plan_each(ctx: PlanContext, adapters: Sequence[Adapter]) -> list[Draft]:
@@ -45,6 +46,13 @@ def _check_combination(adapters: Sequence[Adapter], combine: CombineOptions) -> 
         raise PlanError(f"--density {combine.density}: must be in (0, 1] (the fraction of each task vector kept)")
     if combine.heads_from is not None and not 0 <= combine.heads_from < len(adapters):
         raise PlanError(f"--heads-from {combine.heads_from}: there are only {len(adapters)} adapters")
+    tuned = [a for a in adapters if a.config.peft_type in TUNERS]
+    if tuned:
+        raise UnsupportedAdapterError(
+            f"{tuned[0].root}: a {tuned[0].config.peft_type} adapter cannot be weighted or combined with other "
+            "adapters: its merge is not a low-rank delta that scales or sums (PEFT's add_weighted_adapter is "
+            "LoRA-only); merge it alone"
+        )
     tokens = [a for a in adapters if any(naming.parse_key(k).role == "token_delta" for k in a.weights.names())]
     if tokens and len(adapters) > 1:
         raise UnsupportedAdapterError(

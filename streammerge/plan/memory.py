@@ -25,7 +25,8 @@ def block_bytes(task: TensorTask, rows: int) -> int:
 
     The block's output (out dtype) and its source rows (mapped pages, released after use), the
     fp32 scratch of one kernel chunk (ΔW, its sum with W, and a second term's delta: 3 × 4 bytes
-    per element, with a short tail folded in: at most 2 × chunk rows), and the terms' fp32 factors.
+    per element, with a short tail folded in: at most 2 × chunk rows), the terms' fp32 factors, and a tuner's
+    declared scratch.
     """
     row = task.row_numel
     block = rows * row * (DTYPE_SIZES[task.dtype] + DTYPE_SIZES[task.source.dtype])
@@ -36,12 +37,11 @@ def block_bytes(task: TensorTask, rows: int) -> int:
     per_element += max((combine_bytes_per_element(s) for s in task.steps), default=0)
     scratch_rows = rows if task.whole or combined else min(rows, 2 * chunk_rows(row))
     chunk = scratch_rows * row * per_element if task.steps else 0
-    factors = sum(
-        _fp32_bytes(term.a) + _fp32_bytes(term.b) + _fp32_bytes(term.magnitude)
-        for step in task.steps
-        for term in step.terms
-    )
-    return block + chunk + factors
+    factors = sum(_fp32_bytes(ref) for step in task.steps for term in step.terms for ref in term.refs())
+    # a tuner's own scratch for a whole-tensor update (rotation matrices, FFTs): ``tuners.base.Update.work_elements``
+    tuned = sum(4 * term.update.work_elements for step in task.steps if step.rounding == "tuner"
+                for term in step.terms)
+    return block + chunk + factors + tuned
 
 
 #: Working bytes per element of a combined block, per adapter: its fp32 task vector in the stack,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.formats.dtypes import DTYPE_SIZES
@@ -54,6 +55,43 @@ class LoraTerm:
     expert: ExpertSlice | None = None  # layouts expert / expert_t only
     task: int = 0  # which adapter (task vector) the term belongs to, for a Step's ``combination``
 
+    def refs(self) -> tuple[TensorRef, ...]:
+        """The adapter tensors this term reads."""
+        return tuple(r for r in (self.a, self.b, self.magnitude) if r is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One base tensor a tuner (``streammerge.tuners.base.Tuner``) changes for one module: its ``plan``'s answer."""
+
+    param: str  # "weight" | "bias"
+    params: tuple[tuple[str, Any], ...] = ()  # hashable per-module values the apply function reads
+    row_blocks: bool = False  # True: rows [r0, r1) can be merged alone, bit-identically to the whole
+    work_elements: int = 0  # fp32 scratch elements of a whole-tensor update beyond W and ΔW (rotations, FFTs)
+
+
+@dataclass(frozen=True, slots=True)
+class TunerTerm:
+    """A tuner's update of one base tensor for one module: the single term of a ``Step`` with rounding
+    ``"tuner"`` (the tuner applies its own rounding, PEFT's). ``tensors`` are the module's adapter
+    tensors (role -> ``TensorRef``); ``inverse`` selects the tuner's ``invert`` (unmerge)."""
+
+    tuner: str  # peft_type: the registry key
+    tensors: tuple[tuple[str, TensorRef], ...]  # role -> the adapter tensor
+    update: Update
+    origin: str = ""
+    inverse: bool = False
+    weight: float = 1.0  # fields every step term has (combinations never hold tuner terms)
+    task: int = 0
+    layout: str = "tuner"
+
+    def refs(self) -> tuple[TensorRef, ...]:
+        return tuple(ref for _, ref in self.tensors)
+
+    @property
+    def row_blocks(self) -> bool:
+        return self.update.row_blocks
+
 
 #: ``--combination`` values. ``cat`` sums weighted LoRA deltas (exact); the others are task-vector
 #: operators applied per tensor to the adapters' full deltas ΔWᵢ (``streammerge.combine``).
@@ -90,9 +128,10 @@ class Step:
     ``delta_first``: W ← rnd(W + rnd(ΣΔ))   (PEFT Embedding ``W.data += ΔW.to(W.dtype)``)
     ``dora``:        W ← rnd((m/‖W+ΔW‖)·(W+ΔW))  (one term; ``kernel.dora_block``)
     ``rows``:        W[idx] ← rnd(rows)       (one term; trainable tokens, ``kernel.replace_rows``)
+    ``tuner``:       W ← the tuner's merge    (one ``TunerTerm``: LoHa, IA³, OFT, …; ``streammerge.tuners``)
     """
 
-    terms: tuple[LoraTerm, ...]
+    terms: tuple[LoraTerm | TunerTerm, ...]
     rounding: str
     combination: Combination | None = None  # None: plain sum of the terms (each with its ``weight``)
 
@@ -134,10 +173,12 @@ class TensorTask:
         * a transposed layout (HF Conv1D, embedding, transposed experts) whose rows are narrower than
           ROW_ALIGN: blocks slice A's columns, and MKL's fp32 sums then differ from the whole product for
           widths up to 11 (measured over 1944 shapes; the linear layout never differed). Such tensors are small;
-        * a combination that ranks elements over the whole tensor (ties, magnitude_prune).
+        * a combination that ranks elements over the whole tensor (ties, magnitude_prune);
+        * a tuner update whose rows are not independent (``Update.row_blocks``: rotations, FFTs, Kronecker).
         """
         return any(
-            term.layout == "conv"
+            (step.rounding == "tuner" and not term.row_blocks)
+            or term.layout == "conv"
             or (step.rounding == "dora" and term.layout != "linear")
             or (term.layout in ("linear_t", "embedding", "expert_t") and self.row_numel < ROW_ALIGN)
             for step in self.steps

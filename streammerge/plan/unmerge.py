@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from streammerge import naming
 from streammerge.adapter import Adapter
@@ -14,6 +15,7 @@ from streammerge.plan.assemble import assemble
 from streammerge.plan.combined import plan_each, retag
 from streammerge.plan.draft import Draft, PlanContext, Target
 from streammerge.plan.types import Plan, PlanOptions, Step
+from streammerge.tuners import TUNERS
 
 
 def _touched(adapter: Adapter, ctx: PlanContext) -> list[str]:
@@ -30,6 +32,9 @@ def _touched(adapter: Adapter, ctx: PlanContext) -> list[str]:
 
 def _no_inverse(adapter: Adapter) -> str | None:
     """Why merging ``adapter`` as a whole cannot be undone by subtraction, or None when it can."""
+    tuner = TUNERS.get(adapter.config.peft_type)
+    if tuner is not None:
+        return None if tuner.invert is not None else tuner.no_inverse
     roles = {naming.parse_key(k).role for k in adapter.weights.names()}
     if adapter.config.use_dora or "magnitude" in roles:
         return "DoRA rescales each column by a norm of the merged weight, so W cannot be solved back exactly"
@@ -58,6 +63,11 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
         raise PlanError(f"--weight {weight}: must be a finite number")
     ctx = PlanContext.of(merged)
     reason = _no_inverse(adapter)
+    if adapter.config.peft_type in TUNERS and weight != 1.0:
+        raise UnsupportedAdapterError(
+            f"{adapter.root}: cannot unmerge a {adapter.config.peft_type} adapter with weight {weight}: PEFT's unmerge "
+            "undoes the whole adapter, and a fraction of it is not defined for this tuner; use weight 1"
+        )
     if reason is not None:
         if base is None:
             raise UnsupportedAdapterError(
@@ -89,13 +99,19 @@ def build_unmerge_plan(merged: Checkpoint, adapter: Adapter, weight: float = 1.0
     for name, t in one.targets.items():
         if name in out.targets:
             continue
-        terms = tuple(retag(term, -weight, 0) for _, _, step in sorted(t.steps, key=lambda s: s[0])
-                      for term in step.terms)
-        target = Target()
-        if terms:
-            target.steps.append(((0, ""), 0, Step(terms, "once")))
-        out.targets[name] = target
+        out.targets[name] = Target(steps=_inverse_steps(t, weight))
     return assemble(ctx, out, options)
+
+
+def _inverse_steps(t: Target, weight: float) -> list:
+    """The steps that take ``t``'s merge back out: rnd(M − w·ΣΔ) for LoRA terms (one rounding), or each tuner's
+    own inverse (PEFT's unmerge), the last merged first."""
+    ordered = sorted(t.steps, key=lambda s: s[0])
+    if any(step.rounding == "tuner" for _, _, step in ordered):
+        return [((0, ""), 0, Step((replace(step.terms[0], inverse=True),), "tuner"))
+                for _, _, step in reversed(ordered)]
+    terms = tuple(retag(term, -weight, 0) for _, _, step in ordered for term in step.terms)
+    return [((0, ""), 0, Step(terms, "once"))] if terms else []
 
 
 def _restore_from(base: Checkpoint | None, names: Mapping[str, None], ctx: PlanContext,

@@ -1,0 +1,164 @@
+"""Proof that a merge did something: per targeted tensor, the relative change ‖ΔW‖/‖W‖ actually written.
+
+A merge that silently equals its base (a zero ``lora_B``, a scale of 0, an adapter for other
+modules) is invisible in the output's shape and size. So every tensor an adapter targets gets a
+:class:`TensorChange`: ``‖M − W‖₂ / ‖W‖₂`` (Frobenius norms over all elements, M the written
+tensor, W the base tensor of the same name) and whether M equals W bit for bit.
+
+Measured two ways, with the same arithmetic (:meth:`ChangeTally.add` on row blocks):
+
+* during a merge, from each merged block while it is in memory (``execute`` calls ``add`` with the
+  base rows it read and the rows it computed): no extra read;
+* by ``verify``, from the output file against the base (:func:`measure`), which also covers saved
+  modules (``modules_to_save`` heads copied from the adapter) and shards a ``--resume`` kept.
+
+Squared norms are summed per 64-row block in fp32 (BLAS dot) and across blocks in float64 in row
+order, so the figures do not depend on the worker count. They are a report, not a check of bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from streammerge.formats.refs import TensorRef
+from streammerge.plan.geometry import ROW_ALIGN, row_blocks
+from streammerge.plan.types import Plan, TensorTask
+
+if TYPE_CHECKING:  # torch is needed once blocks are measured, not to import this (``api`` does, before planning)
+    import torch
+
+_CHUNK_ELEMS = 1 << 20  # fp32 scratch per chunk: 4 MiB for each of M and W
+
+
+@dataclass(frozen=True, slots=True)
+class TensorChange:
+    """What one targeted output tensor became, relative to the base tensor of the same name."""
+
+    name: str
+    modules: tuple[str, ...]  # adapter modules whose terms land here ("" for a saved module)
+    kind: str  # merge | replace
+    base_norm: float  # ‖W‖₂
+    delta_norm: float  # ‖M − W‖₂
+    unchanged: bool  # M == W bit for bit
+
+    @property
+    def relative(self) -> float:
+        """‖M − W‖ / ‖W‖ (inf for a change to an all-zero W; 0 for no change)."""
+        if self.delta_norm == 0:
+            return 0.0
+        return self.delta_norm / self.base_norm if self.base_norm else math.inf
+
+    def line(self) -> str:
+        where = ", ".join(self.modules) or "saved module"
+        state = "UNCHANGED (bit-identical to the base)" if self.unchanged else f"{self.relative:.3e}"
+        return f"{self.name} ({where}): relative change {state}"
+
+    def warning(self) -> str:
+        what = f"adapter module {', '.join(self.modules)}" if self.modules else "the adapter's saved module"
+        hint = "a zero lora_B or a zero scale?" if self.modules else "saved without training?"
+        return f"tensor {self.name!r} ({what}) equals the base bit for bit: the merge changed nothing there ({hint})"
+
+
+def targeted(task: TensorTask) -> bool:
+    """Tasks an adapter targets: merged (LoRA and the like) or replaced (saved modules)."""
+    return task.kind in ("merge", "replace")
+
+
+def modules_of(task: TensorTask) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(t.origin for s in task.steps for t in s.terms if t.origin))
+
+
+class ChangeTally:
+    """Squared norms per task, fed row block by row block (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, dict[int, tuple[float, float, bool]]] = {}
+        self._tasks: dict[str, TensorTask] = {}
+        self._lock = threading.Lock()
+
+    def add(self, task: TensorTask, r0: int, base: torch.Tensor, written: torch.Tensor) -> None:
+        """Rows ``r0…`` of ``task``: ``base`` the base rows (any float dtype), ``written`` the output rows."""
+        import torch
+
+        wsq, dsq = _block_norms(base, written)
+        same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
+        with self._lock:
+            self._tasks.setdefault(task.name, task)
+            self._parts.setdefault(task.name, {})[r0] = (wsq, dsq, same)
+
+    def result(self) -> tuple[TensorChange, ...]:
+        """One :class:`TensorChange` per task seen, in the order first seen (sorted by name)."""
+        out = []
+        for name in sorted(self._parts):
+            task, parts = self._tasks[name], self._parts[name]
+            blocks = [parts[r] for r in sorted(parts)]
+            out.append(TensorChange(
+                name, modules_of(task), task.kind, math.sqrt(math.fsum(b[0] for b in blocks)),
+                math.sqrt(math.fsum(b[1] for b in blocks)), all(b[2] for b in blocks),
+            ))
+        return tuple(out)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, float]:
+    """(‖W‖², ‖M − W‖²) of one block, in fp32 chunks of at most ``_CHUNK_ELEMS`` elements."""
+    import torch
+
+    w_flat, m_flat = base.reshape(-1), written.reshape(-1)
+    wsq = dsq = 0.0
+    for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
+        w = w_flat[i : i + _CHUNK_ELEMS].float()  # (n,) fp32 copies: the scratch is bounded by the chunk
+        d = m_flat[i : i + _CHUNK_ELEMS].float() - w  # never in place: .float() of fp32 is the output itself
+        wsq += float(torch.dot(w, w))
+        dsq += float(torch.dot(d, d))
+    return wsq, dsq
+
+
+def measure(plan: Plan, out_offsets: Mapping[str, TensorRef], base: Mapping[str, TensorRef],
+            rows: Callable[[TensorRef, int, int], torch.Tensor],
+            release: Callable[[TensorRef, int, int], None]) -> tuple[TensorChange, ...]:
+    """The change of every targeted task of ``plan``, read back from the written output.
+
+    ``out_offsets``: each output tensor's place in the output files; ``base``: each base tensor's;
+    ``rows(ref, r0, r1)`` reads rows (``TensorReader.rows``) and ``release(ref, r0, r1)`` drops them.
+    Tasks with no base tensor of the same name and shape (added tensors) are left out.
+    """
+    tally = ChangeTally()
+    for task in plan.tasks():
+        ref, src = out_offsets.get(task.name), base.get(task.name)
+        if not targeted(task) or ref is None or src is None or src.shape != task.shape:
+            continue
+        step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
+        for r0, r1 in row_blocks(task.rows, step):
+            tally.add(task, r0, rows(src, r0, r1), rows(ref, r0, r1))
+            release(src, r0, r1)
+            release(ref, r0, r1)
+    return tally.result()
+
+
+def summary_lines(changes: Sequence[TensorChange], *, every: bool = False) -> list[str]:
+    """A one-line digest (count, min/median/max relative change, how many unchanged), then per-tensor
+    lines: every tensor when ``every``, else only the unchanged ones."""
+    if not changes:
+        return ["changes: no targeted tensor measured"]
+    rel = [c.relative for c in changes if not c.unchanged]
+    stats = (f"relative change min {min(rel):.2e}, median {statistics.median(rel):.2e}, max {max(rel):.2e}"
+             if rel else "no tensor changed")
+    flagged = sum(c.unchanged for c in changes)
+    lines = [f"changes: {len(changes)} targeted tensor(s), {stats}; {flagged} unchanged"]
+    lines += [f"  {c.line()}" for c in changes if every or c.unchanged]
+    return lines
+
+
+def unchanged(changes: Iterable[TensorChange]) -> list[TensorChange]:
+    return [c for c in changes if c.unchanged]
