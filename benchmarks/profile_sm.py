@@ -65,6 +65,8 @@ TARGETS = [
     ("streammerge.digest", "piece_digest"),
     ("streammerge.digest", "range_digests"),
     ("streammerge.scatter", "wait"),  # the main thread waiting for workers
+    ("streammerge.changes", "ChangeTally.add"),  # the per-tensor change report (main after f7df494)
+    ("streammerge.changes", "BlockTally.chunk"),  # the same, fused into the kernel per chunk (perf)
 ]
 
 STATS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # (name, thread) -> calls, wall, cpu

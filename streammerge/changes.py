@@ -12,8 +12,9 @@ Measured two ways, with the same arithmetic (:meth:`ChangeTally.add` on row bloc
 * by ``verify``, from the output file against the base (:func:`measure`), which also covers saved
   modules (``modules_to_save`` heads copied from the adapter) and shards a ``--resume`` kept.
 
-Squared norms are summed per 64-row block in fp32 (BLAS dot) and across blocks in float64 in row
-order, so the figures do not depend on the worker count. They are a report, not a check of bytes.
+Squared norms are summed per chunk in fp32 (BLAS dot) and across chunks and blocks in float64 in row
+order, so the figures do not depend on the worker count (the chunking moves their last digits: they are a
+report, not a check of bytes).
 """
 
 from __future__ import annotations
@@ -83,13 +84,18 @@ class ChangeTally:
 
     def add(self, task: TensorTask, r0: int, base: torch.Tensor, written: torch.Tensor) -> None:
         """Rows ``r0…`` of ``task``: ``base`` the base rows (any float dtype), ``written`` the output rows."""
-        import torch
+        block = BlockTally()
+        w_flat, m_flat = base.reshape(-1), written.reshape(-1)
+        scratch = None
+        for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
+            scratch = block.chunk(w_flat[i : i + _CHUNK_ELEMS], m_flat[i : i + _CHUNK_ELEMS], scratch)
+        self.add_block(task, r0, block)
 
-        wsq, dsq = _block_norms(base, written)
-        same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
+    def add_block(self, task: TensorTask, r0: int, block: BlockTally) -> None:
+        """Rows ``r0…`` of ``task``, tallied chunk by chunk by ``block``."""
         with self._lock:
             self._tasks.setdefault(task.name, task)
-            self._parts.setdefault(task.name, {})[r0] = (wsq, dsq, same)
+            self._parts.setdefault(task.name, {})[r0] = (block.wsq, block.dsq, block.same)
 
     def result(self) -> tuple[TensorChange, ...]:
         """One :class:`TensorChange` per task seen, in the order first seen (sorted by name)."""
@@ -104,24 +110,40 @@ class ChangeTally:
         return tuple(out)
 
 
+class BlockTally:
+    """One block's squared norms, fed chunk by chunk: by ``ChangeTally.add``, or by the kernel while each
+    merged chunk is still in cache (``kernel.merge_checked``'s ``on_chunk``; no extra pass over memory)."""
+
+    __slots__ = ("dsq", "same", "wsq")
+
+    def __init__(self) -> None:
+        self.wsq = self.dsq = 0.0
+        self.same = True
+
+    def chunk(self, base: torch.Tensor, written: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Add (‖W‖², ‖M − W‖²) of one chunk (fp32 BLAS dots) and whether M == W bit for bit. ``scratch``: fp32
+        memory the caller no longer needs (at least the chunk's size), or None; returns the scratch used."""
+        import torch
+
+        n = base.numel()
+        if scratch is None or scratch.dtype != torch.float32 or scratch.numel() < n or not scratch.is_contiguous():
+            scratch = torch.empty(n, dtype=torch.float32, device=base.device)
+        s = scratch.view(-1)[:n]
+        s.copy_(written.reshape(-1))
+        s.sub_(base.reshape(-1))  # M − W, in fp32 (what ``M.float() - W.float()`` gives)
+        dsq = float(torch.dot(s, s))
+        s.copy_(base.reshape(-1))
+        self.wsq += float(torch.dot(s, s))
+        self.dsq += dsq
+        if self.same:
+            self.same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
+        return scratch
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     import torch
 
     return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, float]:
-    """(‖W‖², ‖M − W‖²) of one block, in fp32 chunks of at most ``_CHUNK_ELEMS`` elements."""
-    import torch
-
-    w_flat, m_flat = base.reshape(-1), written.reshape(-1)
-    wsq = dsq = 0.0
-    for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
-        w = w_flat[i : i + _CHUNK_ELEMS].float()  # (n,) fp32 copies: the scratch is bounded by the chunk
-        d = m_flat[i : i + _CHUNK_ELEMS].float() - w  # never in place: .float() of fp32 is the output itself
-        wsq += float(torch.dot(w, w))
-        dsq += float(torch.dot(d, d))
-    return wsq, dsq
 
 
 def measure(plan: Plan, out_offsets: Mapping[str, TensorRef], base: Mapping[str, TensorRef],

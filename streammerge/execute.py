@@ -29,6 +29,7 @@ import torch
 
 from streammerge import kernel
 from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers
+from streammerge.changes import BlockTally
 from streammerge.errors import NonFiniteError
 from streammerge.formats.reader import TensorReader
 from streammerge.plan import TensorTask, block_bytes, chunk_rows, row_blocks
@@ -102,6 +103,7 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
              buf: torch.Tensor | None = None) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
     w = reader.rows(task.source, r0, r1)
+    tally = opts.changes is not None and task.kind == "merge"
     device = torch.device(opts.device)
     dtype = kernel.TORCH_DTYPES[task.dtype]
     if device.type == "cuda":
@@ -112,8 +114,12 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
         dst = None
         if buf is not None:
             dst = buf[: w.numel() * dtype.itemsize].view(dtype).view(w.shape)
+        block = BlockTally() if tally else None  # fed by the kernel while each chunk is in cache
         out, suspect = kernel.merge_checked(w, dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
-                                            check_finite=opts.check_finite)
+                                            check_finite=opts.check_finite, on_chunk=block and block.chunk)
+        if block is not None:
+            opts.changes.add_block(task, r0, block)  # type: ignore[union-attr]
+            tally = False
     if suspect:  # the sum filter tripped: count exactly, against what the source already had
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
@@ -122,8 +128,8 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
-    if opts.changes is not None and task.kind == "merge":
-        opts.changes.add(task, r0, w, out)
+    if tally:  # the CUDA path: a pass over the block on the host
+        opts.changes.add(task, r0, w, out)  # type: ignore[union-attr]
     reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):
         # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run

@@ -21,7 +21,7 @@ counts are multiples of ``plan.ROW_ALIGN``; tested on real shapes in ``tests/tes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +212,7 @@ def merge_checked(
     *,
     out: torch.Tensor | None = None,
     check_finite: bool = False,
+    on_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object] | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``merge_block`` into ``out`` (a tensor of ``w``'s shape and ``out_dtype``, or None: a new one),
     with the NaN/inf filter of ``nonfinite_count`` run on each chunk while it is in cache.
@@ -224,6 +225,10 @@ def merge_checked(
     still in cache (it used to be a separate pass over the whole block). The ops, their order and
     dtypes are PEFT's. With ``out`` reused between blocks, the output costs no page faults either:
     measured, a fresh 32 MiB output cost as much as the arithmetic of that block.
+
+    ``on_chunk(w_rows, written_rows, scratch)`` is called after each chunk is stored, while both are in
+    cache (``changes.BlockTally.chunk``); ``scratch`` is the chunk's fp32 ΔW buffer, free by then (None
+    when the last step is not ``once``).
     """
     if out is None:
         out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
@@ -242,6 +247,8 @@ def merge_checked(
         chunk.copy_(cur)  # the cast to out_dtype: round to nearest even
         if check_finite and not suspect:
             suspect = not _finite_sum(chunk)
+        if on_chunk is not None:
+            on_chunk(w[c0:c1], chunk, cur if steps[-1][0] == "once" else None)
     return out, suspect
 
 
