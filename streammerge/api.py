@@ -19,7 +19,7 @@ from streammerge import budget, digest, manifest, scatter
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.budget import ExecOptions
 from streammerge.changes import ChangeTally, TensorChange
-from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from streammerge.checkpoint import Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
 from streammerge.options import MergeOptions
@@ -370,8 +370,8 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         written = scatter.write_shards(todo, out, opts, on_progress, on_shard=progress.record, checksum=checksum)
         files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
         if plan.write_index:
-            write_index(out, plan.index_json())
-            files.append(INDEX_NAME)
+            write_index(out, plan.index_json(), plan.index_name)
+            files.append(plan.index_name)
         progress.finish(files)
     except StreamMergeError as e:
         if isinstance(e, OutputError):  # disk full, unwritable: what is done stays for --resume

@@ -7,9 +7,9 @@ tensor, W the base tensor of the same name) and whether M equals W bit for bit.
 
 Measured two ways, with the same arithmetic (:meth:`ChangeTally.add` on row blocks):
 
-* during a merge, from each merged block while it is in memory (``execute`` calls ``add`` with the
-  base rows it read and the rows it computed): no extra read;
-* by ``verify``, from the output file against the base (:func:`measure`), which also covers saved
+* during a merge, from each merged chunk while it is in cache (the kernel feeds a ``BlockTally`` with
+  the base rows it read and the rows it stored, into the chunk's spent fp32 buffer): no extra read;
+* by ``verify``, from the output file against the base (:func:`measure_output`), which also covers saved
   modules (``modules_to_save`` heads copied from the adapter) and shards a ``--resume`` kept.
 
 Squared norms are summed per chunk in fp32 (BLAS dot) and across chunks and blocks in float64 in row
@@ -22,15 +22,17 @@ from __future__ import annotations
 import math
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streammerge.checkpoint import Checkpoint
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.types import Plan, TensorTask
 
-if TYPE_CHECKING:  # torch is needed once blocks are measured, not to import this (``api`` does, before planning)
+if TYPE_CHECKING:  # torch loads when blocks are measured, not to import this (``api`` does, before planning)
     import torch
 
 _CHUNK_ELEMS = 1 << 20  # fp32 scratch per chunk: 4 MiB for each of M and W
@@ -112,7 +114,7 @@ class ChangeTally:
 
 class BlockTally:
     """One block's squared norms, fed chunk by chunk: by ``ChangeTally.add``, or by the kernel while each
-    merged chunk is still in cache (``kernel.merge_checked``'s ``on_chunk``; no extra pass over memory)."""
+    merged chunk is still in cache (``kernel.merge_checked``'s ``on_chunk``: no second pass over memory)."""
 
     __slots__ = ("dsq", "same", "wsq")
 
@@ -128,12 +130,11 @@ class BlockTally:
         n = base.numel()
         if scratch is None or scratch.dtype != torch.float32 or scratch.numel() < n or not scratch.is_contiguous():
             scratch = torch.empty(n, dtype=torch.float32, device=base.device)
-        s = scratch.view(-1)[:n]
-        s.copy_(written.reshape(-1))
-        s.sub_(base.reshape(-1))  # M − W, in fp32 (what ``M.float() - W.float()`` gives)
-        dsq = float(torch.dot(s, s))
-        s.copy_(base.reshape(-1))
-        self.wsq += float(torch.dot(s, s))
+        d = scratch.view(-1)[:n]
+        d.copy_(base.reshape(-1))  # W in fp32, in memory of our own (never a view of W or M)
+        self.wsq += float(torch.dot(d, d))
+        d.neg_().add_(written.reshape(-1))  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
+        dsq = float(torch.dot(d, d))
         self.dsq += dsq
         if self.same:
             self.same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
@@ -146,25 +147,36 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def measure(plan: Plan, out_offsets: Mapping[str, TensorRef], base: Mapping[str, TensorRef],
-            rows: Callable[[TensorRef, int, int], torch.Tensor],
-            release: Callable[[TensorRef, int, int], None]) -> tuple[TensorChange, ...]:
-    """The change of every targeted task of ``plan``, read back from the written output.
+def measure_output(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[TensorChange, ...]:
+    """The change of every targeted task of ``plan`` as written in ``out``, against the base ``ckpt``.
 
-    ``out_offsets``: each output tensor's place in the output files; ``base``: each base tensor's;
-    ``rows(ref, r0, r1)`` reads rows (``TensorReader.rows``) and ``release(ref, r0, r1)`` drops them.
-    Tasks with no base tensor of the same name and shape (added tensors) are left out.
+    Shards of another size than the plan's are skipped (``verify`` reports them); tasks with no base
+    tensor of the same name and shape (added tensors) are left out.
     """
-    tally = ChangeTally()
-    for task in plan.tasks():
-        ref, src = out_offsets.get(task.name), base.get(task.name)
-        if not targeted(task) or ref is None or src is None or src.shape != task.shape:
+    placed: dict[str, TensorRef] = {}
+    for shard in plan.shards:
+        path = out / shard.filename
+        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
             continue
-        step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
-        for r0, r1 in row_blocks(task.rows, step):
-            tally.add(task, r0, rows(src, r0, r1), rows(ref, r0, r1))
-            release(src, r0, r1)
-            release(ref, r0, r1)
+        offset = len(shard.header)
+        for t in shard.tasks:
+            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
+            offset += t.nbytes
+    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
+            for name, (i, info) in ckpt.locate().items()}
+    from streammerge.formats.reader import TensorReader
+
+    tally = ChangeTally()
+    with TensorReader() as reader:
+        for task in plan.tasks():
+            ref, src = placed.get(task.name), base.get(task.name)
+            if not targeted(task) or ref is None or src is None or src.shape != task.shape:
+                continue
+            step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
+            for r0, r1 in row_blocks(task.rows, step):
+                tally.add(task, r0, reader.rows(src, r0, r1), reader.rows(ref, r0, r1))
+                reader.release(src, r0, r1)
+                reader.release(ref, r0, r1)
     return tally.result()
 
 

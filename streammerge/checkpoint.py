@@ -16,7 +16,7 @@ from types import MappingProxyType
 from streammerge.errors import CheckpointError
 from streammerge.formats.jsonfile import read_json
 from streammerge.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
-from streammerge.layout import INDEX_NAME, discover, resolve_subfolder  # noqa: F401 (INDEX_NAME: re-exported)
+from streammerge.layout import INDEX_NAME, discover, resolve_subfolder
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Checkpoint:
     config: Mapping[str, object]  # config.json ({} when absent)
     notes: tuple[str, ...] = ()  # how the shards were found, when a user should know (``layout.Layout.notes``)
     repository: Path | None = None  # the directory given, when ``root`` is a sub-folder of it (``subfolder``)
+    index_name: str = INDEX_NAME  # what a sharded output's index is called (diffusers' name for diffusers shards)
 
     def locate(self) -> dict[str, tuple[int, TensorInfo]]:
         """Map every tensor name to (shard number, its slot)."""
@@ -67,13 +68,14 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
     """
     path = Path(path)
     notes: tuple[str, ...] = ()
-    index_path = None
+    index_path, index_name = None, INDEX_NAME
     if path.is_file() and not subfolder:
         root, names, index = path.parent, (path.name,), None
     elif path.exists():
         root = resolve_subfolder(path, subfolder)
         found = discover(root)
         names, index, index_path, notes = found.names, found.index, found.index_path, found.notes
+        index_name = found.output_index
     else:
         raise CheckpointError(f"{path}: base checkpoint not found; pass --base DIR (a directory with *.safetensors)")
     shards = tuple(_read_shard(root / name) for name in names)
@@ -89,6 +91,7 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
         config=MappingProxyType(read_json(root / "config.json", CheckpointError, missing_ok=True)),
         notes=notes,
         repository=path if subfolder else None,
+        index_name=index_name,
     )
     for note in notes:
         LOG.warning("%s", note)

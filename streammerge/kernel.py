@@ -47,7 +47,7 @@ class Factors:
     weight: float = 1.0
     magnitude: torch.Tensor | None = None  # DoRA m: (out,) | (d,) for an embedding | (1, out, 1, …) for a conv
     indices: tuple[int, ...] = ()  # "rows": the row numbers that b's rows replace
-    expert: ExpertSlice | None = None  # layouts "expert" / "expert_t": which expert's rows of ΔP
+    expert: ExpertSlice | None = None  # "expert" / "expert_t": which expert's rows of ΔP; "fused*": E
     task: int = 0  # adapter index, for a combination step (``plan.LoraTerm.task``)
 
 
@@ -90,6 +90,26 @@ def expert_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
     return torch.einsum(spec, b3[:, :, e : e + 1], a3[e : e + 1, :, row0 + r0 : row0 + r1])[0]
 
 
+def fused_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
+    """Experts ``[r0, r1)`` of ΔP / s for a fused 3-D parameter the checkpoint stores fused (GPT-OSS), fp32.
+
+    PEFT ``ParamWrapper.get_delta_weight``: ``einsum("o r e, e r i -> e o i" | "… -> e i o", B3, A3)`` with
+    ``A3 = A.reshape(E, r, in)``, ``B3 = B.reshape(out, r, E)``. As in ``expert_delta``: a small ΔP is computed
+    whole and sliced; a real-sized one for the block's experts only (a batched product per expert), so a row
+    block of the task is a block of experts and memory stays at one block's ΔP.
+    """
+    assert f.expert is not None and f.a is not None
+    n = f.expert.count
+    a3 = f.a.reshape(n, -1, f.a.shape[1])  # (r·E, in) -> (E, r, in)
+    b3 = f.b.reshape(f.b.shape[0], -1, n)  # (out, r·E) -> (out, r, E)
+    spec = "o r e, e r i -> e o i" if f.layout == "fused" else "o r e, e r i -> e i o"
+    if n * b3.shape[0] * a3.shape[2] <= WHOLE_DELTA_ELEMENTS:
+        # (out, r, E) x (E, r, in) -> (E, out, in) | (E, in, out); then the block's experts
+        return torch.einsum(spec, b3, a3)[r0:r1]
+    # (out, r, e1-e0) x (e1-e0, r, in) -> (e1-e0, out, in) | (e1-e0, in, out)
+    return torch.einsum(spec, b3[:, :, r0:r1], a3[r0:r1])
+
+
 def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
     """Rows ``[r0, r1)`` of one term's ΔW, in fp32 (a fresh tensor the caller may modify)."""
     if f.layout == "linear":
@@ -106,6 +126,8 @@ def lora_delta(f: Factors, r0: int, r1: int) -> torch.Tensor:
         delta = conv_delta(f)[r0:r1]
     elif f.layout in ("expert", "expert_t"):
         delta = expert_delta(f, r0, r1)
+    elif f.layout in ("fused", "fused_t"):
+        delta = fused_delta(f, r0, r1)
     else:  # pragma: no cover - the planner only emits the layouts above
         raise AssertionError(f"unknown LoRA layout {f.layout!r}")
     delta.mul_(f.scale)  # PEFT: (B @ A) * scaling — the same elementwise op, in place

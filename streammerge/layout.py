@@ -34,6 +34,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 BIN_SINGLE_NAME = "pytorch_model.bin"
+DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+#: (index, single file, the output index's name): transformers' names, diffusers' (a pipeline's
+#: ``transformer/``, ``unet/``), then pickled transformers shards (written out as safetensors).
+_NAMED = ((INDEX_NAME, SINGLE_NAME, INDEX_NAME), (DIFFUSERS_INDEX_NAME, DIFFUSERS_SINGLE_NAME, DIFFUSERS_INDEX_NAME),
+          (BIN_INDEX_NAME, BIN_SINGLE_NAME, INDEX_NAME))
 
 _SHARD_RE = re.compile(r"(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)")
 
@@ -46,6 +52,7 @@ class Layout:
     index: dict | None  # the parsed index document, when one was followed
     index_path: Path | None
     notes: tuple[str, ...] = ()  # what a user should know (a reconstructed index, ignored files)
+    output_index: str = INDEX_NAME  # the index a sharded output is written with (diffusers keeps its own name)
 
 
 def resolve_subfolder(base: Path, subfolder: str | None) -> Path:
@@ -69,11 +76,11 @@ def resolve_subfolder(base: Path, subfolder: str | None) -> Path:
 
 def discover(root: Path) -> Layout:
     """The weight files of the base directory ``root`` (see the module docstring for the order)."""
-    for index_name, single in ((INDEX_NAME, SINGLE_NAME), (BIN_INDEX_NAME, BIN_SINGLE_NAME)):
+    for index_name, single, output_index in _NAMED:
         if (root / index_name).is_file():
-            return _follow_index(root, root / index_name)
+            return _follow_index(root, root / index_name, output_index)
         if (root / single).is_file():
-            return Layout((single,), None, None)
+            return Layout((single,), None, None, output_index=output_index)
     sharded = _reconstruct(root)
     if sharded is not None:
         return sharded
@@ -92,7 +99,7 @@ def discover(root: Path) -> Layout:
     raise CheckpointError(f"{root}: no *.safetensors checkpoint here{hint}{sub}; pass --base DIR with the base model")
 
 
-def _follow_index(root: Path, index_path: Path) -> Layout:
+def _follow_index(root: Path, index_path: Path, output_index: str) -> Layout:
     index = _read_index(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -103,7 +110,7 @@ def _follow_index(root: Path, index_path: Path) -> Layout:
         spelled.setdefault(str(PurePosixPath(file)), file)
     names = sorted(spelled)
     _refuse_same_file(root, index_path, [spelled[n] for n in names])
-    return Layout(tuple(names), index, index_path)
+    return Layout(tuple(names), index, index_path, output_index=output_index)
 
 
 def _read_index(path: Path) -> dict:
@@ -171,7 +178,7 @@ def _reconstruct(root: Path) -> Layout | None:
     groups: dict[tuple[str, str, int], dict[int, str]] = {}
     for p in sorted(root.iterdir()):
         m = _SHARD_RE.fullmatch(p.name)
-        if m and p.is_file():
+        if m and p.is_file() and (m["ext"] == "safetensors" or m["stem"] == "pytorch_model"):
             groups.setdefault((m["stem"], m["ext"], int(m["n"])), {})[int(m["k"])] = p.name
     safetensors = {k: v for k, v in groups.items() if k[1] == "safetensors"}
     groups = safetensors or groups
@@ -187,7 +194,7 @@ def _reconstruct(root: Path) -> Layout | None:
     width = len(next(iter(found.values())).rsplit("-of-", 1)[1].split(".")[0])
     missing = [f"{stem}-{k:0{width}d}-of-{n:0{width}d}.{ext}" for k in range(1, n + 1) if k not in found]
     extra = [found[k] for k in sorted(found) if not 1 <= k <= n]
-    index_name = INDEX_NAME if ext == "safetensors" else BIN_INDEX_NAME
+    index_name = f"{stem}.{ext}.index.json"
     if missing or extra:
         what = f"{_listed(missing)} missing" if missing else f"{_listed(extra)} outside 1..{n}"
         raise CheckpointError(
@@ -199,7 +206,8 @@ def _reconstruct(root: Path) -> Layout | None:
     ignored = f"; ignored {_listed(others)} beside them" if others else ""
     note = (f"{root}: no {index_name}: the index was reconstructed from the {n} shards "
             f"{names[0]} .. {names[-1]}{ignored}")
-    return Layout(names, None, None, (note,))
+    output_index = f"{stem}.safetensors.index.json" if ext == "safetensors" else INDEX_NAME
+    return Layout(names, None, None, (note,), output_index)
 
 
 def _weight_folders(root: Path) -> list[str]:

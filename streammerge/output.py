@@ -90,5 +90,5 @@ def write_side_files(
     return written
 
 
-def write_index(out: Path, index_json: str) -> None:
-    write_atomic(out / INDEX_NAME, index_json.encode("utf-8"))
+def write_index(out: Path, index_json: str, name: str = INDEX_NAME) -> None:
+    write_atomic(out / name, index_json.encode("utf-8"))

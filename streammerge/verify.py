@@ -10,7 +10,9 @@ and checks, without trusting anything in the output directory:
 * every tensor: untouched ones byte-identical to their source (the base, or the adapter for a
   saved module); computed ones byte-identical to a recomputation through the same plan and
   kernel (``execute.pieces`` for all rows, or ``sample`` rows per tensor in whole 64-row blocks
-  via ``execute.compute_rows``).
+  via ``execute.compute_rows``);
+* every targeted tensor's change against the base (``changes.measure_output``): one equal to the base
+  bit for bit is a warning, a problem under ``against_base``.
 
 Bytes are compared, not values, so NaN payloads and signed zeros count too.
 """
@@ -39,7 +41,7 @@ from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
 from streammerge.options import MergeOptions
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorRef, TensorTask, row_blocks
+from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
 
 if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
@@ -158,7 +160,7 @@ def verify(
     opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
-    measured = _measure_changes(out, plan, ckpt)
+    measured = changes.measure_output(out, plan, ckpt)
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
         found.add(text)
@@ -200,25 +202,6 @@ def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None,
     ckpt = read_checkpoint(Path(base) if base is not None else find_base(loaded[0]), subfolder)
     original = read_checkpoint(Path(recorded.original_base)) if recorded.original_base else None
     return ckpt, loaded, original
-
-
-def _measure_changes(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[changes.TensorChange, ...]:
-    """``changes.measure`` over the output shards that have the plan's size (others are already problems)."""
-    placed: dict[str, TensorRef] = {}
-    for shard in plan.shards:
-        path = out / shard.filename
-        if not path.is_file() or path.stat().st_size != len(shard.header) + shard.data_size:
-            continue
-        offset = len(shard.header)
-        for t in shard.tasks:
-            placed[t.name] = TensorRef(str(path), t.name, t.dtype, t.shape, offset)
-            offset += t.nbytes
-    base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
-            for name, (i, info) in ckpt.locate().items()}
-    from streammerge.formats.reader import TensorReader
-
-    with TensorReader() as reader:
-        return changes.measure(plan, placed, base, reader.rows, reader.release)
 
 
 def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
@@ -268,9 +251,9 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
     for name in sorted(os.listdir(out)):
         if name == manifest.PROGRESS_NAME or is_temporary(name):
             found.add(f"{out / name}: left by an unfinished merge; rerun the merge with --resume")
-        elif name not in expected and (name.endswith(".safetensors") or name == INDEX_NAME):
+        elif name not in expected and (name.endswith(".safetensors") or name in (INDEX_NAME, plan.index_name)):
             found.add(f"{out / name}: not part of this merge's output")
-    index = out / INDEX_NAME
+    index = out / plan.index_name
     if plan.write_index:
         if not index.is_file():
             found.add(f"{index}: missing")

@@ -129,8 +129,10 @@ def test_block_tallies_add_up_to_the_whole_tensor_norms(rows, cols, cuts, seed, 
     m = (w.float() + torch.randn(rows, cols, generator=gen) * 0.01).to(dtype)
     tally = ChangeTally()
     edges = sorted({0, rows, *(c for c in cuts if c < rows)})
+    w_before, m_before = w.clone(), m.clone()
     for r0, r1 in reversed(list(itertools.pairwise(edges))):  # any order, as threads finish
         tally.add(_task((rows, cols)), r0, w[r0:r1], m[r0:r1])
+    assert torch.equal(w, w_before) and torch.equal(m, m_before)  # measured, never touched (fp32 views too)
     (change,) = tally.result()
     wd, md = w.double(), m.double()
     assert change.base_norm == pytest.approx(float(wd.norm()), rel=1e-5)
@@ -177,3 +179,17 @@ def test_verify_measures_saved_modules_too(tmp_path, trained, capsys):
     else:
         assert report.problems == (f"{tmp_path / 'out'}: tensor 'lm_head.weight' (the adapter's saved module) equals "
                                    "the base bit for bit: the merge changed nothing there (saved without training?)",)
+
+
+def test_the_cli_prints_a_digest_and_the_flagged_tensors(merged, tmp_path, capsys):
+    base, _, _, noop, _ = merged
+    argv = ["merge", "--base", str(base), "--adapter", str(noop), "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("changes: 14 targeted tensor(s), relative change min ") and lines[1].endswith(
+        "; 1 unchanged")
+    assert lines[2:] == [f"  {NOOP}.weight ({NOOP}): relative change UNCHANGED (bit-identical to the base)"]
+    assert main([*argv, "--out", str(tmp_path / "b"), "-v"]) == 0  # -v: every targeted tensor
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith("  model.layers.")]) == 14

@@ -223,3 +223,36 @@ def test_a_multi_model_repository_without_subfolder_points_at_the_option(templat
     line = _refused(template, root, tmp_path / "out", capsys)
     assert line == (f"error: {root}: no *.safetensors checkpoint here; its sub-folders text_encoder, unet hold "
                     "weights: pass --base-subfolder NAME; pass --base DIR with the base model")
+
+
+def test_a_diffusers_sharded_model_keeps_its_file_and_index_names(template, tmp_path, capsys):
+    sub = tmp_path / "pipeline" / "transformer"
+    shutil.copytree(template / "base", sub)
+    rename = {s: s.replace("model-", "diffusion_pytorch_model-") for s in SHARDS}
+    for old, new in rename.items():
+        (sub / old).rename(sub / new)
+    doc = json.loads((sub / INDEX).read_text())
+    doc["weight_map"] = {k: rename[v] for k, v in doc["weight_map"].items()}
+    (sub / INDEX).unlink()
+    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(doc))
+    save_file({"junk": torch.zeros(2)}, str(sub / "model.safetensors.bak.safetensors"))  # never globbed
+    out = tmp_path / "out"
+    assert _merge_cli(template, tmp_path / "pipeline", out, "--base-subfolder", "transformer") == 0
+    ref = _weights(template / "ref")
+    want = {rename.get(n, n): data for n, data in ref.items() if n != INDEX}
+    want["diffusion_pytorch_model.safetensors.index.json"] = ref[INDEX].decode().replace(
+        '"model-', '"diffusion_pytorch_model-').encode()
+    got = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("diffusion_pytorch_model")}
+    assert got == want and not (out / INDEX).exists()
+    assert main(["verify", "--out", str(out)]) == 0, capsys.readouterr().out
+
+
+def test_diffusers_shards_without_their_index_are_reconstructed_under_diffusers_names(template, case):
+    base = case / "base"
+    (base / INDEX).unlink()
+    for s in SHARDS:
+        (base / s).rename(base / s.replace("model-", "diffusion_pytorch_model-"))
+    report = streammerge.merge(base=base, adapter=template / "adapter", out=case / "out", device="cpu")
+    assert report.warnings[0].startswith(f"{base}: no diffusion_pytorch_model.safetensors.index.json: the index "
+                                         "was reconstructed from the 3 shards")
+    assert (case / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()

@@ -27,6 +27,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import streammerge
+from streammerge import execute
 from streammerge.cli import main
 from streammerge.header import read_header
 
@@ -72,14 +73,16 @@ def test_logits_match_peft(built, tuner, family):
 
 
 @pytest.mark.parametrize("tuner", TUNERS)
-def test_verify_passes_catches_a_flip_and_resume_keeps_shards(built, tuner):
-    case, out = _case(built, tuner, "llama")
-    report = streammerge.verify(out=out, base=case.base_dir, adapter=case.adapter_dir, device="cpu")
+def test_verify_and_resume_from_out_alone_and_a_flip_is_caught(built, tuner, capsys):
+    """The round trip of the brief: merge, then ``verify`` and ``--resume`` with nothing but ``--out``."""
+    _, out = _case(built, tuner, "llama")
+    assert main(["verify", "--out", str(out), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    report = streammerge.verify(out=out, device="cpu")
     assert report.ok and report.tensors_recomputed == 14, report.problems
+    sampled = streammerge.verify(out=out, device="cpu", sample=1)  # one block per tensor (whole tasks: all rows)
+    assert sampled.ok and sampled.rows_recomputed <= report.rows_recomputed, sampled.problems
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.safetensors")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu", resume=True)
+    assert main(["merge", "--out", str(out), "--resume", "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.safetensors")} == stamps
     flipped = out.parent / "flipped"
     shutil.copytree(out, flipped)
@@ -89,9 +92,10 @@ def test_verify_passes_catches_a_flip_and_resume_keeps_shards(built, tuner):
     data = bytearray(shard.read_bytes())
     data[header.data_start + info.begin + info.nbytes - 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    report = streammerge.verify(out=flipped, base=case.base_dir, adapter=case.adapter_dir, device="cpu")
+    report = streammerge.verify(out=flipped, device="cpu")
     hits = [p for p in report.problems if repr(FLIPPED) in p]
     assert len(hits) == 1 and "1 byte(s) differ from the recomputation" in hits[0], report.problems
+    assert main(["verify", "--out", str(flipped), "--device", "cpu", "-q"]) == 1
 
 
 def _peft_unmerged(case: tc.TunerCase) -> dict[str, torch.Tensor]:
@@ -110,8 +114,16 @@ def _peft_unmerged(case: tc.TunerCase) -> dict[str, torch.Tensor]:
 def test_unmerge_is_peft_unmerge(built, tuner, family):
     case, out = _case(built, tuner, family)
     back = out.parent / "unmerged"
-    streammerge.unmerge(merged=out, adapter=case.adapter_dir, out=back, device="cpu")
-    assert oracle.diff_checkpoints(oracle.load_checkpoint(back), _peft_unmerged(case)) == []
+    want = _peft_unmerged(case)
+    if family == "llama_emb":
+        # PEFT saves a targeted embedding whole (save_embedding_layers="auto"): a full tensor, restored from --base
+        streammerge.unmerge(merged=out, adapter=case.adapter_dir, out=back, device="cpu", base=case.base_dir)
+        want["model.embed_tokens.weight"] = oracle.load_checkpoint(case.base_dir)["model.embed_tokens.weight"]
+    else:
+        streammerge.unmerge(merged=out, adapter=case.adapter_dir, out=back, device="cpu")
+    assert oracle.diff_checkpoints(oracle.load_checkpoint(back), want) == []
+    report = streammerge.verify(out=back, device="cpu")  # the unmerge is replayed from its manifest too
+    assert report.ok, report.problems
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -225,3 +237,76 @@ def test_vera_without_saved_projections_regenerates_them(tmp_path):
         streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
     want = {k: v for k, v in ref.state_dict().items() if k in oracle.load_checkpoint(base)}
     assert oracle.diff_checkpoints(oracle.load_checkpoint(out), want) == []
+
+
+# ------------------------------------------------------------------------------------------ row blocks
+
+
+class Wide(torch.nn.Module):
+    """One wide Linear (1024 rows) with a bias: cut into many 64-row blocks under a small budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 1024)
+
+
+ROW_BLOCKED = [("loha", peft.LoHaConfig, {"r": 4, "alpha": 8, "init_weights": False}),
+               ("ia3", peft.IA3Config, {"init_ia3_weights": False, "feedforward_modules": []}),
+               ("ia3-ff", peft.IA3Config, {"init_ia3_weights": False, "feedforward_modules": ["lin"]}),
+               ("vera", peft.VeraConfig, {"r": 4, "init_weights": False}),
+               ("shira", peft.ShiraConfig, {"r": 2, "init_weights": False}),
+               ("miss", peft.MissConfig, {"r": 4, "init_weights": False}),
+               ("miss-mini", peft.MissConfig, {"r": 4, "init_weights": "mini", "mini_r": 16})]
+
+
+@pytest.mark.parametrize(("name", "cls", "kw"), [pytest.param(*c, id=c[0]) for c in ROW_BLOCKED])
+def test_row_blocked_tuners_merge_block_by_block_bit_identical_to_peft(tmp_path, name, cls, kw):
+    """Tuners whose rows are independent run in 64-row blocks (and cache-sized kernel chunks) on 2 workers."""
+    torch.manual_seed(oracle.SEED)
+    net = Wide().to(torch.bfloat16)
+    base, adapter, out = tmp_path / "base", tmp_path / "ad", tmp_path / "out"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, base / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(net, cls(target_modules=["lin"], **kw))
+        tc.perturb(pm, oracle.SEED + 9)
+        pm.save_pretrained(adapter)
+    fresh = Wide().to(torch.bfloat16)
+    fresh.load_state_dict(load_file(base / "model.safetensors"))
+    ref = PeftModel.from_pretrained(fresh, adapter).merge_and_unload().state_dict()
+
+    budget = 2 << 20
+    (task,) = [t for t in streammerge.plan_merge(base=base, adapter=adapter).tasks() if t.name == "lin.weight"]
+    opts = execute.ExecOptions(torch.device("cpu"), workers=2, max_memory=budget)
+    assert not task.whole and execute.block_rows(task, opts) < task.rows  # really cut into blocks
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", workers=2, max_memory=budget)
+    ours = load_file(out / "model.safetensors")
+    assert oracle.diff_checkpoints(ours, ref) == []
+    assert not torch.equal(ours["lin.weight"], load_file(base / "model.safetensors")["lin.weight"])
+
+
+def test_a_budget_below_a_whole_tensor_tuner_task_is_refused_with_the_need(built, tmp_path, capsys):
+    """OFT rotates whole tensors: its task, with the in×in rotation scratch, is the plan's indivisible minimum."""
+    case, _ = _case(built, "oft", "llama")
+    plan = streammerge.plan_merge(base=case.base_dir, adapter=case.adapter_dir)
+    down = next(t for t in plan.tasks() if t.name == "model.layers.0.mlp.down_proj.weight")
+    assert down.whole and plan.min_memory() >= 3 * 4 * 128 * 128  # down_proj: in = 128
+    out = tmp_path / "out"
+    code, err = _cli(capsys, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir),
+                     "--out", str(out), "--max-memory", "100KB")
+    assert code == 2 and "below this plan's minimum working set" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "boft"])
+def test_modules_to_save_beside_a_tuner_replace_first_then_the_tuner_merges(built, tuner):
+    """A trained lm_head (modules_to_save) is a full tensor: replaced as PEFT's load_state_dict does."""
+    case = tc.build(tuner, "llama", built["root"], modules_to_save=["lm_head"])
+    out = case.base_dir.parent / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu")
+    ours, base = oracle.load_checkpoint(out), oracle.load_checkpoint(case.base_dir)
+    assert oracle.diff_checkpoints(ours, case.ref) == []
+    assert not torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
+    assert torch.equal(tc.forward(tc.load_output("llama", out), "llama", case.inputs), case.ref_logits)

@@ -8,7 +8,8 @@
     ref/      ``PeftModel.from_pretrained(fresh base, adapter).merge_and_unload()`` saved (HF families)
 
 and returns a :class:`TunerCase` with PEFT's merged tensors and its logits on a fixed input.
-Families: ``llama`` (every linear layer), ``qwen2`` (linear layers with q/k/v biases), ``gpt2`` (HF
+Families: ``llama`` (every linear layer; ``llama_emb``: and the input embedding),
+``qwen2`` (linear layers with q/k/v biases), ``gpt2`` (HF
 ``Conv1D``), ``conv`` (a custom ``nn.Module`` with ``Conv2d`` layers; PEFT supports it for these tuners).
 """
 
@@ -53,7 +54,8 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "lokr": {"llama": {"r": 4, "alpha": 8}, "conv": {"r": 4, "alpha": 8}},
     "ia3": {"llama": {"feedforward_modules": ["down_proj"]}, "gpt2": {"feedforward_modules": ["c_fc"]}},
     "vera": {"llama": {"r": 4}, "gpt2": {"r": 4}},
-    "oft": {"llama": {"r": 0, "oft_block_size": 8}, "conv": {"r": 0, "oft_block_size": 8}},
+    "oft": {"llama": {"r": 0, "oft_block_size": 8}, "conv": {"r": 0, "oft_block_size": 8},
+            "llama_emb": {"r": 0, "oft_block_size": 8}},
     "boft": {"llama": {"boft_block_size": 8}, "conv": {"boft_block_size": 8}},
     "fourierft": {"llama": {"n_frequency": 50}, "gpt2": {"n_frequency": 50}},
     "hra": {"llama": {"r": 4}, "conv": {"r": 4}},
@@ -71,6 +73,7 @@ _CLASSES = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig, "ia3": peft.IA3Con
 _INIT = {"ia3": {"init_ia3_weights": False}, "miss": {}}
 _FAMILIES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "llama": (oracle.llama(), LINEAR),
+    "llama_emb": (oracle.llama(), [*LINEAR, "embed_tokens"]),  # OFT also rotates embeddings
     "qwen2": (oracle.qwen2, LINEAR),
     "gpt2": (oracle.gpt2, GPT2),
     "conv": (ConvNet, CONV),

@@ -50,7 +50,7 @@ def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
     if cfg.peft_type in TUNERS:
         plan_tuned(ctx, src, draft)
         return
-    keys = [naming.parse_key(k) for k in src.adapter.weights.names()]
+    keys = [k for k in map(naming.parse_key, src.adapter.weights.names()) if k.role != "original_module"]
     by_module: dict[str, dict[str, naming.AdapterKey]] = defaultdict(dict)
 
     refused = [k for k in keys if k.role == "other_lora"]
@@ -104,7 +104,7 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
     for name in ctx.located:
         if name in draft.drop:
             continue
-        tasks_by_name[name] = _task(name, ctx.ref(name), targets.get(name))
+        tasks_by_name[name] = _task(name, ctx.ref(name), targets.get(name), ctx.aliases)
     for name, ref in draft.added.items():
         tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
 
@@ -116,14 +116,16 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         config_updates=tuple(draft.config_updates.items()),
         warnings=tuple(warnings),
         dropped=tuple(sorted(draft.drop)),
+        index_name=ctx.ckpt.index_name,
     )
 
 
-def _task(name: str, base: TensorRef, target: Target | None) -> TensorTask:
+def _task(name: str, base: TensorRef, target: Target | None, aliases: naming.Aliases) -> TensorTask:
     if target is None:
         return TensorTask(name, base.dtype, base.shape, base)
     source = target.replacement or base
-    steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], s[0])))
+    # adapters in order; within one, modules in PEFT's merge order (faces of a tie: named_modules order)
+    steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], aliases.face_order(s[0]))))
     kind = "merge" if steps else "replace"
     return TensorTask(name, base.dtype, source.shape, source, steps, kind)
 

@@ -26,7 +26,7 @@ class PlanContext:
 
     ckpt: Checkpoint
     located: Mapping[str, tuple[int, TensorInfo]]
-    aliases: Mapping[str, str]
+    aliases: naming.Aliases  # tied names, and the model's own rules read lazily (naming.Aliases)
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> PlanContext:

@@ -38,7 +38,8 @@ def plan_replacement(ctx: PlanContext, src: AdapterInput, draft: Draft, k: namin
             return
         problems.append(
             f"{src.where}: adapter tensor {k.key!r} names {k.target!r}, which is not in the base "
-            f"checkpoint{naming.suggest(k.target, located.keys())}; is this adapter for a different base model?"
+            f"checkpoint{naming.suggest(k.target, located.keys(), aliases)}; is this adapter for a different base "
+            "model?"
         )
         return
     base = located[target][1]

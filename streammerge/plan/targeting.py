@@ -92,6 +92,7 @@ def resolve_target(ctx: PlanContext, src: AdapterInput, draft: Draft, module: st
     if target is None:
         draft.problems.append(
             f"{src.where}: {what} for module {module!r} targets {name!r}, which is not in the base "
-            f"checkpoint{naming.suggest(name, ctx.located.keys())}; is this adapter for a different base model?"
+            f"checkpoint{naming.suggest(name, ctx.located.keys(), ctx.aliases)}; is this adapter for a different base "
+            "model?"
         )
     return target

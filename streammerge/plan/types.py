@@ -40,6 +40,9 @@ class LoraTerm:
     * ``expert``:    W (out_e, in) one expert's disk tensor; A (r·E, in), B (out, r·E) of a fused 3-D
       parameter (E, out, in); ΔW = rows ``expert.row0…`` of ΔP[e] (``kernel.expert_delta``)
     * ``expert_t``:  same, the parameter read as (E, in, out) (peft 0.17–0.19.0)
+    * ``fused``:     W (E, out, in) the fused parameter as the checkpoint stores it; A (r·E, in), B (out, r·E);
+      ΔW = experts ``[r0, r1)`` of ΔP (``kernel.fused_delta``); ``expert`` carries E (index 0, row0 0)
+    * ``fused_t``:   W (E, in, out) stored fused, experts ``is_transposed`` (GPT-OSS); A (r·E, in), B (out, r·E)
 
     ``magnitude`` is DoRA's ``lora_magnitude_vector`` (its step has rounding ``dora``).
     """
@@ -52,7 +55,7 @@ class LoraTerm:
     origin: str = ""  # adapter key stem, for messages
     magnitude: TensorRef | None = None
     indices: tuple[int, ...] = ()
-    expert: ExpertSlice | None = None  # layouts expert / expert_t only
+    expert: ExpertSlice | None = None  # layouts expert / expert_t (and fused / fused_t: the count E) only
     task: int = 0  # which adapter (task vector) the term belongs to, for a Step's ``combination``
 
     def refs(self) -> tuple[TensorRef, ...]:
@@ -225,6 +228,7 @@ class Plan:
     config_updates: tuple[tuple[str, object], ...]
     warnings: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
+    index_name: str = INDEX_NAME  # the base's kind of index (``Checkpoint.index_name``)
 
     def tasks(self) -> tuple[TensorTask, ...]:
         return tuple(t for s in self.shards for t in s.tasks)
@@ -261,7 +265,7 @@ class Plan:
             f"plan: {c['merge']} tensors to merge, {c['replace']} to replace, {c['add']} to add, "
             f"{c['copy']} to copy, {c['drop']} to drop",
             f"output: {len(self.shards)} shard(s), {gb:.3f} GB"
-            + (f", index {INDEX_NAME}" if self.write_index else ""),
+            + (f", index {self.index_name}" if self.write_index else ""),
             f"minimum working memory: {self.min_memory() / 2**20:.1f} MiB",
         ]
         lines += [f"config: {k} = {json.dumps(v)}" for k, v in self.config_updates]

@@ -23,6 +23,8 @@ def _touched(adapter: Adapter, ctx: PlanContext) -> list[str]:
     out = []
     for key in adapter.weights.names():
         k = naming.parse_key(key)
+        if k.role == "original_module":
+            continue
         name = k.target if k.role == "tensor" else f"{k.module}.{'bias' if k.role == 'lora_B_bias' else 'weight'}"
         target = ctx.resolve(name)
         if target is not None and target not in out:

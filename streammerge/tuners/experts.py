@@ -93,7 +93,8 @@ class ParamDelta:
     """What one wrapped parameter adds to one disk tensor.
 
     ``layout``: ``linear`` (2-D parameter, ΔW = B @ A · s), ``expert`` (P (E, out, in), peft ≥ 0.19.1) or
-    ``expert_t`` (P read as (E, in, out): peft 0.17–0.19.0).
+    ``expert_t`` (P read as (E, in, out): peft 0.17–0.19.0) onto one per-expert disk tensor; ``fused`` /
+    ``fused_t`` onto a 3-D disk tensor stored as P itself (E, out, in) / (E, in, out) (GPT-OSS).
     """
 
     target: str
@@ -108,12 +109,17 @@ class ParamDelta:
 def targeted_params(module: str, target_parameters: Iterable[str]) -> list[str]:
     """Parameters of ``module`` that ``target_parameters`` targets, in registration order when known.
 
-    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex).
+    PEFT ``BaseTuner._inject_parameters`` matches ``f"{module}.{param}" == t or .endswith("." + t)`` (no regex)
+    over the parameters the module *has*. Without the model: the fused expert parameters belong to a module named
+    ``experts`` (PEFT 0.21 adds bare ``down_proj``/``gate_up_proj`` entries for DeepSeek-V3, which must not
+    make ``lm_head.down_proj`` of a plain ``lm_head`` LoRA).
     """
     found: list[str] = []
     for t in target_parameters:
         param = t.rpartition(".")[2]
         full = f"{module}.{param}"
+        if param in FUSED_PARAMS and module.rpartition(".")[2] != "experts":
+            continue
         if (full == t or full.endswith("." + t)) and param not in found:
             found.append(param)
     return sorted(found, key=lambda p: FUSED_PARAMS.index(p) if p in FUSED_PARAMS else len(FUSED_PARAMS))
@@ -172,6 +178,8 @@ def plan_wrapped(
     scale = cfg.scale_for(wp.path)  # r and α patterns match the parameter path (spec §1.1)
     rank = cfg.rank_for(wp.path)
     direct = naming.resolve(f"{wp.path}", located.keys(), aliases)
+    if direct is not None and len(located[direct][1].shape) == 3:
+        return _plan_fused_on_disk(where, cfg, wp, a, b, rank, scale, direct, located[direct][1], aliases, problems)
     if direct is not None:
         return _plan_2d(where, wp, a, b, rank, scale, direct, located[direct][1], problems)
     disk = find_disk_experts(wp, located.keys(), aliases)
@@ -179,11 +187,43 @@ def plan_wrapped(
         problems.append(
             f"{where}: target_parameters LoRA {wp.a_key!r} adapts {wp.path!r}, which is neither in the base "
             f"checkpoint nor a fused expert tensor whose per-expert tensors are there"
-            f"{naming.suggest(wp.path, located.keys())}; is this adapter for a different base model?"
+            f"{naming.suggest(wp.path, located.keys(), aliases)}; is this adapter for a different base model?"
         )
         return []
     layout, names = disk
     return _plan_fused(where, cfg, wp, a, b, rank, scale, layout, names, located, problems)
+
+
+def _plan_fused_on_disk(where, cfg, wp, a, b, rank, scale, target, w, aliases, problems) -> list[ParamDelta]:
+    """A 3-D parameter the checkpoint stores fused as it is in memory (GPT-OSS ``experts.gate_up_proj`` (E, H, 2I),
+    ``down_proj`` (E, I, H)): PEFT's ΔP whole, then ``P + rnd(ΔP)``.
+
+    PEFT reads P as (E, out, in) unless the experts module is ``is_transposed`` (then (E, in, out)); the factors'
+    shapes tell which, and for a square parameter the model's rules do (``ModelRules.is_transposed``).
+    """
+    n, d1, d2 = w.shape
+    re_ = rank * n
+    swapped = a.shape == (re_, d2) and b.shape == (d1, re_)  # P[e] is (out = d1, in = d2)
+    transposed = a.shape == (re_, d1) and b.shape == (d2, re_)  # P[e] is (in = d1, out = d2)
+    if swapped and transposed:
+        known = aliases.rules.is_transposed(wp.module) if isinstance(aliases, naming.Aliases) else None
+        if known is None:
+            problems.append(
+                f"{where}: {wp.path!r} is stored fused on disk as {target!r} {w.shape}, square per expert; without "
+                "the model's rules (transformers, or the table) streammerge cannot tell whether PEFT reads it as "
+                "(E, in, out) or (E, out, in): install transformers, or merge this adapter with PEFT"
+            )
+            return []
+        swapped = not known
+    elif not (swapped or transposed):
+        problems.append(
+            f"{where}: target_parameters LoRA for {wp.path!r} has A {a.shape} and B {b.shape}; for the fused tensor "
+            f"{target!r} {w.shape} with r={rank} PEFT saves A {(re_, d2)} and B {(d1, re_)} (experts (E, out, in)) "
+            f"or A {(re_, d1)} and B {(d2, re_)} (experts (E, in, out)); check r / rank_pattern and the base model"
+        )
+        return []
+    layout = "fused" if swapped else "fused_t"
+    return [ParamDelta(target, layout, a, b, scale, wp.path, ExpertSlice(0, n, 0))]
 
 
 def _plan_2d(where, wp, a, b, rank, scale, target, w, problems) -> list[ParamDelta]:

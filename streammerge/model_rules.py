@@ -1,0 +1,282 @@
+"""A model's own naming rules: which in-memory tensors are tied to which, and the disk name of each in-memory name.
+
+transformers v5 (1) ties parameters the class declares in ``_tied_weights_keys`` (a dict target -> source, per
+``PreTrainedModel`` sub-model, switched on by that sub-model's ``config.tie_word_embeddings``) and drops the targets
+from the checkpoints it saves; (2) renames tensors between disk and memory with its checkpoint conversion mapping
+(``transformers.conversion_mapping``), reverting the renames when it saves. A PEFT adapter names the *in-memory*
+modules, the checkpoint keeps the *disk* names; this module tells the planner how to get from one to the other.
+
+Two sources, same answer:
+
+* ``from_transformers(config)``: when transformers is importable, the class of ``config["architectures"][0]`` is
+  built on the meta device (no memory, no weights) and asked. Imported lazily, only when a name does not resolve
+  directly (``naming.resolve``), so a merge that does not need it never pays for the import.
+* ``from_table(config)``: the fallback, ``model_rules_table.TABLE``, generated from transformers by
+  ``python -m streammerge.model_rules`` (the same extraction, with index placeholders) for the architectures in
+  ``TABLE_ARCHITECTURES``; ``tests/test_model_rules.py`` fails when it drifts from the installed transformers.
+
+Fused MoE experts (many disk tensors <- one in-memory tensor) are not renames; ``streammerge.experts`` de-fuses them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+LOG = logging.getLogger(__name__)
+
+#: Set to 1 to never import transformers (the fallback table answers alone).
+NO_TRANSFORMERS_ENV = "STREAMMERGE_NO_TRANSFORMERS"
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path component: layers.<3>.mlp, experts.<7>
+TIE_FLAG = "tie_word_embeddings"
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """Tied tensors and v5 renames of one model, in-memory names throughout but ``renames``' values."""
+
+    source: str  # "transformers 5.24.0 (LlamaForCausalLM)" or "table (transformers 5.24.0)"
+    tied: Mapping[str, str] = field(default_factory=dict)  # in-memory target -> in-memory source (tie flag on)
+    renames: Mapping[str, str] = field(default_factory=dict)  # in-memory name -> disk name (one-to-one only)
+    #: modules owning a tied tensor, in ``named_modules`` order: the order PEFT's merge_and_unload visits (and so
+    #: sums into the one stored tensor) the LoRAs on two faces of a tie.
+    order: tuple[str, ...] = ()
+    #: fused MoE ``experts`` modules declared ``is_transposed`` (parameters (E, in, out), e.g. GPT-OSS): PEFT's
+    #: ParamWrapper keeps their in/out, so ΔP[e] = (B_e A_e)ᵀ; other experts are (E, out, in).
+    transposed: tuple[str, ...] = ()
+
+    def rank(self, module: str) -> int | None:
+        """Position of ``module`` (or of its index template) in ``order``; None when it owns no tie."""
+        for key in (module, template(module)):
+            if key in self.order:
+                return self.order.index(key)
+        return None
+
+    def is_transposed(self, module: str) -> bool | None:
+        """Whether the fused experts ``module`` store (E, in, out); None when these rules know no model."""
+        if self.source == EMPTY_SOURCE:
+            return None
+        return module in self.transposed or template(module) in self.transposed
+
+    def disk_name(self, name: str) -> str:
+        """The name ``name`` (in memory) has in a checkpoint transformers saves: tie, then rename."""
+        source = self.tied.get(name, name)
+        return self.renames.get(source, source)
+
+
+EMPTY_SOURCE = "no known model"
+EMPTY = ModelRules(EMPTY_SOURCE)
+
+
+def rules_for(config: Mapping[str, object]) -> ModelRules:
+    """The rules of the checkpoint whose ``config.json`` is ``config`` (transformers if importable, else table)."""
+    return _rules_for(json.dumps(_plain(config), sort_keys=True, default=str))
+
+
+def _plain(value: object) -> object:
+    """JSON-able copy of a config (the checkpoint hands out read-only mapping views)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _rules_for(config_json: str) -> ModelRules:
+    config = json.loads(config_json)
+    if os.environ.get(NO_TRANSFORMERS_ENV) != "1":
+        try:
+            return from_transformers(config)
+        except Exception as exc:  # not importable, unknown class, remote code, a config it cannot build
+            LOG.debug("transformers cannot give the naming rules (%s: %s); using the table", type(exc).__name__, exc)
+    return from_table(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From transformers (lazy import)
+
+
+def from_transformers(config: Mapping[str, object], *, all_ties: bool = False) -> ModelRules:
+    """Build ``config["architectures"][0]`` on the meta device and read its tied keys and reverse renames.
+
+    ``all_ties`` switches every sub-model's tie flag on first (the table records what each flag would tie).
+    Raises whatever transformers raises (ImportError, AttributeError for an unknown class, ValueError, ...).
+    """
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
+
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ValueError("config.json names no architecture")
+    cls = getattr(transformers, str(archs[0]))
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+    if all_ties:
+        for sub in (cfg, *(getattr(cfg, k) for k in cfg.sub_configs if getattr(cfg, k, None) is not None)):
+            setattr(sub, TIE_FLAG, True)
+    with torch.device("meta"):
+        model = cls._from_config(cfg)
+    tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+    owners = {n.rpartition(".")[0] for pair in tied.items() for n in pair}
+    order = tuple(n for n, _ in model.named_modules() if n in owners)
+    transposed = tuple(n for n, m in model.named_modules() if getattr(m, "is_transposed", False) is True)
+    # save_pretrained's order (revert_weight_conversion): sub-models' transforms first, reversed; PrefixChange is
+    # dropped for models not loaded from a checkpoint, and so here.
+    convs = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    reverse = [c.reverse_transform() for c in convs[::-1]]
+    renamings = [r for r in reverse if isinstance(r, WeightRenaming)]
+    converters = [r for r in reverse if isinstance(r, WeightConverter)]
+    renames = {}
+    for name in model.state_dict():
+        if any(c.rename_source_key(name)[1] is not None for c in converters):
+            continue  # fused: many disk tensors, not a rename
+        disk = apply_renamings(name, renamings)
+        if disk != name:
+            renames[name] = disk
+    return ModelRules(f"transformers {transformers.__version__} ({archs[0]})", tied, renames, order, transposed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fallback table: the same facts with the layer indices abstracted
+
+
+def template(name: str) -> str:
+    """``model.layers.3.mlp.experts.7.w1`` -> ``model.layers.*.mlp.experts.*.w1``."""
+    return _INDEX.sub("*", name)
+
+
+def table_entry(arch: str, config: Mapping[str, object]) -> dict[str, object]:
+    """One architecture's table row: tie templates per flag owner, rename templates (see ``from_table``)."""
+    rules = from_transformers({**config, "architectures": [arch]}, all_ties=True)
+    order = list(dict.fromkeys(template(m) for m in rules.order))
+    transposed = list(dict.fromkeys(template(m) for m in rules.transposed))
+    return {"tied": _templates(rules.tied), "renames": _templates(rules.renames), "order": order,
+            "transposed": transposed}
+
+
+def _templates(pairs: Mapping[str, str]) -> dict[str, str]:
+    """Index templates of ``pairs``, keeping only those that give back every concrete pair they cover."""
+    out: dict[str, str] = {}
+    bad: set[str] = set()
+    for k, v in pairs.items():
+        tk, tv = template(k), template(v)
+        if out.get(tk, tv) != tv or _TemplateMap({tk: tv}).get(k) != v:
+            bad.add(tk)
+        out[tk] = tv
+    return {k: v for k, v in sorted(out.items()) if k not in bad}
+
+
+def from_table(config: Mapping[str, object]) -> ModelRules:
+    """The rules the table records for ``config``'s architecture (tie entries only where a tie flag is on)."""
+    from streammerge.model_rules_table import TABLE, TRANSFORMERS_VERSION
+
+    archs = config.get("architectures") or []
+    entry = TABLE.get(str(archs[0])) if archs else None
+    if entry is None:
+        return EMPTY
+    tie_on = _tie_flag(config)
+    return _TemplateRules(f"table (transformers {TRANSFORMERS_VERSION})", entry["tied"] if tie_on else {},
+                          entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]))
+
+
+def _tie_flag(config: Mapping[str, object]) -> bool:
+    """``tie_word_embeddings`` at the top level or in the text sub-config (PretrainedConfig's default: true)."""
+    text = config.get("text_config")
+    nested = text.get(TIE_FLAG) if isinstance(text, dict) else None
+    return bool(config.get(TIE_FLAG, True if nested is None else nested))
+
+
+class _TemplateRules(ModelRules):
+    """ModelRules over index templates: ``tied``/``renames`` are looked up through ``template``."""
+
+    def __init__(self, source: str, tied: Mapping[str, str], renames: Mapping[str, str],
+                 order: tuple[str, ...], transposed: tuple[str, ...]) -> None:
+        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order, transposed)
+
+
+class _TemplateMap(Mapping[str, str]):
+    """A name -> name map stored as templates: indices of the key are put back, in order, into the value."""
+
+    def __init__(self, templates: Mapping[str, str]) -> None:
+        self._t = dict(templates)
+
+    def __getitem__(self, name: str) -> str:
+        value = self._t[template(name)]
+        indices = _INDEX.findall(name)
+        if value.count("*") != len(indices):
+            raise KeyError(name)
+        it = iter(indices)
+        return re.sub(r"(?<=\.)\*(?=\.|$)", lambda _: next(it), value)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and template(name) in self._t
+
+    def __iter__(self):  # the templates themselves: a table has no layer count
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Regenerating the table: python -m streammerge.model_rules
+
+#: architecture -> model_type whose default config builds it (on the meta device: sizes do not matter).
+TABLE_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text", "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3",
+    "PhiForCausalLM": "phi", "Olmo2ForCausalLM": "olmo2", "CohereForCausalLM": "cohere",
+    "Starcoder2ForCausalLM": "starcoder2", "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode",
+    "GPTJForCausalLM": "gptj", "GPTNeoXForCausalLM": "gpt_neox", "FalconForCausalLM": "falcon",
+    "BloomForCausalLM": "bloom", "OPTForCausalLM": "opt", "T5ForConditionalGeneration": "t5",
+    "MT5ForConditionalGeneration": "mt5", "BartForConditionalGeneration": "bart",
+    "MBartForConditionalGeneration": "mbart", "WhisperForConditionalGeneration": "whisper",
+    "BertForSequenceClassification": "bert", "BertForMaskedLM": "bert", "RobertaForMaskedLM": "roberta",
+    "RobertaForSequenceClassification": "roberta", "XLMRobertaForMaskedLM": "xlm-roberta",
+    "DistilBertForMaskedLM": "distilbert", "ViTForImageClassification": "vit", "ViTModel": "vit",
+    "SwinForImageClassification": "swin", "Dinov2ForImageClassification": "dinov2", "Dinov2Model": "dinov2",
+    "CLIPModel": "clip", "SiglipModel": "siglip", "LlavaForConditionalGeneration": "llava",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "GptOssForCausalLM": "gpt_oss",
+}
+
+
+def generate_table() -> dict[str, dict[str, object]]:
+    """Every ``TABLE_ARCHITECTURES`` row, from the installed transformers."""
+    import transformers
+
+    return {arch: table_entry(arch, transformers.AutoConfig.for_model(model_type).to_dict())
+            for arch, model_type in TABLE_ARCHITECTURES.items()}
+
+
+def main() -> None:
+    import pprint
+    import sys
+    from pathlib import Path
+
+    import transformers
+
+    table = generate_table()
+    path = Path(__file__).with_name("model_rules_table.py")
+    path.write_text(
+        "# ruff: noqa: E501\n"
+        '"""Generated by ``python -m streammerge.model_rules`` from transformers; do not edit by hand.\n\n'
+        "Per architecture: ``tied`` (in-memory target -> source, as if every tie flag were on) and ``renames``\n"
+        '(in-memory -> disk name), with numeric path components written ``*`` (``streammerge.model_rules``).\n"""\n\n'
+        f"TRANSFORMERS_VERSION = {transformers.__version__!r}\n\n"
+        f"TABLE: dict[str, dict[str, object]] = {pprint.pformat(table, width=118, sort_dicts=True)}\n"
+    )
+    sys.stdout.write(f"wrote {path}: {len(table)} architectures, transformers {transformers.__version__}\n")
+
+
+if __name__ == "__main__":
+    main()
