@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,11 +147,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def measure_output(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[TensorChange, ...]:
+def measure_output(out: Path, plan: Plan, ckpt: Checkpoint,
+                   blocks: Callable[[TensorTask], Sequence[tuple[int, int]]] | None = None) -> tuple[TensorChange, ...]:
     """The change of every targeted task of ``plan`` as written in ``out``, against the base ``ckpt``.
 
-    Shards of another size than the plan's are skipped (``verify`` reports them); tasks with no base
-    tensor of the same name and shape (added tensors) are left out.
+    ``blocks(task)`` limits the rows read (``verify --sample``: the sampled blocks; the figures are then
+    those of the sampled rows); default every row. Shards of another size than the plan's are skipped
+    (``verify`` reports them); tasks with no base tensor of the same name and shape (added tensors) are left out.
     """
     placed: dict[str, TensorRef] = {}
     for shard in plan.shards:
@@ -173,7 +175,7 @@ def measure_output(out: Path, plan: Plan, ckpt: Checkpoint) -> tuple[TensorChang
             if not targeted(task) or ref is None or src is None or src.shape != task.shape:
                 continue
             step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
-            for r0, r1 in row_blocks(task.rows, step):
+            for r0, r1 in blocks(task) if blocks is not None else row_blocks(task.rows, step):
                 tally.add(task, r0, reader.rows(src, r0, r1), reader.rows(ref, r0, r1))
                 reader.release(src, r0, r1)
                 reader.release(ref, r0, r1)

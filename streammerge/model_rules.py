@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -108,15 +109,28 @@ def from_transformers(config: Mapping[str, object], *, all_ties: bool = False) -
     ``all_ties`` switches every sub-model's tie flag on first (the table records what each flag would tie).
     Raises whatever transformers raises (ImportError, AttributeError for an unknown class, ValueError, ...).
     """
-    import torch
     import transformers
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
 
     archs = config.get("architectures") or []
     if not archs:
         raise ValueError("config.json names no architecture")
     cls = getattr(transformers, str(archs[0]))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # config validation notes are not ours to print
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read_model(config, cls, all_ties)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _read_model(config: Mapping[str, object], cls: type, all_ties: bool) -> ModelRules:
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
+
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
     if all_ties:
         for sub in (cfg, *(getattr(cfg, k) for k in cfg.sub_configs if getattr(cfg, k, None) is not None)):
@@ -140,7 +154,7 @@ def from_transformers(config: Mapping[str, object], *, all_ties: bool = False) -
         disk = apply_renamings(name, renamings)
         if disk != name:
             renames[name] = disk
-    return ModelRules(f"transformers {transformers.__version__} ({archs[0]})", tied, renames, order, transposed)
+    return ModelRules(f"transformers {transformers.__version__} ({cls.__name__})", tied, renames, order, transposed)
 
 
 # ----------------------------------------------------------------------------------------------------------

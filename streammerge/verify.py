@@ -69,7 +69,8 @@ class VerifyReport:
     bytes_hashed: int
     seconds: float
     sample: int | None
-    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``)
+    #: per targeted tensor, the relative change of the output against the base (``streammerge.changes``;
+    #: over the sampled rows when ``sample`` is set)
     changes: tuple[changes.TensorChange, ...] = ()
     warnings: tuple[str, ...] = ()  # targeted tensors equal to the base (problems under ``against_base``)
 
@@ -160,7 +161,7 @@ def verify(
     opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     counts = _check_tensors(out, plan, opts, sample, shas, found)
-    measured = changes.measure_output(out, plan, ckpt)
+    measured = changes.measure_output(out, plan, ckpt, None if sample is None else lambda t: sample_blocks(t, sample))
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
         found.add(text)

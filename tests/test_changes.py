@@ -193,3 +193,14 @@ def test_the_cli_prints_a_digest_and_the_flagged_tensors(merged, tmp_path, capsy
     assert main([*argv, "--out", str(tmp_path / "b"), "-v"]) == 0  # -v: every targeted tensor
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if line.startswith("  model.layers.")]) == 14
+
+
+def test_sampled_verify_measures_the_sampled_rows_and_still_flags_the_noop(merged, capsys):
+    base, _, _, noop, out = merged
+    full = streammerge.verify(out, base, noop)
+    sampled = streammerge.verify(out, base, noop, sample=1, against_base=True)
+    assert [c.name for c in sampled.changes] == [c.name for c in full.changes]
+    assert [c.name for c in sampled.changes if c.unchanged] == [f"{NOOP}.weight"]
+    assert sampled.problems == (WARNING.format(out=out),)
+    for s, f in zip(sampled.changes, full.changes, strict=True):  # one 64-row block of 64..128-row tensors
+        assert s.base_norm <= f.base_norm * (1 + 1e-6)

@@ -239,6 +239,21 @@ def test_vera_without_saved_projections_regenerates_them(tmp_path):
     assert oracle.diff_checkpoints(oracle.load_checkpoint(out), want) == []
 
 
+@pytest.mark.parametrize(("tuner", "family", "bias"), [("boft", "conv", "boft_only"), ("hra", "conv", "hra_only"),
+                                                     ("vera", "gpt2", "vera_only"),
+                                                     ("fourierft", "gpt2", "fourier_only")])
+def test_trained_biases_beside_a_tuner(built, tuner, family, bias):
+    """``bias="<tuner>_only"``: PEFT saves the trained biases whole (``base_layer.bias``); they replace the base's."""
+    case = tc.build(tuner, family, built["root"], bias=bias)
+    out = case.base_dir.parent / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streammerge.merge(base=case.base_dir, adapter=case.adapter_dir, out=out, device="cpu")
+    saved = load_file(case.adapter_dir / "adapter_model.safetensors")
+    assert any(k.endswith(".base_layer.bias") for k in saved)
+    assert oracle.diff_checkpoints(oracle.load_checkpoint(out), case.ref) == []
+
+
 # ------------------------------------------------------------------------------------------ row blocks
 
 
@@ -310,3 +325,46 @@ def test_modules_to_save_beside_a_tuner_replace_first_then_the_tuner_merges(buil
     assert oracle.diff_checkpoints(ours, case.ref) == []
     assert not torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
     assert torch.equal(tc.forward(tc.load_output("llama", out), "llama", case.inputs), case.ref_logits)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+WHOLE = [("lokr", peft.LoKrConfig, {"r": 4, "init_weights": False}),
+         ("oft", peft.OFTConfig, {"r": 0, "oft_block_size": 32, "init_weights": False}),
+         ("boft", peft.BOFTConfig, {"boft_block_size": 8, "init_weights": False}),
+         ("fourierft", peft.FourierFTConfig, {"n_frequency": 1000, "init_weights": False}),
+         ("hra", peft.HRAConfig, {"r": 8, "init_weights": False}),
+         ("c3a", peft.C3AConfig, {"block_size": 64, "init_weights": False}),
+         ("road", peft.RoadConfig, {"group_size": 64, "init_weights": False}),
+         ("delora", peft.DeloraConfig, {"r": 8, "init_weights": False}),
+         ("miss-bat", peft.MissConfig, {"r": 8, "init_weights": "bat"})]
+
+
+class Square(torch.nn.Module):
+    def __init__(self, n: int = 2048) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(n, n, bias=False)
+
+
+@pytest.mark.parametrize(("name", "cls", "kw"), [pytest.param(*c, id=c[0]) for c in WHOLE])
+def test_whole_tensor_tuners_run_within_their_stated_minimum(tmp_path, name, cls, kw):
+    """A whole-tensor tuner task (2048×2048 bf16) is the plan's minimum budget; run at exactly that budget, the
+    measured peak RSS growth stays within it plus the tensor handed out (``Update.work_elements`` is enough)."""
+    from test_iter import SLACK, _probe
+
+    torch.manual_seed(oracle.SEED)
+    base, adapter = tmp_path / "base", tmp_path / "ad"
+    base.mkdir()
+    net = Square().to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, base / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(net, cls(target_modules=["lin"], **kw))
+        tc.perturb(pm, oracle.SEED + 11)
+        pm.save_pretrained(adapter)
+    plan = streammerge.plan_merge(base=base, adapter=adapter)
+    (task,) = plan.tasks()
+    need = plan.min_memory()
+    assert task.whole and need >= 16 * 2048 * 2048  # at least the fp32 working set of the whole tensor
+    got = _probe(base, [str(adapter)], need)
+    assert got["growth"] <= need + got["largest"] + SLACK, (got, need)

@@ -3,14 +3,17 @@ what they cost, and every shape disagreement named (``plan.tuned`` and each tune
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from test_planner_pure import FF, H, checkpoint, header, llama_tensors
 
 from streammerge.adapter import Adapter, parse_config
-from streammerge.errors import PlanError
+from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.plan.assemble import build_plan
+from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.tuners import TUNERS
 
 Q0, UP1 = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"
 
@@ -112,3 +115,25 @@ def test_a_tuner_on_an_integer_base_tensor_is_refused():
     tensors = [(n, "I8" if n == f"{Q0}.weight" else d, s) for n, d, s in llama_tensors()]
     with pytest.raises(PlanError, match=f"base tensor '{Q0}.weight' is I8, not a float dtype; a HRA update"):
         build_plan(checkpoint(tensors), [tuner_adapter("HRA", {f"{Q0}.hra_u": (H, 4)})])
+
+
+def test_unmerge_replays_each_tuners_inverse_and_refuses_a_fraction():
+    merged = checkpoint(with_bias(llama_tensors()))
+    ad = tuner_adapter("ROAD", {f"{Q0}.road_theta": (H // 2,), f"{Q0}.road_alpha": (H // 2,)}, {"group_size": 8})
+    tasks = {t.name: t for t in build_unmerge_plan(merged, ad).tasks() if t.steps}
+    assert sorted(tasks) == [f"{Q0}.bias", f"{Q0}.weight"]
+    assert all(t.steps[0].rounding == "tuner" and t.steps[0].terms[0].inverse for t in tasks.values())
+    with pytest.raises(UnsupportedAdapterError, match=r"cannot unmerge a ROAD adapter with weight 0\.5"):
+        build_unmerge_plan(merged, ad, weight=0.5)
+
+
+def test_a_tuner_without_an_inverse_is_refused_by_name(monkeypatch):
+    """The protocol's ``invert=None`` (no tuner of PEFT 0.21 in the registry lacks an unmerge)."""
+    monkeypatch.setitem(TUNERS, "HRA", replace(TUNERS["HRA"], invert=None, no_inverse="the reflections were lost"))
+    ad = tuner_adapter("HRA", {f"{Q0}.hra_u": (H, 4)}, {"r": 4})
+    with pytest.raises(UnsupportedAdapterError) as e:
+        build_unmerge_plan(checkpoint(), ad)
+    assert str(e.value).startswith("/nowhere/t: cannot unmerge: the reflections were lost; pass --base ORIGINAL")
+    original = checkpoint()
+    restored = {t.name: t for t in build_unmerge_plan(checkpoint(), ad, base=original).tasks() if t.kind != "copy"}
+    assert list(restored) == [f"{Q0}.weight"] and restored[f"{Q0}.weight"].kind == "replace"

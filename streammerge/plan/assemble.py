@@ -1,9 +1,9 @@
 """The planner's entry point: headers and configs in, a frozen :class:`~streammerge.plan.types.Plan` out.
 
 Pure: no torch, no file I/O. Every adapter key is accounted for: it becomes part of a
-:class:`~streammerge.plan.types.LoraTerm`, a replacement source, or an error. Every base tensor appears in
-the output exactly once (or is dropped for a stated reason, like ``lm_head`` under a sequence-classification
-head). All problems found are reported together.
+:class:`~streammerge.plan.types.LoraTerm` or :class:`~streammerge.plan.types.TunerTerm`, a replacement
+source, or an error. Every base tensor appears in the output exactly once (or is dropped for a stated reason,
+like ``lm_head`` under a sequence-classification head). All problems found are reported together.
 
 Ordering (PEFT ``merge_and_unload``, spec §3): saved tensors (``base_layer`` copies, biases,
 ``modules_to_save``) replace base values first (PEFT's ``load_state_dict``), then deltas are added module
@@ -88,11 +88,14 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
     targets = draft.targets
     warnings = list(draft.warnings)
     tied = draft.config_updates.get("tie_word_embeddings", True)
-    for head, emb in ctx.aliases.items():
-        if targets.get(emb) is not None and targets[emb].steps and tied:
+    faces: dict[str, list[str]] = {}
+    for name, stored in ctx.aliases.items():
+        faces.setdefault(stored, []).append(name)
+    for stored, names in faces.items():
+        if targets.get(stored) is not None and targets[stored].steps and tied:
             warnings.append(
-                f"{emb!r} is tied to {head!r} (tie_word_embeddings): its LoRA delta changes the input embeddings "
-                "and the output head together, exactly as PEFT's merge does"
+                f"{stored!r} is tied to {', '.join(map(repr, names))} (tie_word_embeddings): its LoRA delta "
+                "changes them all together, exactly as PEFT's merge does"
             )
     check_resized(ctx, draft)
     problems = draft.problems

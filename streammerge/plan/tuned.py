@@ -72,63 +72,73 @@ def plan_tuned(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
 
 def plan_modules(ctx: PlanContext, src: AdapterInput, draft: Draft, tuner: Tuner) -> list[Planned]:
     """Every module's updates, in ``named_modules`` order; problems go to ``draft``, none is raised."""
-    adapter, located, aliases, problems = src.adapter, ctx.located, ctx.aliases, draft.problems
-    model_type = ctx.model_type
+    by_module, shared, _ = split_keys(src.adapter, tuner)
+    resolved = _resolve_modules(ctx, src, draft, tuner, by_module)
+    extent = tuple((weight, conv1d) for _, weight, conv1d in resolved.values())  # VeRA sizes its projections on it
+    out: list[Planned] = []
+    for module, (target, weight, conv1d) in resolved.items():
+        roles = {**shared, **by_module[module]}
+        view = _view(ctx, src, draft, tuner, module, roles, weight, conv1d, extent)
+        updates = tuner.plan(view)
+        draft.problems.extend(view.problems)
+        for update in updates:
+            dest = target if update.param == "weight" else ctx.resolve(f"{module}.bias")
+            assert dest is not None, "a tuner changes a bias only when the view has one"
+            out.append(Planned(dest, naming.module_order(module), module,
+                               tuple((r, src.infos[k]) for r, k in roles.items()), update))
+    return out
 
-    def shape_of(name: str) -> tuple[int, ...]:
-        return draft.shape_of(name, ctx.info(name))
 
-    cfg = adapter.config
-    where = str(adapter.weights.path)
-    infos = adapter.weights.by_name()
-    by_module, shared, _ = split_keys(adapter, tuner)
+def _resolve_modules(ctx: PlanContext, src: AdapterInput, draft: Draft, tuner: Tuner,
+                     by_module: dict[str, dict[str, str]]) -> dict[str, tuple[str, Shape, bool]]:
+    """module -> (base weight tensor, its shape as merged, HF Conv1D?) for every targeted module found."""
+    cfg = src.adapter.config
     resolved: dict[str, tuple[str, Shape, bool]] = {}
     for module in sorted(by_module, key=naming.module_order):
         key = next(iter(by_module[module].values()))
         if cfg.targets_module(module) is False:
-            problems.append(
-                f"{where}: adapter tensor {key!r} is for module {module!r}, which adapter_config.json does not "
+            draft.problems.append(
+                f"{src.where}: adapter tensor {key!r} is for module {module!r}, which adapter_config.json does not "
                 f"target (target_modules={cfg.target_modules!r}); PEFT would silently ignore it: add the module to "
                 "target_modules or remove its tensors"
             )
             continue
         name = f"{module}.weight"
-        target = naming.resolve(name, located.keys(), aliases)
+        target = ctx.resolve(name)
         if target is None:
-            problems.append(
-                f"{where}: {tuner.peft_type} tensor {key!r} for module {module!r} targets {name!r}, which is not in "
-                f"the base checkpoint{naming.suggest(name, located.keys())}; is this adapter for a different base?"
+            draft.problems.append(
+                f"{src.where}: {tuner.peft_type} tensor {key!r} for module {module!r} targets {name!r}, which is not "
+                f"in the base checkpoint{naming.suggest(name, ctx.located.keys())}; is this adapter for a different "
+                "base?"
             )
             continue
-        w = located[target][1]
+        w = ctx.info(target)
         if w.dtype not in FLOAT_DTYPES:
-            problems.append(
-                f"{where}: base tensor {target!r} is {w.dtype}, not a float dtype; a {tuner.peft_type} update cannot "
-                "be merged into it (quantized base?): use the full-precision base"
+            draft.problems.append(
+                f"{src.where}: base tensor {target!r} is {w.dtype}, not a float dtype; a {tuner.peft_type} update "
+                "cannot be merged into it (quantized base?): use the full-precision base"
             )
             continue
-        resolved[module] = (target, Shape(shape_of(target), w.dtype), naming.is_conv1d(module, model_type))
+        resolved[module] = (target, Shape(draft.shape_of(target, w), w.dtype),
+                            naming.is_conv1d(module, ctx.model_type))
+    return resolved
 
-    extent = tuple((s, c) for _, s, c in resolved.values())
-    out: list[Planned] = []
-    for module, (target, weight, conv1d) in resolved.items():
-        roles = {**{r: k for r, k in shared.items()}, **by_module[module]}
-        bias_name = naming.resolve(f"{module}.bias", located.keys(), aliases)
-        bias = Shape(shape_of(bias_name), located[bias_name][1].dtype) if bias_name is not None else None
-        rank, scale = None, None
-        if tuner.alpha_field is not None or tuner.ranked:
-            rank, alpha = cfg.r_alpha_for(module)
-            scale = alpha / rank if tuner.alpha_field is not None else None
-        view = ModuleView(
-            where=where, module=module, keys=roles,
-            tensors={r: Shape(infos[k].shape, infos[k].dtype) for r, k in roles.items()},
-            weight=weight, bias=bias, config=cfg.raw, conv1d=conv1d, rank=rank, scale=scale, extent=extent,
-        )
-        updates = tuner.plan(view)
-        problems.extend(view.problems)
-        for update in updates:
-            dest = target if update.param == "weight" else bias_name
-            assert dest is not None
-            out.append(Planned(dest, naming.module_order(module), module,
-                               tuple((r, infos[k]) for r, k in roles.items()), update))
-    return out
+
+def _view(ctx: PlanContext, src: AdapterInput, draft: Draft, tuner: Tuner, module: str, roles: dict[str, str],
+          weight: Shape, conv1d: bool, extent: tuple[tuple[Shape, bool], ...]) -> ModuleView:
+    """What the tuner's ``plan`` sees of ``module``: headers, the config, r and α/r where the tuner has them."""
+    cfg = src.adapter.config
+    bias_name = ctx.resolve(f"{module}.bias")
+    bias = None
+    if bias_name is not None:
+        info = ctx.info(bias_name)
+        bias = Shape(draft.shape_of(bias_name, info), info.dtype)
+    rank, scale = None, None
+    if tuner.alpha_field is not None or tuner.ranked:
+        rank, alpha = cfg.r_alpha_for(module)  # PEFT's get_pattern_key over rank_pattern / alpha_pattern
+        scale = alpha / rank if tuner.alpha_field is not None else None  # LycorisLayer: alpha / r
+    return ModuleView(
+        where=src.where, module=module, keys=roles,
+        tensors={r: Shape(src.infos[k].shape, src.infos[k].dtype) for r, k in roles.items()},
+        weight=weight, bias=bias, config=cfg.raw, conv1d=conv1d, rank=rank, scale=scale, extent=extent,
+    )

@@ -20,6 +20,9 @@ from streammerge.tuners import TUNERS
 
 def _touched(adapter: Adapter, ctx: PlanContext) -> list[str]:
     """Base tensors any key of ``adapter`` changes (for restoring them from an original base)."""
+    if adapter.config.peft_type in TUNERS:  # the tuner's own plan knows (a bias too, for IA³ and RoAd)
+        (one,) = plan_each(ctx, [adapter])
+        return [n for n, t in one.targets.items() if t.steps or t.replacement is not None]
     out = []
     for key in adapter.weights.names():
         k = naming.parse_key(key)

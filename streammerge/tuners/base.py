@@ -8,12 +8,14 @@ registry (``TUNERS`` in ``streammerge/tuners/__init__.py``). The planner (``plan
   classify the adapter's keys (``classify``); ``shared`` names keys without a module (VeRA's projections).
 * ``plan(view) -> [Update]``: per module, from headers only (shapes, dtypes, the config): which base
   tensors change (``"weight"``, and ``"bias"`` for IA³/RoAd), with what parameters, whether row blocks
-  are exact, and how much fp32 scratch a whole-tensor update needs. Problems are appended to
-  ``view.problems`` (all reported together); an unmergeable layer raises ``UnsupportedAdapterError``.
+  are exact, and how much fp32 scratch a whole-tensor update needs. Problems (shape or config
+  disagreements, a layer type PEFT cannot merge for this tuner) go to ``view.problems``: the planner
+  reports them all together (``PlanError``, exit 2).
+* ``alpha_field``/``ranked``: the view carries r (and α/r) from ``r``/``rank_pattern``/``alpha_pattern``.
 * ``apply(w, t, params, r0, r1) -> Tensor``: rows ``[r0, r1)`` of the merged tensor (``w`` holds those
   rows in the output dtype, ``t`` the module's adapter tensors in fp32, as PEFT holds them after
   ``cast_adapter_dtype``; integer tensors as stored). Returns a new tensor in ``w``'s dtype.
-* ``invert``: the same for PEFT's ``unmerge`` (None: the tuner cannot be undone and unmerge refuses by name).
+* ``invert``: the same for PEFT's ``unmerge`` (None: unmerge refuses by name, giving ``no_inverse``).
 
 Everything numeric lives in the tuner's own functions, which replay PEFT's ops in PEFT's order
 (``tests/test_tuner_deltas.py`` checks each against PEFT's layer, ``tests/test_parity_tuners.py`` end to end).
@@ -29,7 +31,7 @@ from streammerge.plan.types import TunerTerm, Update
 from streammerge.tuners.lazy import torch
 
 __all__ = ["ApplyFn", "LoadedTerm", "ModuleView", "Shape", "Tuner", "TunerTerm", "Update", "in_features",
-           "out_features", "params"]
+           "out_features"]
 
 #: The merged rows: ``apply(w, tensors, params, r0, r1)``.
 ApplyFn = Callable[["torch.Tensor", Mapping[str, "torch.Tensor"], Mapping[str, Any], int, int], "torch.Tensor"]
@@ -90,10 +92,6 @@ class Tuner:
             if stem.endswith(suffix):
                 return stem[: -len(suffix)], role
         return None
-
-
-def params(update: Update) -> dict[str, Any]:
-    return dict(update.params)
 
 
 def in_features(w: Shape, conv1d: bool) -> int:
