@@ -62,14 +62,22 @@ class MergeReport:
     #: per merged tensor, the relative change written (``streammerge.changes``); tensors in shards a
     #: ``--resume`` kept, and saved modules, are measured by ``verify`` instead
     changes: tuple[TensorChange, ...] = ()
+    #: re-quantized weights (keep-format merge into a quantized base): (name, max |dequant(out) − merged|,
+    #: its max ratio to half a quantization step), the merged value being the --dequantize merge's
+    requantized: tuple[tuple[str, float, float], ...] = ()
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
-        return (
+        text = (
             f"{self.tensors_merged} merged, {self.tensors_replaced} replaced, {self.tensors_added} added, "
             f"{self.tensors_copied} copied, {self.tensors_dropped} dropped; {verb} {self.bytes_written / 1e9:.3f} GB "
             f"in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s on {self.device}"
         )
+        if self.requantized:
+            worst = max(self.requantized, key=lambda r: r[2])
+            text += (f"; re-quantized {len(self.requantized)} weight(s), worst {worst[0]!r}: max error {worst[1]:.3g} "
+                     f"= {worst[2]:.3f} of half a quantization step")
+        return text
 
 
 #: Device nodes of a GPU driver (NVIDIA, AMD ROCm, WSL): without any, torch cannot see a GPU.
@@ -121,12 +129,13 @@ def plan_merge(
     heads_from: str | int | None = None,
     pattern_rules: str = "current",
     base_subfolder: str | None = None,
+    dequantize: bool = False,
 ) -> Plan:
     """Read headers and configs and return the frozen plan; reads no tensor and writes nothing."""
     paths, weights = _adapter_specs(adapter, adapters, weights)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, base_subfolder=base_subfolder)
+                            max_shard_size, base_subfolder=base_subfolder, dequantize=dequantize)
     return plan_with(ckpt, loaded, options)
 
 
@@ -166,20 +175,21 @@ def merge_options(
     density: float | None = None, seed: int = 0, heads_from: str | int | None = None, pattern_rules: str = "current",
     adapter_name: str | None = None, max_shard_size: int | None = None, allow_nonfinite: bool = False,
     base_subfolder: str | None = None,
+    dequantize: bool = False,
 ) -> MergeOptions:
     """The recorded options of a merge of ``loaded`` from the API's arguments (``heads_from`` resolved)."""
     return MergeOptions(
         weights=tuple(float(w) for w in weights) if weights is not None else None, combination=combination,
         density=density, seed=int(seed), heads_from=resolve_heads_from(heads_from, loaded),
         pattern_rules=pattern_rules, adapter_name=adapter_name, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite, base_subfolder=base_subfolder or None,
+        allow_nonfinite=allow_nonfinite, base_subfolder=base_subfolder or None, dequantize=dequantize,
     )
 
 
 def plan_with(ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions) -> Plan:
     """The plan of a merge with recorded ``options``: one plain adapter is PEFT's own merge (``build_plan``);
     several, weights or a combination: ``build_combined_plan``."""
-    plan_options = PlanOptions(max_shard_size=options.max_shard_size)
+    plan_options = PlanOptions(max_shard_size=options.max_shard_size, dequantize=options.dequantize)
     weights, combination, density = options.weights, options.combination, options.density
     plain = weights is None or all(w == 1.0 for w in weights)
     if combination is None and len(loaded) == 1 and plain and options.heads_from is None:
@@ -220,6 +230,7 @@ def merge(
     pattern_rules: str = "current",
     resume: bool = False,
     base_subfolder: str | None = None,
+    dequantize: bool = False,
     checksum: str | None = None,
     threads: int | None = None,
 ) -> MergeReport:
@@ -256,6 +267,9 @@ def merge(
             combined; see ``streammerge.digest``) or ``sha256`` (the whole file, as ``sha256sum``).
             None: ``xxh3``, or with ``resume`` the one ``out``'s records were written with.
         threads: torch intra-op threads per worker, set when torch is first used (None: torch's default).
+        dequantize: a quantized base (FP8 block, compressed-tensors FP8): write every quantized weight in the
+            config's ``torch_dtype`` and drop ``quantization_config``. Default: keep the format (untouched
+            weights and scales copied raw; merged weights re-quantized with fresh scales).
 
     Returns:
         A :class:`MergeReport`.
@@ -274,7 +288,7 @@ def merge(
                                 checksum=checksum, threads=threads)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
-                            max_shard_size, allow_nonfinite, base_subfolder)
+                            max_shard_size, allow_nonfinite, base_subfolder, dequantize)
     plan = plan_with(ckpt, loaded, options)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
@@ -304,8 +318,8 @@ def _resume_recorded(out: Path, **run: object) -> MergeReport:
                        adapter_name=o.adapter_name, max_shard_size=o.max_shard_size, resume=True, **run)
     return merge(base, out=out, adapters=adapters, adapter_name=o.adapter_name, max_shard_size=o.max_shard_size,
                  weights=o.weights, combination=o.combination, density=o.density, seed=o.seed,
-                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder, resume=True,
-                 **run)
+                 heads_from=o.heads_from, pattern_rules=o.pattern_rules, base_subfolder=o.base_subfolder,
+                 dequantize=o.dequantize, resume=True, **run)
 
 
 def _run_plan(
@@ -331,9 +345,14 @@ def _run_plan(
         LOG.warning("%s", warning)
     written = 0
     tally = ChangeTally()
+    run = None
+    if any(t.quant is not None for t in plan.tasks()):
+        from streammerge.requant import QuantRun  # torch: only a quantized base needs it this early
+
+        run = QuantRun()
     if not dry_run:
         opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
-                           threads=threads, changes=tally)
+                           threads=threads, changes=tally, quant_run=run)
         identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
         written = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite, resume=resume,
                          on_progress=on_progress, checksum=checksum)
@@ -347,6 +366,7 @@ def _run_plan(
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=written or plan.total_bytes,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
         warnings=(*ckpt.notes, *plan.warnings, *noops), dry_run=dry_run, changes=changes,
+        requantized=tuple((name, *err) for name, err in sorted(run.errors.items())) if run is not None else (),
     )
 
 
@@ -368,7 +388,8 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
         written = scatter.write_shards(todo, out, opts, on_progress, on_shard=progress.record, checksum=checksum)
-        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates)
+        files = write_side_files(out, ckpt.root, tokenizer_roots, ckpt.config, plan.config_updates,
+                                 plan.config_removals)
         if plan.write_index:
             write_index(out, plan.index_json(), plan.index_name)
             files.append(plan.index_name)

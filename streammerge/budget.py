@@ -20,6 +20,7 @@ from streammerge.plan import ROW_ALIGN, Plan, TensorTask, block_bytes
 
 if TYPE_CHECKING:
     from streammerge.changes import ChangeTally
+    from streammerge.requant import QuantRun
 
 #: Upper bound on one block's working set: big enough to amortise per-block overhead, small enough
 #: that reading, computing and writing overlap.
@@ -37,6 +38,7 @@ class ExecOptions:
     check_finite: bool = True
     threads: int | None = None
     changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
+    quant_run: QuantRun | None = None  # a quantized base's per-run state (``pieces`` makes one when None)
 
 
 def default_workers() -> int:
@@ -44,13 +46,23 @@ def default_workers() -> int:
 
 
 def block_rows(task: TensorTask, opts: ExecOptions) -> int:
-    """Rows per block for ``task``: a multiple of ROW_ALIGN (or the whole tensor) within the budget."""
-    if task.rows <= ROW_ALIGN or task.whole:
+    """Rows per block for ``task``: a multiple of ``task.row_align`` (ROW_ALIGN, or whole scale cells of a
+    quantized source; or the whole tensor) within the budget."""
+    align = task.row_align
+    if task.rows <= align or task.whole:
         return task.rows
     target = min(MAX_BLOCK_BYTES, opts.max_memory // (2 * opts.workers))
     per_row = block_bytes(task, 1) - block_bytes(task, 0)
-    rows = max(ROW_ALIGN, (target - block_bytes(task, 0)) // max(per_row, 1) // ROW_ALIGN * ROW_ALIGN)
+    rows = max(align, (target - block_bytes(task, 0)) // max(per_row, 1) // align * align)
     return min(rows, task.rows)
+
+
+def unit_cost(task: TensorTask, r0: int, r1: int, opts: ExecOptions) -> int:
+    """Working memory of one block: its own, or for a fresh-scale task one block of the weight it walks."""
+    view = task.weight_view()
+    if view is task:
+        return block_bytes(task, r1 - r0)
+    return block_bytes(view, block_rows(view, opts))
 
 
 def check_budget(plan: Plan, max_memory: int) -> None:

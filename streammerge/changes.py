@@ -174,6 +174,8 @@ def measure_output(out: Path, plan: Plan, ckpt: Checkpoint,
             ref, src = placed.get(task.name), base.get(task.name)
             if not targeted(task) or ref is None or src is None or src.shape != task.shape:
                 continue
+            if task.quant is not None:  # stored codes are not values: measured during the merge only (decoded)
+                continue
             step = max(ROW_ALIGN, _CHUNK_ELEMS // max(task.row_numel, 1) // ROW_ALIGN * ROW_ALIGN)
             for r0, r1 in blocks(task) if blocks is not None else row_blocks(task.rows, step):
                 tally.add(task, r0, reader.rows(src, r0, r1), reader.rows(ref, r0, r1))

@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from streammerge.errors import CheckpointError
+from streammerge.formats import registry
+from streammerge.formats.base import QuantIndex
 from streammerge.formats.jsonfile import read_json
 from streammerge.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
 from streammerge.layout import INDEX_NAME, discover, resolve_subfolder
 
 LOG = logging.getLogger(__name__)
-
-
-# Tensor-name suffixes and config keys that mark a quantized checkpoint. Merging a float delta
-# into packed integers is meaningless, so these are refused before planning (spec §6.3).
-_QUANT_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".weight.absmax", "bitsandbytes 4-bit"),
-    (".weight.quant_map", "bitsandbytes 4-bit"),
-    (".SCB", "bitsandbytes 8-bit"),
-    (".weight_format", "bitsandbytes 8-bit"),
-    (".qweight", "GPTQ/AWQ"),
-    (".qzeros", "GPTQ/AWQ"),
-    (".weight_scale_inv", "FP8"),
-    (".weight_scale", "FP8"),
-    ("_blocks", "MXFP4"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +33,7 @@ class Checkpoint:
     has_index: bool
     index_metadata: Mapping[str, object]
     config: Mapping[str, object]  # config.json ({} when absent)
+    quant: QuantIndex | None = None  # how its weights are quantized (``formats.registry.detect``); None: plain
     notes: tuple[str, ...] = ()  # how the shards were found, when a user should know (``layout.Layout.notes``)
     repository: Path | None = None  # the directory given, when ``root`` is a sub-folder of it (``subfolder``)
     index_name: str = INDEX_NAME  # what a sharded output's index is called (diffusers' name for diffusers shards)
@@ -95,8 +83,7 @@ def read_checkpoint(path: str | Path, subfolder: str | None = None) -> Checkpoin
     )
     for note in notes:
         LOG.warning("%s", note)
-    refuse_quantized(ckpt)
-    return ckpt
+    return replace(ckpt, quant=detect_quantization(ckpt))
 
 
 def _read_shard(path: Path) -> SafetensorsHeader:
@@ -147,20 +134,37 @@ def _check_index(root: Path, index_path: Path, names: tuple[str, ...], shards: t
         )
 
 
-def refuse_quantized(ckpt: Checkpoint) -> None:
-    """Raise if the checkpoint holds quantized weights (bitsandbytes, GPTQ/AWQ, FP8, MXFP4)."""
-    quant = ckpt.config.get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    for shard in ckpt.shards:
-        for t in shard.tensors:
-            for suffix, kind in _QUANT_SUFFIXES:
-                if t.name.endswith(suffix) or ".quant_state." in t.name:
+def detect_quantization(ckpt: Checkpoint) -> QuantIndex | None:
+    """The checkpoint's quantization (``formats.registry``), or None for a plain checkpoint.
+
+    Raises:
+        CheckpointError: quantized-looking tensors without a ``quantization_config`` (named with their shard),
+            an unknown or unsupported format, or malformed quantized tensors (named).
+    """
+    if ckpt.config.get("quantization_config") is None:
+        for shard in ckpt.shards:
+            for t in shard.tensors:
+                kind = registry.marker(t.name)
+                if kind:
                     raise CheckpointError(
-                        f"{shard.path}: tensor {t.name!r} shows a {kind} quantized base; a LoRA delta cannot be "
-                        "merged into packed weights: merge into the full-precision (bf16/fp16) base instead"
+                        f"{shard.path}: tensor {t.name!r} shows a {kind} quantized base, but config.json has no "
+                        "quantization_config to say how to read it: restore the model's config.json, or merge "
+                        "into the full-precision (bf16/fp16) base instead"
                     )
-    if method:
-        raise CheckpointError(
-            f"{ckpt.root / 'config.json'}: quantization_config.quant_method={method!r}: a quantized base; "
-            "merge into the full-precision (bf16/fp16) base instead"
-        )
+    tensors = {t.name: t for shard in ckpt.shards for t in shard.tensors}
+    where = {t.name: shard for shard in ckpt.shards for t in shard.tensors}
+
+    def read(name: str) -> bytes:
+        """A small stored tensor's bytes (bitsandbytes' JSON quant states), read straight from its shard."""
+        shard, t = where[name], tensors[name]
+        try:
+            with open(shard.path, "rb") as f:
+                f.seek(shard.data_start + t.begin)
+                data = f.read(t.nbytes)
+        except OSError as e:
+            raise CheckpointError(f"{shard.path}: cannot read tensor {name!r} ({e.strerror or e})") from e
+        if len(data) != t.nbytes:
+            raise CheckpointError(f"{shard.path}: tensor {name!r} is truncated; re-download the file")
+        return data
+
+    return registry.detect(ckpt.config, tensors, str(ckpt.root / "config.json"), read)

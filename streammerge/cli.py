@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "no inputs, the inputs and options --out recorded are used")
     _subfolder_arg(m)
     _output_args(m)
+    m.add_argument("--dequantize", action="store_true",
+                   help="quantized base (FP8, MXFP4, bitsandbytes, GPTQ, AWQ): write every quantized weight in the "
+                   "config's torch_dtype and drop quantization_config; default keeps the format (FP8: merged weights "
+                   "re-quantized with fresh scales; MXFP4: touched experts in torch_dtype; bitsandbytes/GPTQ/AWQ "
+                   "need --dequantize)")
     _combination_args(m)
     _common(m)
 
@@ -264,7 +269,8 @@ def _merge(args: argparse.Namespace) -> int:
             report = merge(
                 base=args.base, adapters=args.adapter or (), out=args.out, weights=args.weights,
                 combination=args.combination, density=args.density, seed=args.seed, heads_from=args.heads_from,
-                pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, **common,
+                pattern_rules=args.pattern_rules, base_subfolder=args.base_subfolder, dequantize=args.dequantize,
+                **common,
             )
     if not args.quiet or args.dry_run:
         print(report.summary())

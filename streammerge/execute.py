@@ -23,23 +23,24 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from streammerge import kernel
-from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers
+from streammerge import kernel, requant
+from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers, unit_cost
 from streammerge.changes import BlockTally
 from streammerge.errors import NonFiniteError
 from streammerge.formats.reader import TensorReader
-from streammerge.plan import TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.plan import TensorTask, chunk_rows, row_blocks
+from streammerge.requant import QuantRun
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["MAX_BLOCK_BYTES", "ExecOptions", "Piece", "as_bytes", "block_rows", "check_budget", "compute_rows",
-           "default_workers", "pieces", "whole_tensors"]
+           "default_workers", "pieces", "unit_cost", "whole_tensors"]
 
 #: At most this many pieces are queued ahead of the consumer (copies included).
 MAX_AHEAD = 64
@@ -57,13 +58,15 @@ class Piece:
 
 def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
     """Yield every task's rows in order; merge blocks are computed ahead on ``opts.workers`` threads."""
+    if opts.quant_run is None and any(t.quant is not None for t in tasks):
+        opts = replace(opts, quant_run=QuantRun())
     units: deque[tuple[TensorTask, int, int, int]] = deque()
     for task in tasks:
         if task.is_raw_copy:
             units.append((task, 0, task.rows, 0))
             continue
         for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
-            units.append((task, r0, r1, block_bytes(task, r1 - r0)))
+            units.append((task, r0, r1, unit_cost(task, r0, r1, opts)))
     if not units:
         return
     pending: deque[tuple[tuple[TensorTask, int, int, int], Future[torch.Tensor] | None]] = deque()
@@ -91,7 +94,8 @@ def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts:
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype (``verify --sample``
     and ``scatter`` use it; ``pieces`` too). ``out``: a uint8 CPU buffer of at least the block's bytes to
-    compute into (reused between blocks: a fresh one costs a page fault per 4 KiB); None allocates.
+    compute into (reused between blocks: a fresh one costs a page fault per 4 KiB); None allocates. Not
+    used for a quantized task (``requant`` encodes into its own).
 
     ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
     (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
@@ -102,20 +106,40 @@ def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts:
 def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
              buf: torch.Tensor | None = None) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
-    w = reader.rows(task.source, r0, r1)
+    if task.quant is not None:
+        view = task.weight_view()
+        work = kernel.TORCH_DTYPES[task.quant.compute_dtype]
+
+        def merge(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            return _merged(view, w, a, b, reader, opts, work)
+
+        out = requant.compute(task, r0, r1, reader, merge, block_rows(view, opts), opts.quant_run or QuantRun())
+    else:
+        w = reader.rows(task.source, r0, r1)
+        out = _merged(task, w, r0, r1, reader, opts, kernel.TORCH_DTYPES[task.dtype], buf)
+        reader.release(task.source, r0, r1)
+    for term in (t for s in task.steps for t in s.terms):
+        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
+        # (safe under other threads: the private, never-written mapping faults them back in from the file).
+        for ref in term.refs():
+            reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
+    return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
+
+
+def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+            out_dtype: torch.dtype, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``w`` (rows ``[r0, r1)`` of ``task``'s source, any dtype) merged into ``out_dtype``, finite-checked
+    (on the CPU, the NaN/inf filter and the change tally run per kernel chunk while it is in cache)."""
     tally = opts.changes is not None and task.kind == "merge"
     device = torch.device(opts.device)
-    dtype = kernel.TORCH_DTYPES[task.dtype]
     if device.type == "cuda":
-        out = _compute_cuda(task, w, r0, r1, reader, device)
+        out = _compute_cuda(task, w, r0, r1, reader, device, out_dtype)
         suspect = opts.check_finite and kernel.nonfinite_count(out) > 0
     else:
         chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
-        dst = None
-        if buf is not None:
-            dst = buf[: w.numel() * dtype.itemsize].view(dtype).view(w.shape)
-        block = BlockTally() if tally else None  # fed by the kernel while each chunk is in cache
-        out, suspect = kernel.merge_checked(w, dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
+        dst = buf[: w.numel() * out_dtype.itemsize].view(out_dtype).view(w.shape) if buf is not None else None
+        block = BlockTally() if tally else None
+        out, suspect = kernel.merge_checked(w, out_dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
                                             check_finite=opts.check_finite, on_chunk=block and block.chunk)
         if block is not None:
             opts.changes.add_block(task, r0, block)  # type: ignore[union-attr]
@@ -128,19 +152,13 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass --allow-nonfinite to write it anyway"
             )
-    if tally:  # the CUDA path: a pass over the block on the host
+    if tally:  # the CUDA path (for a quantized weight: its decoded base rows and merged rows)
         opts.changes.add(task, r0, w, out)  # type: ignore[union-attr]
-    reader.release(task.source, r0, r1)
-    for term in (t for s in task.steps for t in s.terms):
-        # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
-        # (safe under other threads: the private, never-written mapping faults them back in from the file).
-        for ref in term.refs():
-            reader.release(ref, 0, ref.shape[0] if ref.shape else 1)
-    return out.reshape((r1 - r0, *task.shape[1:])) if task.shape else out.reshape(())
+    return out
 
 
 def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
     """The same merge on a GPU: rows staged through pinned host buffers, copies asynchronous on
     this call's own stream, so blocks of different workers overlap transfer and compute.
 
@@ -152,7 +170,7 @@ def _compute_cuda(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: T
         staged = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         staged.copy_(w)
         w_dev = staged.to(device, non_blocking=True)
-        merged = kernel.merge_block(w_dev, kernel.TORCH_DTYPES[task.dtype], _steps(task, reader, device), r0, r1, None)
+        merged = kernel.merge_block(w_dev, out_dtype, _steps(task, reader, device), r0, r1, None)
         out = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
         out.copy_(merged, non_blocking=True)
     stream.synchronize()

@@ -149,6 +149,11 @@ def _header_sha(header: SafetensorsHeader) -> str:
     return _sha(json.dumps(["pickle-index", index], separators=(",", ":")).encode("utf-8"))
 
 
+#: Plan fields added after the first release: left out of an identity while unset, so the shards of a plan
+#: that does not use them keep the identities older releases recorded (and still resume).
+_LATER_FIELDS = frozenset({"quant"})
+
+
 def _portable(value: object, labels: Mapping[str, str]) -> object:
     """A task (any plan dataclass) as JSON values, input paths replaced by their labels."""
     if isinstance(value, TensorRef):
@@ -156,7 +161,8 @@ def _portable(value: object, labels: Mapping[str, str]) -> object:
         doc["path"] = labels.get(value.path, value.path)
         return doc
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)}
+        return {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)
+                if not (f.name in _LATER_FIELDS and getattr(value, f.name) is None)}
     if isinstance(value, (tuple, list)):
         return [_portable(v, labels) for v in value]
     return value

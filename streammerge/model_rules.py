@@ -50,6 +50,10 @@ class ModelRules:
     #: fused MoE ``experts`` modules declared ``is_transposed`` (parameters (E, in, out), e.g. GPT-OSS): PEFT's
     #: ParamWrapper keeps their in/out, so ΔP[e] = (B_e A_e)ᵀ; other experts are (E, out, in).
     transposed: tuple[str, ...] = ()
+    #: ``_keep_in_fp32_modules_strict`` / ``_keep_in_fp32_modules`` globs: transformers loads the matching tensors
+    #: of a bf16 or fp16 (strict) / fp16 (plain) model in fp32, so PEFT merges and saves them in fp32.
+    keep_fp32: tuple[str, ...] = ()
+    keep_fp32_fp16: tuple[str, ...] = ()
 
     def rank(self, module: str) -> int | None:
         """Position of ``module`` (or of its index template) in ``order``; None when it owns no tie."""
@@ -57,6 +61,11 @@ class ModelRules:
             if key in self.order:
                 return self.order.index(key)
         return None
+
+    def kept_in_fp32(self, name: str, dtype: str) -> bool:
+        """Whether transformers holds ``name`` in fp32 when the checkpoint stores it as ``dtype`` (its glob rule)."""
+        globs = self.keep_fp32 + (self.keep_fp32_fp16 if dtype == "F16" else ())
+        return dtype in ("BF16", "F16") and any(re.search(g.replace("*", ".*"), name) for g in globs)
 
     def is_transposed(self, module: str) -> bool | None:
         """Whether the fused experts ``module`` store (E, in, out); None when these rules know no model."""
@@ -141,6 +150,8 @@ def _read_model(config: Mapping[str, object], cls: type, all_ties: bool) -> Mode
     owners = {n.rpartition(".")[0] for pair in tied.items() for n in pair}
     order = tuple(n for n, _ in model.named_modules() if n in owners)
     transposed = tuple(n for n, m in model.named_modules() if getattr(m, "is_transposed", False) is True)
+    keep = tuple(sorted(model._keep_in_fp32_modules_strict or ()))
+    keep_fp16 = tuple(sorted(model._keep_in_fp32_modules or ()))
     # save_pretrained's order (revert_weight_conversion): sub-models' transforms first, reversed; PrefixChange is
     # dropped for models not loaded from a checkpoint, and so here.
     convs = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
@@ -154,7 +165,8 @@ def _read_model(config: Mapping[str, object], cls: type, all_ties: bool) -> Mode
         disk = apply_renamings(name, renamings)
         if disk != name:
             renames[name] = disk
-    return ModelRules(f"transformers {transformers.__version__} ({cls.__name__})", tied, renames, order, transposed)
+    return ModelRules(f"transformers {transformers.__version__} ({cls.__name__})", tied, renames, order, transposed,
+                      keep, keep_fp16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +184,7 @@ def table_entry(arch: str, config: Mapping[str, object]) -> dict[str, object]:
     order = list(dict.fromkeys(template(m) for m in rules.order))
     transposed = list(dict.fromkeys(template(m) for m in rules.transposed))
     return {"tied": _templates(rules.tied), "renames": _templates(rules.renames), "order": order,
-            "transposed": transposed}
+            "transposed": transposed, "keep_fp32": list(rules.keep_fp32), "keep_fp32_fp16": list(rules.keep_fp32_fp16)}
 
 
 def _templates(pairs: Mapping[str, str]) -> dict[str, str]:
@@ -197,7 +209,8 @@ def from_table(config: Mapping[str, object]) -> ModelRules:
         return EMPTY
     tie_on = _tie_flag(config)
     return _TemplateRules(f"table (transformers {TRANSFORMERS_VERSION})", entry["tied"] if tie_on else {},
-                          entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]))
+                          entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]),
+                          tuple(entry["keep_fp32"]), tuple(entry["keep_fp32_fp16"]))
 
 
 def _tie_flag(config: Mapping[str, object]) -> bool:
@@ -211,8 +224,10 @@ class _TemplateRules(ModelRules):
     """ModelRules over index templates: ``tied``/``renames`` are looked up through ``template``."""
 
     def __init__(self, source: str, tied: Mapping[str, str], renames: Mapping[str, str],
-                 order: tuple[str, ...], transposed: tuple[str, ...]) -> None:
-        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order, transposed)
+                 order: tuple[str, ...], transposed: tuple[str, ...], keep_fp32: tuple[str, ...],
+                 keep_fp32_fp16: tuple[str, ...]) -> None:
+        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order, transposed, keep_fp32,
+                         keep_fp32_fp16)
 
 
 class _TemplateMap(Mapping[str, str]):

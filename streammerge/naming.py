@@ -120,6 +120,7 @@ class Aliases(Mapping[str, str]):
         self._config = config
         self._common = dict(common)
         self._rules: model_rules.ModelRules | None = None
+        self._table: model_rules.ModelRules | None = None
 
     @property
     def rules(self) -> model_rules.ModelRules:
@@ -132,6 +133,14 @@ class Aliases(Mapping[str, str]):
         the common one was resolved), modules owning a tie sort in ``named_modules`` order, as PEFT merges them."""
         rank = self._rules.rank(order[1]) if self._rules is not None else None
         return (0, rank, "") if rank is not None else (1, order[0], order[1])
+
+    def kept_in_fp32(self, name: str, dtype: str) -> bool:
+        """Does transformers load this merged tensor in fp32 (so PEFT merges and saves it in fp32)? The model's
+        rules when already read, else the generated table alone: asked of every merged tensor, it never imports
+        transformers."""
+        if self._rules is None and self._table is None:
+            self._table = model_rules.from_table(self._config)
+        return (self._rules or self._table).kept_in_fp32(name, dtype)
 
     def renamed(self, name: str) -> str | None:
         """The disk name the model's rules give the in-memory ``name``, when it is on disk."""

@@ -34,6 +34,7 @@ class MergeOptions:
     weight: float | None = None  # unmerge only: the weight the adapter was merged with
     original_base: str | None = None  # unmerge only: the original base that full tensors come from
     base_subfolder: str | None = None
+    dequantize: bool = False  # a quantized base: write it dequantized (else keep its format)
 
     def record(self, device_type: str) -> dict[str, object]:
         """The JSON value the manifest stores (and shard identities hash), keyed as earlier releases keyed it."""
@@ -48,6 +49,8 @@ class MergeOptions:
             value = getattr(self, name)
             if value is not None:
                 doc[name] = value
+        if self.dequantize:  # recorded only when set: older manifests describe the same plans
+            doc["dequantize"] = True
         doc["allow_nonfinite"] = self.allow_nonfinite
         doc["device"] = device_type
         return doc
@@ -70,4 +73,5 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "operation": (str,), "combination": (str,), "density": (int, float), "seed": (int,), "heads_from": (int,),
     "pattern_rules": (str,), "adapter_name": (str,), "max_shard_size": (int,), "allow_nonfinite": (bool,),
     "weight": (int, float), "original_base": (str,), "base_subfolder": (str,),
+    "dequantize": (bool,),
 }

@@ -58,9 +58,10 @@ def prepare_output(out: Path, *, overwrite: bool) -> bool:
     return True
 
 
-def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, object]]) -> dict:
-    """The base config with the plan's updates applied (key order kept, new keys appended)."""
-    doc = dict(config)
+def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, object]],
+                   removals: Sequence[str] = ()) -> dict:
+    """The base config with the plan's updates applied (key order kept, new keys appended), ``removals`` gone."""
+    doc = {k: v for k, v in config.items() if k not in removals}
     for key, value in updates:
         doc[key] = value
         text = doc.get("text_config")
@@ -71,13 +72,14 @@ def updated_config(config: Mapping[str, object], updates: Sequence[tuple[str, ob
 
 def write_side_files(
     out: Path, base_root: Path, adapter_roots: Sequence[Path], config: Mapping[str, object],
-    updates: Sequence[tuple[str, object]],
+    updates: Sequence[tuple[str, object]], removals: Sequence[str] = (),
 ) -> list[str]:
     """Write config.json and copy generation/tokenizer/processor files. Returns the names written."""
     written: list[str] = []
     if config:
-        if updates or not (base_root / "config.json").is_file():
-            data = (json.dumps(updated_config(config, updates), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        if updates or removals or not (base_root / "config.json").is_file():
+            doc = updated_config(config, updates, removals)
+            data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         else:
             data = (base_root / "config.json").read_bytes()  # nothing changed: the base's bytes
         write_atomic(out / "config.json", data)

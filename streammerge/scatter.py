@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 
 from streammerge import digest, units
@@ -82,8 +83,9 @@ class _Shard:
 def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions) -> int:
     execute, reader = sources.engine()
     task, r0, r1 = unit.spans[0]
-    cpu = not str(opts.device).startswith("cuda")  # the CUDA path stages through its own pinned buffers
-    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes) if cpu else None)
+    # the CUDA path stages through its own pinned buffers; a quantized task encodes into its own
+    own = not str(opts.device).startswith("cuda") and task.quant is None
+    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes) if own else None)
     data = execute.as_bytes(out)
     shard.file.pwrite(unit.offset, data)
     j0, j1 = units.pieces_in(task, r0, r1)
@@ -127,6 +129,10 @@ def write_shards(
     ``on_shard(shard, {key: hex digest})`` is called, in plan order, as each shard file is committed
     under its final name (``digest`` documents the keys).
     """
+    if opts.quant_run is None and any(t.quant is not None for s in shards for t in s.tasks):
+        from streammerge.requant import QuantRun
+
+        opts = replace(opts, quant_run=QuantRun())
     run = _Run(shards, out, opts, on_progress, on_shard, checksum)
     try:
         run.loop()

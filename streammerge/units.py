@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streammerge import digest
-from streammerge.budget import ExecOptions, block_rows
-from streammerge.plan import ROW_ALIGN, ShardPlan, TensorTask, block_bytes, row_blocks
+from streammerge.budget import ExecOptions, block_rows, unit_cost
+from streammerge.plan import ROW_ALIGN, ShardPlan, TensorTask, row_blocks
 
 #: A copy run is cut into units of at most this many bytes (at piece boundaries), so workers share it.
 COPY_UNIT = 256 << 20
@@ -76,7 +76,7 @@ def shard_units(index: int, shard: ShardPlan, opts: ExecOptions) -> list[Unit]:
             flush()
             for r0, r1 in row_blocks(task.rows, block_rows(task, opts)):
                 units.append(Unit(index, ((task, r0, r1),), offset + r0 * nrow, (r1 - r0) * nrow,
-                                  piece + pieces_in(task, r0, r1)[0], block_bytes(task, r1 - r0)))
+                                  piece + pieces_in(task, r0, r1)[0], unit_cost(task, r0, r1, opts)))
         offset += task.nbytes
         piece += len(digest.task_pieces(task))
     flush()

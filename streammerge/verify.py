@@ -41,7 +41,7 @@ from streammerge.checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.locate import find_base
 from streammerge.options import MergeOptions
-from streammerge.plan import ROW_ALIGN, Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
+from streammerge.plan import Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
 
 if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
@@ -380,13 +380,13 @@ def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOpt
 
 
 def sample_blocks(task: TensorTask, sample: int) -> list[tuple[int, int]]:
-    """At least ``sample`` rows of ``task`` as whole ROW_ALIGN blocks, chosen by a seed from its name.
+    """At least ``sample`` rows of ``task`` as whole ``task.row_align`` blocks, chosen by a seed from its name.
 
     A task the merge computes in one piece (``TensorTask.whole``) is recomputed whole.
     """
     if task.whole:
         return [(0, task.rows)]
-    blocks = list(row_blocks(task.rows, ROW_ALIGN))
-    want = min(len(blocks), math.ceil(sample / ROW_ALIGN))
+    blocks = list(row_blocks(task.rows, task.row_align))
+    want = min(len(blocks), math.ceil(sample / task.row_align))
     rng = random.Random(task.name)
     return sorted(rng.sample(blocks, want))

@@ -112,6 +112,22 @@ def test_encode_is_within_half_a_step_of_every_element(shape, block, seed, scale
 
 
 @settings(max_examples=25, deadline=None)
+@given(shape=shapes, block=blocks, seed=st.integers(0, 2**16))
+def test_ue8m0_scales_are_powers_of_two_and_keep_the_bound(shape, block, seed):
+    """``scale_fmt: ue8m0`` (DeepSeek-V3.1): fresh scales are the smallest power of two ≥ amax / 448."""
+    w = _weights(seed, shape)
+    q, s = fp8.encode(w, block, torch.float32, 1.0, pow2=True)
+    mantissa, _ = torch.frexp(s)
+    assert bool((mantissa == 0.5).all())
+    exact = fp8.amax_cells(w, block) / 448
+    nonzero = exact > 0
+    assert bool((s[nonzero] >= exact[nonzero]).all()) and bool((s[nonzero] / 2 < exact[nonzero]).all())
+    back = fp8.dequantize(q, s, block, torch.float64)
+    bound = fp8.half_step(w, s, block) * (1 + 2.0**-20) + back.abs() * 2.0**-24
+    assert bool(((back - w.double()).abs() <= bound).all())
+
+
+@settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 400), cols=st.integers(1, 200), b0=st.sampled_from([1, 16, 128]),
        cut=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_row_blocks_decode_and_encode_as_the_whole(rows, cols, b0, cut, seed):
@@ -158,6 +174,10 @@ def test_detect_plain_and_fp8_block():
     assert idx.format == "fp8-block" and list(idx.weights) == ["m.weight"]
     qw = idx.weights["m.weight"]
     assert qw.companions == ("m.weight_scale_inv",) and qw.scheme.block == (128, 128) and qw.scheme.row_align == 128
+    assert not qw.scheme.pow2_scale
+    ue8m0 = {"quantization_config": {**FP8_CFG["quantization_config"], "scale_fmt": "ue8m0"}}
+    infos = _infos({"m.weight": ("F8_E4M3", (300, 200)), "m.weight_scale_inv": ("F32", (3, 2))})
+    assert registry.detect(ue8m0, infos, "cfg").weights["m.weight"].scheme.pow2_scale
 
 
 @pytest.mark.parametrize("strategy,scale_shape,block", [("tensor", (1,), (300, 200)), ("channel", (300, 1), (1, 200)),

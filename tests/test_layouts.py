@@ -256,3 +256,17 @@ def test_diffusers_shards_without_their_index_are_reconstructed_under_diffusers_
     assert report.warnings[0].startswith(f"{base}: no diffusion_pytorch_model.safetensors.index.json: the index "
                                          "was reconstructed from the 3 shards")
     assert (case / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+
+
+def test_pickled_shards_without_their_index_are_reconstructed(template, case):
+    base = case / "base"
+    for k, shard in enumerate(SHARDS, 1):
+        torch.save(load_file(str(base / shard)), base / f"pytorch_model-{k:05d}-of-00003.bin")
+        (base / shard).unlink()
+    (base / INDEX).unlink()
+    report = streammerge.merge(base=base, adapter=template / "adapter", out=case / "out", device="cpu")
+    assert report.warnings == (
+        f"{base}: no pytorch_model.bin.index.json: the index was reconstructed from the 3 shards "
+        "pytorch_model-00001-of-00003.bin .. pytorch_model-00003-of-00003.bin",
+    )
+    assert _weights(case / "out") == _weights(template / "ref")  # safetensors shards and index, as from the original

@@ -137,3 +137,14 @@ def test_a_tuner_without_an_inverse_is_refused_by_name(monkeypatch):
     original = checkpoint()
     restored = {t.name: t for t in build_unmerge_plan(checkpoint(), ad, base=original).tasks() if t.kind != "copy"}
     assert list(restored) == [f"{Q0}.weight"] and restored[f"{Q0}.weight"].kind == "replace"
+
+
+def test_grouped_conv_feed_forward_ia3_is_planned_with_its_groups():
+    """l (1, in_channels, 1, 1) on a groups=2 Conv2d W (16, 4, 3, 3): PEFT expands it per group; so do we."""
+    tensors = [("g.weight", "BF16", (16, 4, 3, 3)), ("g.bias", "BF16", (16,))]
+    ad = tuner_adapter("IA3", {"g.ia3_l": (1, 8, 1, 1)}, {"target_modules": ["g"], "feedforward_modules": ["g"]})
+    tasks = plan_of(ad, tensors)
+    assert [n for n, t in tasks.items() if t.steps] == ["g.weight"]
+    bad = tuner_adapter("IA3", {"g.ia3_l": (1, 6, 1, 1)}, {"target_modules": ["g"], "feedforward_modules": ["g"]})
+    with pytest.raises(PlanError, match=r"ia3_l has shape \(1, 6, 1, 1\)"):
+        plan_of(bad, tensors)

@@ -34,6 +34,7 @@ class Net(nn.Module):
         self.conv1 = nn.Conv1d(8, 16, 3)
         self.emb = nn.Embedding(40, 16)
         self.c1d = Conv1D(OUT, IN)  # HF GPT-2 layer: weight (in, out)
+        self.gconv = nn.Conv2d(8, 16, 3, groups=2)
         with torch.no_grad():
             self.c1d.weight.normal_(0, 0.2)
             self.c1d.bias.normal_(0, 0.2)
@@ -228,7 +229,7 @@ def test_miss(dtype, r, mode, mini_r):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("target", "ff"), [("lin", False), ("lin", True), ("c1d", False), ("c1d", True),
-                                            ("conv", False), ("conv", True)])
+                                            ("conv", False), ("conv", True), ("gconv", False), ("gconv", True)])
 def test_ia3(dtype, target, ff):
     cfg = peft.IA3Config(target_modules=[target], feedforward_modules=[target] if ff else [],
                          init_ia3_weights=False)
@@ -242,8 +243,8 @@ def test_ia3(dtype, target, ff):
         _check_unmerge(pm, f"{target}.bias", lambda m: ia3.unmerge_bias(m, vec))
     _check_unmerge(pm, f"{target}.weight", lambda m: ia3.unmerge(m, vec, fifo, ff))
     half = w.shape[0] // 2
-    rows = torch.cat([ia3.merge(w[:half], vec, fifo, ff, 0, half),
-                      ia3.merge(w[half:], vec, fifo, ff, half, w.shape[0])])
+    rows = torch.cat([ia3.merge(w[:half], vec, fifo, ff, 0, half, tuple(w.shape)),
+                      ia3.merge(w[half:], vec, fifo, ff, half, w.shape[0], tuple(w.shape))])
     assert torch.equal(rows, ia3.merge(w, vec, fifo, ff))
 
 

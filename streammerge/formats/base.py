@@ -38,6 +38,10 @@ CODES = "weight"
 SCALE = "scale"
 
 
+#: Name suffixes of activation-quantization tensors (``QuantIndex.extras``).
+ACTIVATION_SCALES = (".input_scale", ".output_scale", ".activation_scale")
+
+
 def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
     """The scale grid of a (rows, cols) weight cut into ``block`` cells (edge cells partial)."""
     return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
@@ -57,7 +61,8 @@ class QuantScheme:
     scale_dtype: str  # safetensors code of the scale part
     product_dtype: str  # dtype the product codes·scale is rounded to before the output cast
     zero_scale: float  # scale stored for an all-zero cell on encode
-    reencodable: bool = True  # can a merged weight be written back in this scheme?
+    pow2_scale: bool = False  # fresh scales are powers of two (block FP8 ``scale_fmt: ue8m0``)
+    reencodable: bool = True  # can a merged weight be written back in this scheme? (else: refused without --dequantize)
 
     @property
     def row_align(self) -> int:
@@ -68,11 +73,6 @@ class QuantScheme:
     def whole_tensor_scale(self) -> bool:
         """True when a fresh scale depends on every row (per-tensor): encoding needs a pre-pass."""
         return self.strategy == "tensor"
-
-    @property
-    def decode_bytes_per_element(self) -> int:
-        """Scratch per element while decoding/encoding a block (fp32 product; padded amax copy)."""
-        return 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,9 @@ class QuantIndex:
     format: str
     weights: Mapping[str, QuantizedWeight]  # by logical weight name
     config: Mapping[str, object]  # the checkpoint's quantization_config
+    #: stored tensors of the quantization that belong to no weight (static activation scales): copied raw when
+    #: the format is kept, dropped with the quantization_config when dequantizing (loaders then ignore them)
+    extras: tuple[str, ...] = ()
 
     def companion_of(self) -> dict[str, QuantizedWeight]:
         """Every companion tensor name → the weight it belongs to."""
@@ -142,4 +145,14 @@ class Codec(Protocol):
 
     def encode(self, qw: QuantizedWeight, w: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Merged rows → stored rows by role (scales as a 2-D grid of cells), fresh scales from ``amax`` or ``w``."""
+        ...
+
+    def scales(self, qw: QuantizedWeight, amax: torch.Tensor) -> torch.Tensor:
+        """The fresh scales (2-D grid of cells, the scale dtype) for these per-cell amax values."""
+        ...
+
+    def error(
+        self, qw: QuantizedWeight, encoded: Mapping[str, torch.Tensor], merged: torch.Tensor
+    ) -> tuple[float, float]:
+        """(max |dequant(encoded) − merged|, its max ratio to half a quantization step) over these rows."""
         ...

@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
-from streammerge.formats.base import CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
+from streammerge.formats.base import ACTIVATION_SCALES, CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
@@ -43,6 +43,7 @@ class BlockFP8:
 
     def index(self, qc: Mapping[str, object], tensors: Mapping[str, TensorInfo], where: str) -> QuantIndex:
         block = _block_size(qc.get("weight_block_size", [128, 128]), where)
+        pow2 = qc.get("scale_fmt") == "ue8m0"  # DeepSeek-V3.1: every scale a power of two
         weights: dict[str, QuantizedWeight] = {}
         for name, t in tensors.items():
             if name.endswith(SCALE_INV_SUFFIX):
@@ -62,9 +63,10 @@ class BlockFP8:
                     "scale it cannot be dequantized: the checkpoint is incomplete, re-download it"
                 )
             check_scale(name, t.shape, scale, "block", block, where)
-            scheme = QuantScheme(self.name, "block", block, scale.dtype, "F32", 1.0)
+            scheme = QuantScheme(self.name, "block", block, scale.dtype, "F32", 1.0, pow2)
             weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)
-        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)))
+        extras = tuple(sorted(n for n in tensors if n.endswith(ACTIVATION_SCALES)))
+        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)), extras)
 
     def output_config(
         self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
-from streammerge.formats.base import CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
+from streammerge.formats.base import ACTIVATION_SCALES, CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
 from streammerge.formats.blockfp8 import check_scale, fp8_rows
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class CompressedFP8:
             strategy, block = _strategy(name, t.shape, scale, blocks, where)
             scheme = QuantScheme(self.name, strategy, block, scale.dtype, scale.dtype, _EPS.get(scale.dtype, 0.0))
             weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)
-        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)))
+        extras = tuple(sorted(n for n in tensors if n.endswith(ACTIVATION_SCALES)))
+        return QuantIndex(self.name, MappingProxyType(weights), MappingProxyType(dict(qc)), extras)
 
     def output_config(
         self, qc: Mapping[str, object], dequantized: bool, touched: frozenset[str]

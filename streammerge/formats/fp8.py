@@ -99,14 +99,19 @@ def amax_cells(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return a.reshape(g0, block[0], g1, block[1]).amax(dim=(1, 3))
 
 
-def fresh_scale(amax: torch.Tensor, scale_dtype: torch.dtype, zero_scale: float) -> torch.Tensor:
+def fresh_scale(amax: torch.Tensor, scale_dtype: torch.dtype, zero_scale: float, pow2: bool = False) -> torch.Tensor:
     """Scales ``amax / 448`` (fp32), stored in ``scale_dtype`` rounded up; all-zero cells get ``zero_scale``.
+
+    ``pow2`` (``scale_fmt: ue8m0``, DeepSeek-V3.1): the scale is rounded up to a power of two, as transformers'
+    ``Fp8Quantize`` and DeepSeek's ue8m0 cast do, so the format's promise that every scale is one holds.
 
     Rounding up (to the next representable scale when the cast rounded down) keeps ``amax / s ≤ 448``, so
     no code clamps and every element stays within half a step: a bf16/fp16 scale rounded down would clip
     the largest elements of the cell (by up to 3 steps for an fp16 scale in its subnormal range).
     """
     exact = amax.to(torch.float32) / E4M3_MAX  # (g0, g1)
+    if pow2:
+        exact = torch.exp2(torch.ceil(torch.log2(exact.clamp(min=torch.finfo(torch.float32).tiny))))
     s = exact.to(scale_dtype)
     if scale_dtype != torch.float32:
         up = torch.nextafter(s, torch.full_like(s, math.inf))
@@ -132,22 +137,23 @@ def _div_by_cells(x: torch.Tensor, s_rows: torch.Tensor, b1: int) -> None:
 
 
 def encode(
-    w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, zero_scale: float
+    w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, zero_scale: float, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh scales for ``w``'s cells and its codes: (R, C) → (codes (R, C), scale (⌈R/b0⌉, ⌈C/b1⌉))."""
-    scale = fresh_scale(amax_cells(w, block), scale_dtype, zero_scale)
+    scale = fresh_scale(amax_cells(w, block), scale_dtype, zero_scale, pow2)
     return quantize(w, scale, block), scale
 
 
-def half_step(target: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Half the E4M3 quantization step at each element of ``target`` (float64), in weight units.
+def half_step(target: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Half the E4M3 quantization step at each element of ``target`` (in ``dtype``), in weight units.
 
     The step at x = w / s is 2^(e − 3) for 2^e ≤ |x| < 2^(e+1) (e ≥ −6), and 2^−9 below 2^−6; rounding
     to nearest moves an element by at most half of it, times ``s``. Used to report and test the error.
     """
-    s = expand_rows(scale.to(torch.float64), target.shape[0], block[0])  # (R, g1)
+    s = expand_rows(scale.to(dtype), target.shape[0], block[0])  # (R, g1)
     s_full = s.repeat_interleave(block[1], dim=1)[:, : target.shape[1]]  # (R, C)
-    x = (target.to(torch.float64) / s_full).abs().clamp(max=E4M3_MAX)
+    x = (target.to(dtype) / s_full).abs().clamp(max=E4M3_MAX)
     e = torch.floor(torch.log2(x.clamp(min=2.0**_MIN_NORMAL_EXP))).clamp(min=_MIN_NORMAL_EXP)
     return 0.5 * torch.exp2(e - _MANTISSA_BITS) * s_full
 
@@ -170,9 +176,28 @@ class FP8Codec:
         block = _block(qw, w)
         if amax is None:
             amax = amax_cells(w, block)
-        scale = fresh_scale(amax, torch_dtype(qw.scheme.scale_dtype), qw.scheme.zero_scale)  # (g0', g1) cells
+        scale = self.scales(qw, amax)  # (g0', g1) cells
         # The scale comes back as cells; the caller reshapes it to the stored part's rows ((1,) per tensor).
         return {CODES: quantize(w, scale, block), SCALE: scale}
+
+    def scales(self, qw: QuantizedWeight, amax: torch.Tensor) -> torch.Tensor:
+        return fresh_scale(amax, torch_dtype(qw.scheme.scale_dtype), qw.scheme.zero_scale, qw.scheme.pow2_scale)
+
+    def error(self, qw: QuantizedWeight, encoded: dict[str, torch.Tensor], merged: torch.Tensor) -> tuple[float, float]:
+        """max |q·s − merged| over these rows and its max ratio to half an E4M3 step (fp32).
+
+        ``q·s`` is the fp32 product, before a loader rounds it to the model dtype (which adds at most half
+        an ulp of that dtype): the ratio is ≤ 1 up to the fp32 rounding of ``merged / s`` (2^-24 relative).
+        """
+        if merged.numel() == 0:
+            return 0.0, 0.0
+        block = _block(qw, merged)
+        scale = encoded[SCALE]
+        back = dequantize(encoded[CODES], scale, block, torch.float32)  # (R, C) fp32 product
+        err = back.sub_(merged.to(torch.float32)).abs_()
+        worst = float(err.max())
+        ratio = float(err.div_(half_step(merged, scale, block, torch.float32)).max())
+        return worst, ratio
 
 
 def _block(qw: QuantizedWeight, w: torch.Tensor) -> tuple[int, int]:

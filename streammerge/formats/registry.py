@@ -13,19 +13,22 @@ Pure (no torch): the planner uses it. The torch side, decoding and encoding, is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
 from streammerge.formats.base import BaseFormat, QuantIndex
 from streammerge.formats.blockfp8 import BlockFP8
+from streammerge.formats.bnb_layout import Bitsandbytes
 from streammerge.formats.compressed import CompressedFP8, formats_of
+from streammerge.formats.gptq_layout import AWQ, GPTQ
+from streammerge.formats.mxfp4_layout import MXFP4
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
 
 #: Every supported format; the first whose ``claims`` accepts the config reads the checkpoint.
-FORMATS: tuple[BaseFormat, ...] = (BlockFP8(), CompressedFP8())
+FORMATS: tuple[BaseFormat, ...] = (BlockFP8(), CompressedFP8(), MXFP4(), Bitsandbytes(), GPTQ(), AWQ())
 
 #: Tensor-name markers of quantized storage, with the format family they reveal.
 MARKERS: tuple[tuple[str, str], ...] = (
@@ -41,7 +44,7 @@ MARKERS: tuple[tuple[str, str], ...] = (
     ("_blocks", "MXFP4"),
 )
 #: quant_methods transformers knows that no format here reads (a clearer message than "unknown").
-_KNOWN_ELSEWHERE = ("bitsandbytes", "gptq", "awq", "mxfp4", "hqq", "torchao", "eetq", "quanto", "aqlm", "fbgemm_fp8")
+_KNOWN_ELSEWHERE = ("hqq", "torchao", "eetq", "quanto", "aqlm", "fbgemm_fp8")
 
 
 def format_named(name: str) -> BaseFormat:
@@ -56,8 +59,17 @@ def marker(name: str) -> str | None:
     return next((kind for suffix, kind in MARKERS if name.endswith(suffix)), None)
 
 
-def detect(config: Mapping[str, object], tensors: Mapping[str, TensorInfo], where: str) -> QuantIndex | None:
-    """The quantization of a checkpoint (``where`` names its config.json in messages); see the module doc."""
+def detect(
+    config: Mapping[str, object],
+    tensors: Mapping[str, TensorInfo],
+    where: str,
+    read: Callable[[str], bytes] | None = None,
+) -> QuantIndex | None:
+    """The quantization of a checkpoint (``where`` names its config.json in messages); see the module doc.
+
+    ``read(name)`` returns a stored tensor's bytes: a format with ``blob_names`` (bitsandbytes keeps each
+    weight's shape and block size in a small JSON tensor) reads those few tensors through it while indexing.
+    """
     qc = config.get("quantization_config")
     if qc is None:
         for name, t in tensors.items():
@@ -74,11 +86,15 @@ def detect(config: Mapping[str, object], tensors: Mapping[str, TensorInfo], wher
     fmt = next((f for f in FORMATS if f.claims(qc)), None)
     if fmt is None:
         raise CheckpointError(f"{where}: {_unsupported(method, qc)}")
-    index = fmt.index(qc, tensors, where)
-    own = set(index.weights) | set(index.companion_of())
+    if hasattr(fmt, "blob_names"):
+        assert read is not None, f"detect() needs read= to index {fmt.name} checkpoints"
+        index = fmt.index(qc, tensors, where, read)
+    else:
+        index = fmt.index(qc, tensors, where)
+    own = set(index.weights) | {name for qw in index.weights.values() for _, name in qw.parts} | set(index.extras)
     for name in tensors:
         kind = marker(name)
-        if kind and name not in own and not name.endswith((".input_scale", ".activation_scale")):
+        if kind and name not in own:
             raise CheckpointError(
                 f"{where}: tensor {name!r} is {kind} storage, but quantization_config says {method!r} "
                 f"({fmt.name}); mixed quantization formats are not supported: use one consistent checkpoint"
@@ -97,7 +113,7 @@ def _unsupported(method: object, qc: Mapping[str, object]) -> str:
             f"quantization_config.quant_method={method!r}: streammerge cannot merge into this format yet; "
             "merge into the 16-bit base instead"
         )
-    known = ", ".join(sorted({"fp8", "compressed-tensors", *_KNOWN_ELSEWHERE}))
+    known = ", ".join(sorted({"fp8", "compressed-tensors", "mxfp4", "bitsandbytes", "gptq", "awq", *_KNOWN_ELSEWHERE}))
     return (
         f"quantization_config.quant_method={method!r} is not a quantization format streammerge knows "
         f"(known: {known}); fix config.json or use the 16-bit base"

@@ -20,9 +20,10 @@ from streammerge.adapter import Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.formats.dtypes import FLOAT_DTYPES
-from streammerge.formats.refs import TensorRef
+from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
 from streammerge.plan.heads import check_resized, plan_replacement
+from streammerge.plan.quantized import advice, apply_quantization
 from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
 from streammerge.plan.tuned import plan_tuned
@@ -110,16 +111,26 @@ def assemble(ctx: PlanContext, draft: Draft, options: PlanOptions) -> Plan:
         tasks_by_name[name] = _task(name, ctx.ref(name), targets.get(name), ctx.aliases)
     for name, ref in draft.added.items():
         tasks_by_name[name] = TensorTask(name, _added_dtype(ctx.ckpt, ref), ref.shape, ref, kind="add")
+    dropped, removals, quantization = set(draft.drop), (), None
+    if ctx.ckpt.quant is not None:
+        stored = {name: tensor_ref(ctx.ckpt.shards[i], info) for name, (i, info) in ctx.ckpt.locate().items()}
+        gone, updates, removals, quantization = apply_quantization(ctx.ckpt.quant, ctx.ckpt.config, tasks_by_name,
+                                                                   stored, options.dequantize)
+        dropped |= gone
+        draft.config_updates.update(updates)
+        warnings.extend(advice(ctx.ckpt.quant, options.dequantize))
 
-    shards = layout(ctx.ckpt, tasks_by_name, draft.added, draft.drop, options)
+    shards = layout(ctx.ckpt, tasks_by_name, draft.added, dropped, options)
     return Plan(
         shards=shards,
         write_index=ctx.ckpt.has_index or len(shards) > 1,
         index_metadata=tuple((k, v) for k, v in ctx.ckpt.index_metadata.items() if k != "total_size"),
         config_updates=tuple(draft.config_updates.items()),
         warnings=tuple(warnings),
-        dropped=tuple(sorted(draft.drop)),
+        dropped=tuple(sorted(dropped)),
         index_name=ctx.ckpt.index_name,
+        config_removals=removals,
+        quantization=quantization,
     )
 
 
@@ -130,7 +141,9 @@ def _task(name: str, base: TensorRef, target: Target | None, aliases: naming.Ali
     # adapters in order; within one, modules in PEFT's merge order (faces of a tie: named_modules order)
     steps = tuple(step for _, _, step in sorted(target.steps, key=lambda s: (s[1], aliases.face_order(s[0]))))
     kind = "merge" if steps else "replace"
-    return TensorTask(name, base.dtype, source.shape, source, steps, kind)
+    # a tensor transformers keeps in fp32 (DeepSeek-V3's router) is merged and written in fp32, as PEFT does
+    dtype = "F32" if steps and aliases.kept_in_fp32(name, base.dtype) else base.dtype
+    return TensorTask(name, dtype, source.shape, source, steps, kind)
 
 
 def _added_dtype(ckpt: Checkpoint, ref: TensorRef) -> str:

@@ -17,6 +17,7 @@ from streammerge.adapter import Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.formats.safetensors import TensorInfo
+from streammerge.plan.quantized import logical_slots
 from streammerge.plan.types import Step
 
 
@@ -31,6 +32,8 @@ class PlanContext:
     @classmethod
     def of(cls, ckpt: Checkpoint) -> PlanContext:
         located = ckpt.locate()
+        if ckpt.quant is not None:  # quantized weights stored under other names or shapes: their logical slot
+            located.update(logical_slots(ckpt.quant, ckpt.config, located))
         return cls(ckpt, located, naming.tied_aliases(frozenset(located), ckpt.config))
 
     @property

@@ -41,7 +41,23 @@ def block_bytes(task: TensorTask, rows: int) -> int:
     # a tuner's own scratch for a whole-tensor update (rotation matrices, FFTs): ``tuners.base.Update.work_elements``
     tuned = sum(4 * term.update.work_elements for step in task.steps if step.rounding == "tuner"
                 for term in step.terms)
-    return block + chunk + factors + tuned
+    return block + chunk + factors + tuned + rows * row * quant_bytes_per_element(task)
+
+
+#: Per element of a block whose source is quantized, over the whole block (not chunked): the fp32
+#: product of decoding, and when re-encoding the fp32 quotient, the padded |w| of the amax, and the error
+#: check (the block decoded again, its fp32 difference with the merged rows, the fp32 half steps: 4 × 4).
+DECODE_BYTES_PER_ELEMENT = 4
+ENCODE_BYTES_PER_ELEMENT = 24
+
+
+def quant_bytes_per_element(task: TensorTask) -> int:
+    """Extra working bytes per element to decode (and maybe re-encode) a quantized source block."""
+    q = task.quant
+    if q is None:
+        return 0
+    # the decoded rows and the merged rows, both in the compute dtype
+    return DECODE_BYTES_PER_ELEMENT + 2 * DTYPE_SIZES[q.compute_dtype] + (ENCODE_BYTES_PER_ELEMENT if q.encode else 0)
 
 
 #: Working bytes per element of a combined block, per adapter: its fp32 task vector in the stack,

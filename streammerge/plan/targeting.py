@@ -75,9 +75,10 @@ def _show(targets: object) -> str:
     return json.dumps(list(targets) if isinstance(targets, tuple) else targets)
 
 
-def check_float(src: AdapterInput, draft: Draft, target: str, w: TensorInfo) -> None:
-    """A delta can only be added to a floating-point base tensor."""
-    if w.dtype not in FLOAT_DTYPES:
+def check_float(ctx: PlanContext, src: AdapterInput, draft: Draft, target: str, w: TensorInfo) -> None:
+    """A delta can only be added to a floating-point base tensor, or to a quantized weight a format decodes."""
+    quant = ctx.ckpt.quant
+    if w.dtype not in FLOAT_DTYPES and not (quant is not None and target in quant.weights):
         draft.problems.append(
             f"{src.where}: base tensor {target!r} is {w.dtype}, not a float dtype; a LoRA delta cannot "
             "be merged into it (quantized base?): use the full-precision base"

@@ -350,5 +350,5 @@ def plan_param_wrappers(ctx: PlanContext, src: AdapterInput, draft: Draft, by_mo
     for wp in take_param_wrappers(src.where, by_module, cfg.raw["target_parameters"], draft.problems):
         for d in plan_wrapped(src.where, cfg, wp, src.infos, ctx.located, ctx.aliases, draft.problems):
             term = LoraTerm(d.layout, src.ref(d.a), src.ref(d.b), d.scale, origin=d.origin, expert=d.expert)
-            check_float(src, draft, d.target, ctx.info(d.target))
+            check_float(ctx, src, draft, d.target, ctx.info(d.target))
             draft.add_step(d.target, naming.module_order(wp.module), src.index, Step((term,), "delta_first"))

@@ -26,17 +26,26 @@ ROW_BLOCKS = True
 INVERTIBLE = True
 
 
-def factor(vec: torch.Tensor, w_dim: int, fan_in_fan_out: bool, feedforward: bool) -> torch.Tensor:
+def factor(vec: torch.Tensor, w_shape: tuple[int, ...], fan_in_fan_out: bool, feedforward: bool) -> torch.Tensor:
     """The tensor W is multiplied by (broadcast), from the stored ``ia3_l``."""
-    if w_dim == 2:
+    if len(w_shape) == 2:
         return vec.T if fan_in_fan_out else vec  # (out, 1) | (1, in), transposed for Conv1D
-    return vec if feedforward else vec.transpose(0, 1)  # conv: (1, in, 1, …) | (out, 1, 1, …)
+    if not feedforward:
+        return vec.transpose(0, 1)  # conv: (1, out, 1, …) -> (out, 1, 1, …)
+    groups = vec.shape[1] // w_shape[1]
+    if groups == 1:
+        return vec  # (1, in, 1, …)
+    # _ConvNd._get_ia3_scaling_for_weight, grouped: each group's outputs take that group's input scales
+    per_in, per_out = w_shape[1], w_shape[0] // groups
+    vec = vec.reshape(groups, 1, per_in, *vec.shape[2:])
+    vec = vec.expand(groups, per_out, per_in, *vec.shape[3:])
+    return vec.reshape(w_shape[0], per_in, *vec.shape[3:])  # (out, in/groups, 1, …)
 
 
 def merge(w: torch.Tensor, vec: torch.Tensor, fan_in_fan_out: bool = False, feedforward: bool = False,
-          r0: int = 0, r1: int | None = None) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of rnd(W ⊙ l); ``w`` holds those rows."""
-    f = factor(vec, w.dim(), fan_in_fan_out, feedforward)
+          r0: int = 0, r1: int | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of rnd(W ⊙ l); ``w`` holds those rows of W (of ``shape``, default ``w``'s)."""
+    f = factor(vec, shape or tuple(w.shape), fan_in_fan_out, feedforward)
     if f.shape[0] != 1:
         f = f[r0:r1]
     return torch.mul(w, f).to(w.dtype)
@@ -48,11 +57,11 @@ def merge_bias(b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
 
 
 def unmerge(w: torch.Tensor, vec: torch.Tensor, fan_in_fan_out: bool = False, feedforward: bool = False,
-            r0: int = 0, r1: int | None = None) -> torch.Tensor:
+            r0: int = 0, r1: int | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     if w.dim() == 2:
         f = (vec.T if fan_in_fan_out else vec) + 1e-8  # PEFT: transpose(l, fan_in_fan_out) + 1e-8
     else:
-        f = factor(vec, w.dim(), fan_in_fan_out, feedforward) + 1e-8
+        f = factor(vec, shape or tuple(w.shape), fan_in_fan_out, feedforward) + 1e-8
     if f.shape[0] != 1:
         f = f[r0:r1]
     return torch.div(w, f).to(w.dtype)
@@ -77,14 +86,20 @@ def _plan(v: ModuleView) -> list[Update]:
     w = v.weight.shape
     fifo = v.conv1d  # PEFT forces fan_in_fan_out on for Conv1D and off for Linear
     out, inn = (w[1], w[0]) if fifo else (w[0], w[1] if len(w) > 1 else 0)
-    # Linear/Conv1D: (1, in) | (out, 1); conv (out, in, *k): (1, C, 1, …)
-    want = ((1, inn) if ff else (out, 1)) if len(w) == 2 else (1, inn if ff else out, *(1,) * (len(w) - 2))
+    # Linear/Conv1D: (1, in) | (out, 1); conv (out, in/groups, *k): (1, C, 1, …), C = in_channels when feed-forward
+    if len(w) == 2:
+        want = (1, inn) if ff else (out, 1)
+    else:
+        got = v.tensors["l"].shape
+        grouped = ff and len(got) > 1 and inn and got[1] % inn == 0 and out % (got[1] // inn) == 0
+        groups = got[1] // inn if grouped else 1
+        want = (1, groups * inn if ff else out, *(1,) * (len(w) - 2))
     if v.tensors["l"].shape != want:
         v.problem(f"ia3_l has shape {v.tensors['l'].shape} but base weight {w} "
                   f"({'feed-forward' if ff else 'not feed-forward'} per feedforward_modules) needs {want}; "
                   "the config and weights disagree")
         return []
-    flags = (("fan_in_fan_out", fifo), ("feedforward", ff))
+    flags = (("fan_in_fan_out", fifo), ("feedforward", ff), ("shape", w))
     updates = [Update("weight", flags, row_blocks=True)]
     if not ff and v.bias is not None:
         updates.append(Update("bias", flags, row_blocks=True))
@@ -94,13 +109,13 @@ def _plan(v: ModuleView) -> list[Update]:
 def _apply(w, t, p, r0, r1):
     if w.dim() == 1:
         return merge_bias(w, t["l"].reshape(-1)[r0:r1])
-    return merge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1)
+    return merge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1, p["shape"])
 
 
 def _invert(w, t, p, r0, r1):
     if w.dim() == 1:
         return unmerge_bias(w, t["l"].reshape(-1)[r0:r1])
-    return unmerge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1)
+    return unmerge(w, t["l"], p["fan_in_fan_out"], p["feedforward"], r0, r1, p["shape"])
 
 
 TUNER = Tuner(PEFT_TYPE, SUFFIXES, _plan, _apply, _invert)

@@ -101,7 +101,7 @@ def plan_linear(ctx: PlanContext, src: AdapterInput, draft: Draft, module: str, 
     magnitude = _magnitude(src, draft, module, roles, b.shape[0])
     term = LoraTerm(layout, src.ref(a), src.ref(b), src.adapter.config.scale_for(module), origin=module,
                     magnitude=magnitude)
-    check_float(src, draft, target, w)
+    check_float(ctx, src, draft, target, w)
     draft.add_step(target, order, src.index, Step((term,), "dora" if magnitude else "once"))
 
 
@@ -180,7 +180,7 @@ def plan_embedding(ctx: PlanContext, src: AdapterInput, draft: Draft, module: st
     magnitude = _magnitude(src, draft, module, roles, b.shape[0])
     term = LoraTerm("embedding", src.ref(a), src.ref(b), src.adapter.config.scale_for(module), origin=module,
                     magnitude=magnitude)
-    check_float(src, draft, target, w)
+    check_float(ctx, src, draft, target, w)
     draft.add_step(target, order, src.index, Step((term,), "dora" if magnitude else "delta_first"))
 
 
