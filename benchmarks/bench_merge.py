@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import synth  # noqa: E402
 
-TOOLS = ("cp", "streammerge", "peft")
+TOOLS = ("cp", "sm-before", "streammerge", "peft")
 
 
 # ----------------------------------------------------------------------------------------------- children
@@ -255,8 +255,9 @@ def tool_cmd(tool: str, base: Path, adapter: Path, out: Path, args: argparse.Nam
     env = dict(os.environ)
     if tool == "cp":
         return ["cp", "-r", str(base), str(out)], env
-    if tool == "streammerge":
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.sm_pythonpath, env.get("PYTHONPATH")) if p)
+    if tool in ("streammerge", "sm-before"):
+        path = args.sm_pythonpath if tool == "streammerge" else args.sm_before_pythonpath
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(base), "--adapter", str(adapter),
                "--out", str(out), *shlex.split(args.sm_args)]
         return cmd, env
@@ -471,7 +472,14 @@ def summarize(runs: list[Run], total_bytes: int, metric: str, drop_noisy: bool =
             stages = [k for k, v in extras[0].items() if isinstance(v, (int, float)) and k != "waited_for_quiet_s"]
             s["stages_median"] = {k: round(statistics.median(e[k] for e in extras), 2) for k in stages}
         out[tool] = s
-    sm, pf = by_tool.get("streammerge", {}), by_tool.get("peft", {})
+    sm, bf = by_tool.get("streammerge", {}), by_tool.get("sm-before", {})
+    if out.get("streammerge", {}).get("reps") and out.get("sm-before", {}).get("reps"):
+        pb = [getattr(bf[i], metric) / getattr(r, metric) for i, r in sm.items()
+              if r.rc == 0 and i in bf and bf[i].rc == 0]
+        if pb:
+            out["streammerge"]["speedup_vs_before_pairs"] = [round(min(pb), 2), round(statistics.median(pb), 2),
+                                                             round(max(pb), 2)]
+    pf = by_tool.get("peft", {})
     if "streammerge" in out and "peft" in out and out["streammerge"].get("reps") and out["peft"].get("reps"):
         out["streammerge"]["speedup_vs_peft_of_medians"] = round(
             out["peft"][f"{metric}_median"] / out["streammerge"][f"{metric}_median"], 2)
@@ -508,6 +516,8 @@ def markdown(summary: dict, metric: str, total_bytes: int) -> str:
         lines.append(f"streammerge vs PEFT: {sm['speedup_vs_peft_of_medians']:.2f}x faster (ratio of medians)"
                      + (f"; per-pair min/median/max {sm['speedup_vs_peft_pairs']}"
                         if "speedup_vs_peft_pairs" in sm else ""))
+    if "speedup_vs_before_pairs" in sm:
+        lines.append(f"streammerge vs sm-before: per-pair speed-up min/median/max {sm['speedup_vs_before_pairs']}")
     lines.append(f"checkpoint bytes (index total_size): {total_bytes:,d} ({total_bytes / 1e9:.3f} GB)")
     used = "; ".join(f"{t} rounds {summary[t]['rounds_used']} (noisy dropped {summary[t]['noisy_runs_dropped']}, "
                      f"noisy kept {summary[t]['noisy_included']})" for t in TOOLS if t in summary)
@@ -545,6 +555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sm-rev", help="benchmark this commit of --sm-repo (git archive snapshot under ROOT); "
                     "overrides --sm-pythonpath")
     ap.add_argument("--sm-repo", default="/work/main")
+    ap.add_argument("--sm-before-rev", help="also run this commit of --sm-repo as tool 'sm-before' in the same "
+                    "alternating rounds (a before/after comparison; add sm-before to --tools)")
     ap.add_argument("--metric", default="durable_s", choices=["durable_s", "wall_s"],
                     help="time used for medians and ratios (default: wall + fsync of outputs)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
@@ -565,6 +577,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out_root = str(Path(args.root) / "out" / f"run-{os.getpid()}")
     if args.sm_rev:
         args.sm_pythonpath = str(snapshot(args.sm_repo, args.sm_rev, Path(args.root)))
+    args.sm_before_pythonpath = (str(snapshot(args.sm_repo, args.sm_before_rev, Path(args.root)))
+                                 if args.sm_before_rev else "")
+    if "sm-before" in args.tools and not args.sm_before_rev:
+        ap.error("tool sm-before needs --sm-before-rev")
     return args
 
 
@@ -659,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "sm_args": args.sm_args,
         "streammerge_rev": sm_version(args.sm_pythonpath),
+        "sm_before_rev": sm_version(args.sm_before_pythonpath),
         "machine": info,
         "cache": "warm page cache (base re-read before each command); outputs deleted + sync between runs",
         "verify": verify,

@@ -52,6 +52,21 @@ TARGETS = [
     ("streammerge.writer", "ShardWriter._commit"),
     ("streammerge.writer", "ShardWriter._hash_source"),  # sha256 of raw-copied bytes (read back), if present
     ("concurrent.futures", "Future.result"),
+    # scatter writes (issue 12): workers compute, pwrite and hash; the main thread waits; one committer thread
+    ("streammerge.scatter", "_compute"),
+    ("streammerge.scatter", "_copy"),
+    ("streammerge.scatter", "_commit"),
+    ("streammerge.sources", "Sources.engine"),  # the first call imports torch + the kernel (on a worker)
+    ("streammerge.execute", "compute_rows"),
+    ("streammerge.kernel", "merge_checked"),
+    ("streammerge.writer", "ShardFile.pwrite"),
+    ("streammerge.writer", "ShardFile.copy_in"),
+    ("streammerge.writer", "ShardFile.commit"),
+    ("streammerge.digest", "piece_digest"),
+    ("streammerge.digest", "range_digests"),
+    ("streammerge.scatter", "wait"),  # the main thread waiting for workers
+    ("streammerge.changes", "ChangeTally.add"),  # the per-tensor change report (main after f7df494)
+    ("streammerge.changes", "BlockTally.chunk"),  # the same, fused into the kernel per chunk (perf)
 ]
 
 STATS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # (name, thread) -> calls, wall, cpu
@@ -60,7 +75,7 @@ _LOCK = threading.Lock()
 
 def _thread_kind() -> str:
     name = threading.current_thread().name
-    return "main" if name == "MainThread" else "worker"
+    return "main" if name == "MainThread" else "committer" if "commit" in name else "worker"
 
 
 def _timed(label: str, fn):
@@ -88,7 +103,7 @@ def instrument() -> list[str]:
         except ImportError:
             continue
         owner, _, name = attr.rpartition(".")
-        obj = getattr(mod, owner) if owner else mod
+        obj = getattr(mod, owner, None) if owner else mod
         fn = getattr(obj, name, None)
         if fn is None:
             continue

@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from streammerge import execute, manifest
+from streammerge import budget, digest, manifest, scatter
 from streammerge import finalize as fin
 from streammerge.adapter import Adapter, read_adapter
+from streammerge.budget import ExecOptions
 from streammerge.changes import ChangeTally, TensorChange
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.execute import ExecOptions
-from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
@@ -33,8 +32,10 @@ from streammerge.plan.assemble import build_plan
 from streammerge.plan.combined import build_combined_plan
 from streammerge.plan.unmerge import build_unmerge_plan
 from streammerge.provenance import check_unmerge
-from streammerge.requant import QuantRun
-from streammerge.units import format_size
+from streammerge.sizes import format_size
+
+if TYPE_CHECKING:  # torch is imported when the first block is computed, not before (see ``scatter``)
+    import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -94,14 +95,38 @@ class MergeReport:
         return text
 
 
+#: Device nodes of a GPU driver (NVIDIA, AMD ROCm, WSL): without any, torch cannot see a GPU.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device a merge runs on, as torch names it (``cpu``, ``cuda``, ``cuda:1``). ``auto`` on a
+    machine with no GPU driver is ``cpu`` without importing torch; anything else asks torch."""
+    if str(device) == "cpu" or (str(device) == "auto" and not any(os.path.exists(p) for p in _GPU_NODES)):
+        return "cpu"
+    return str(resolve_device(device))
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → CUDA when available, else CPU."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StreamMergeError(f"`device` {device}: CUDA is not available here; use `device` cpu or auto")
     return dev
+
+
+def _checksum(checksum: str | None, out: Path, resume: bool) -> str:
+    """The ``checksum`` to write records with: the one given, else (``resume``) the one ``out``'s records
+    use, else ``xxh3``."""
+    if checksum is None:
+        checksum = (manifest.recorded_checksum(out) if resume else None) or "xxh3"
+    if checksum not in digest.CHECKSUMS:
+        raise StreamMergeError(f"`checksum` {checksum!r}: use one of {', '.join(digest.CHECKSUMS)}")
+    return checksum
 
 
 def _load(
@@ -236,6 +261,8 @@ def merge(
     parts: int | None = None,
     base_subfolder: str | None = None,
     dequantize: bool = False,
+    checksum: str | None = None,
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -274,6 +301,13 @@ def merge(
             tasks (``pip install streammerge[ray]``), retrying a task whose worker died, then finalize.
             Every node must see the inputs and ``out`` at the same paths (shared storage).
         ray_address: ``ray.init(address=...)``: None starts or reuses a local Ray, ``"auto"`` joins a cluster.
+        checksum: the manifest's digest of each output file: ``xxh3`` (XXH3-128, per 64-row piece,
+            combined; see ``streammerge.digest``) or ``sha256`` (the whole file, as ``sha256sum``).
+            None: ``xxh3``, or with ``resume`` the one ``out``'s records were written with.
+        threads: torch intra-op threads per worker, set when torch is first used (None: torch's default).
+        dequantize: a quantized base (FP8 block, compressed-tensors FP8): write every quantized weight in the
+            config's ``torch_dtype`` and drop ``quantization_config``. Default: keep the format (untouched
+            weights and scales copied raw; merged weights re-quantized with fresh scales).
 
     Returns:
         A :class:`MergeReport`.
@@ -288,7 +322,8 @@ def merge(
     paths, weights = _adapter_specs(adapter, adapters, weights)
     if resume and not paths and base is None:
         return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
-                                allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan)
+                                allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan,
+                                checksum=checksum, threads=threads)
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
                             max_shard_size, allow_nonfinite, base_subfolder, dequantize)
@@ -297,12 +332,12 @@ def merge(
         split = _Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
         return _run_split(plan, ckpt, loaded, options, split, out=out, started=started, device=device,
                           workers=workers, max_memory=max_memory, dry_run=dry_run, overwrite=overwrite,
-                          on_progress=on_progress, on_plan=on_plan)
+                          on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads)
     return _run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
         overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
-        on_plan=on_plan,
+        on_plan=on_plan, checksum=checksum, threads=threads,
     )
 
 
@@ -342,14 +377,16 @@ class _Split:
 def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options: MergeOptions, split: _Split, *,
                out: Path, started: float, device: str | torch.device, workers: int | None, max_memory: int,
                dry_run: bool, overwrite: bool, on_progress: Callable[[int], None] | None,
-               on_plan: Callable[[Plan], None] | None) -> MergeReport:
+               on_plan: Callable[[Plan], None] | None, checksum: str | None = None,
+               threads: int | None = None) -> MergeReport:
     """A merge split into parts: one part (``split.part``), all parts on Ray, or sealing what parts wrote."""
     solo = split.part is not None and split.executor is None
     scope = dataclasses.replace(plan, shards=shards_of(plan, split.part)) if solo else plan
     if on_plan is not None:  # a part reports (and --dry-run prints) its own shards
         on_plan(scope)
-    dev = resolve_device(device)
-    execute.check_budget(plan, max_memory)
+    dev = device_name(device)
+    budget.check_budget(plan, max_memory)
+    checksum = _checksum(checksum, out, True)  # parts always resume
     if overwrite:
         raise StreamMergeError("`overwrite` would delete the shards other parts wrote; parts always resume, "
                                "so rerun without it (or remove `out` first)")
@@ -358,17 +395,17 @@ def _run_split(plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], options:
     check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=False, resume=True)  # parts always resume
     written, shards = scope.total_bytes, len(scope.shards)
     if not dry_run:
-        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
+        identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if solo:
-            opts = ExecOptions(dev, workers or execute.default_workers(), max_memory,
-                               check_finite=not options.allow_nonfinite)
-            written, shards = fin.write_part(out, plan, identity, split.part, opts, on_progress)
+            opts = ExecOptions(dev, workers or budget.default_workers(), max_memory,
+                               check_finite=not options.allow_nonfinite, threads=threads)
+            written, shards = fin.write_part(out, plan, identity, split.part, opts, on_progress, checksum=checksum)
         else:
             if split.executor == "ray":
                 from streammerge.integrations import ray as ray_executor  # optional dependency
 
                 ray_executor.run_parts(merge, plan, identity, out, address=split.ray_address, parts=split.parts,
-                                       workers=workers or execute.default_workers(), max_memory=max_memory,
+                                       workers=workers or budget.default_workers(), max_memory=max_memory,
                                        on_progress=on_progress)
             _seal(out, plan, ckpt, loaded, identity, fin.recorded_run(out)[2])
     c = scope.counts()
@@ -413,29 +450,34 @@ def _run_plan(
     plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], inputs: Sequence[Path], tokenizer_roots: Sequence[Path],
     options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
-    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
-    extra_warnings: Sequence[str] = (),
+    on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None, checksum: str | None,
+    threads: int | None, extra_warnings: Sequence[str] = (),
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
         on_plan(plan)
-    dev = resolve_device(device)
-    execute.check_budget(plan, max_memory)
+    checksum = _checksum(checksum, out, resume)
+    dev = device_name(device)
+    budget.check_budget(plan, max_memory)
     check_output(out, inputs, overwrite=overwrite, resume=resume)
     for warning in (*plan.warnings, *extra_warnings):
         LOG.warning("%s", warning)
     written = kept = 0
     complete = False
     tally = ChangeTally()
-    run = QuantRun()
+    run = None
+    if any(t.quant is not None for t in plan.tasks()):
+        from streammerge.requant import QuantRun  # torch: only a quantized base needs it this early
+
+        run = QuantRun()
     if not dry_run:
-        opts = ExecOptions(dev, workers or execute.default_workers(), max_memory, check_finite=not allow_nonfinite,
-                           changes=tally, quant_run=run)
-        identity = manifest.identify(ckpt, loaded, options.record(dev.type))
+        opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
+                           threads=threads, changes=tally, quant_run=run)
+        identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if resume:
             resume = manifest.check_resumable(out, identity, overwrite=overwrite)
         written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite,
-                                         resume=resume, on_progress=on_progress,
+                                         resume=resume, on_progress=on_progress, checksum=checksum,
                                          warnings=(*plan.warnings, *extra_warnings))
     c = plan.counts()
     changes = tally.result()
@@ -447,7 +489,7 @@ def _run_plan(
         tensors_copied=c["copy"], tensors_dropped=c["drop"], bytes_written=plan.total_bytes if dry_run else written,
         seconds=time.monotonic() - started, device=str(dev), shards=len(plan.shards),
         warnings=(*ckpt.notes, *plan.warnings, *extra_warnings, *noops), dry_run=dry_run, changes=changes,
-        requantized=tuple((name, *err) for name, err in sorted(run.errors.items())),
+        requantized=tuple((name, *err) for name, err in sorted(run.errors.items())) if run is not None else (),
         operation=options.operation, bytes_kept=kept, base=str(ckpt.root), adapters=tuple(str(a.root) for a in loaded),
         already_complete=complete,
     )
@@ -455,7 +497,7 @@ def _run_plan(
 
 def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
            opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None,
-           warnings: Sequence[str] = ()) -> tuple[int, int, bool]:
+           checksum: str, warnings: Sequence[str] = ()) -> tuple[int, int, bool]:
     """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.
     Returns (bytes written, bytes of shards kept, whether a resume found the output already complete).
 
@@ -466,7 +508,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
     """
     created = prepare_output(out, overwrite=overwrite and not resume)
     try:
-        progress = manifest.Progress.start(out, identity, plan, resume=resume)
+        progress = manifest.Progress.start(out, identity, plan, resume=resume, checksum=checksum)
         kept_bytes = sum(len(s.header) + s.data_size for s in plan.shards if s.filename in progress.kept)
         if on_progress is not None and kept_bytes:
             on_progress(kept_bytes)
@@ -474,8 +516,7 @@ def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Pa
             LOG.info("resume: %s is already complete; nothing written", out)
             return 0, kept_bytes, True
         todo = [s for s in plan.shards if s.filename not in progress.kept]
-        with TensorReader() as reader:
-            written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=progress.record)
+        written = scatter.write_shards(todo, out, opts, on_progress, on_shard=progress.record, checksum=checksum)
         progress.expect_files([*side_file_names(ckpt.root, tokenizer_roots, ckpt.config),
                                *([plan.index_name] if plan.write_index else [])])
         progress.finish(_finish_files(out, plan, ckpt, tokenizer_roots), warnings)
@@ -540,12 +581,15 @@ def iter_merged(
     ckpt, loaded = _load(base, paths, adapter_name, pattern_rules, base_subfolder)
     plan = plan_with(ckpt, loaded, merge_options(loaded, weights, combination, density, seed, heads_from,
                                                  pattern_rules, adapter_name, base_subfolder=base_subfolder))
-    execute.check_budget(plan, max_memory)
-    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory,
+    budget.check_budget(plan, max_memory)
+    opts = ExecOptions(resolve_device(device), workers or budget.default_workers(), max_memory,
                        check_finite=not allow_nonfinite)
     if isinstance(part, str):
         part = parse_part(part)
     tasks = plan.tasks() if part is None else tuple(t for s in shards_of(plan, part) for t in s.tasks)
+    from streammerge import execute
+    from streammerge.formats.reader import TensorReader
+
     with TensorReader() as reader:
         yield from execute.whole_tensors(tasks, reader, opts)
 
@@ -581,6 +625,8 @@ def unmerge(
     allow_nonfinite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    checksum: str | None = None,
+    threads: int | None = None,
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
@@ -611,5 +657,6 @@ def unmerge(
     return _run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
-        on_progress=on_progress, on_plan=on_plan, extra_warnings=check.warnings,
+        on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads,
+        extra_warnings=check.warnings,
     )

@@ -7,13 +7,14 @@ tensor, W the base tensor of the same name) and whether M equals W bit for bit.
 
 Measured two ways, with the same arithmetic (:meth:`ChangeTally.add` on row blocks):
 
-* during a merge, from each merged block while it is in memory (``execute`` calls ``add`` with the
-  base rows it read and the rows it computed): no extra read;
+* during a merge, from each merged chunk while it is in cache (the kernel feeds a ``BlockTally`` with
+  the base rows it read and the rows it stored, into the chunk's spent fp32 buffer): no extra read;
 * by ``verify``, from the output file against the base (:func:`measure_output`), which also covers saved
   modules (``modules_to_save`` heads copied from the adapter) and shards a ``--resume`` kept.
 
-Squared norms are summed per 64-row block in fp32 (BLAS dot) and across blocks in float64 in row
-order, so the figures do not depend on the worker count. They are a report, not a check of bytes.
+Squared norms are summed per chunk in fp32 (BLAS dot) and across chunks and blocks in float64 in row
+order, so the figures do not depend on the worker count (the chunking moves their last digits: they are a
+report, not a check of bytes).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from streammerge.checkpoint import Checkpoint
-from streammerge.formats.reader import TensorReader
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.types import Plan, TensorTask
+
+if TYPE_CHECKING:  # torch loads when blocks are measured, not to import this (``api`` does, before planning)
+    import torch
 
 _CHUNK_ELEMS = 1 << 20  # fp32 scratch per chunk: 4 MiB for each of M and W
 
@@ -84,11 +86,18 @@ class ChangeTally:
 
     def add(self, task: TensorTask, r0: int, base: torch.Tensor, written: torch.Tensor) -> None:
         """Rows ``r0…`` of ``task``: ``base`` the base rows (any float dtype), ``written`` the output rows."""
-        wsq, dsq = _block_norms(base, written)
-        same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
+        block = BlockTally()
+        w_flat, m_flat = base.reshape(-1), written.reshape(-1)
+        scratch = None
+        for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
+            scratch = block.chunk(w_flat[i : i + _CHUNK_ELEMS], m_flat[i : i + _CHUNK_ELEMS], scratch)
+        self.add_block(task, r0, block)
+
+    def add_block(self, task: TensorTask, r0: int, block: BlockTally) -> None:
+        """Rows ``r0…`` of ``task``, tallied chunk by chunk by ``block``."""
         with self._lock:
             self._tasks.setdefault(task.name, task)
-            self._parts.setdefault(task.name, {})[r0] = (wsq, dsq, same)
+            self._parts.setdefault(task.name, {})[r0] = (block.wsq, block.dsq, block.same)
 
     def result(self) -> tuple[TensorChange, ...]:
         """One :class:`TensorChange` per task seen, in the order first seen (sorted by name)."""
@@ -103,20 +112,39 @@ class ChangeTally:
         return tuple(out)
 
 
+class BlockTally:
+    """One block's squared norms, fed chunk by chunk: by ``ChangeTally.add``, or by the kernel while each
+    merged chunk is still in cache (``kernel.merge_checked``'s ``on_chunk``: no second pass over memory)."""
+
+    __slots__ = ("dsq", "same", "wsq")
+
+    def __init__(self) -> None:
+        self.wsq = self.dsq = 0.0
+        self.same = True
+
+    def chunk(self, base: torch.Tensor, written: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Add (‖W‖², ‖M − W‖²) of one chunk (fp32 BLAS dots) and whether M == W bit for bit. ``scratch``: fp32
+        memory the caller no longer needs (at least the chunk's size), or None; returns the scratch used."""
+        import torch
+
+        n = base.numel()
+        if scratch is None or scratch.dtype != torch.float32 or scratch.numel() < n or not scratch.is_contiguous():
+            scratch = torch.empty(n, dtype=torch.float32, device=base.device)
+        d = scratch.view(-1)[:n]
+        d.copy_(base.reshape(-1))  # W in fp32, in memory of our own (never a view of W or M)
+        self.wsq += float(torch.dot(d, d))
+        d.neg_().add_(written.reshape(-1))  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
+        dsq = float(torch.dot(d, d))
+        self.dsq += dsq
+        if self.same:
+            self.same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
+        return scratch
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _block_norms(base: torch.Tensor, written: torch.Tensor) -> tuple[float, float]:
-    """(‖W‖², ‖M − W‖²) of one block, in fp32 chunks of at most ``_CHUNK_ELEMS`` elements."""
-    w_flat, m_flat = base.reshape(-1), written.reshape(-1)
-    wsq = dsq = 0.0
-    for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
-        d = w_flat[i : i + _CHUNK_ELEMS].to(torch.float32, copy=True)  # (n,) fp32 scratch of our own, never a view
-        wsq += float(torch.dot(d, d))
-        d.neg_().add_(m_flat[i : i + _CHUNK_ELEMS])  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
-        dsq += float(torch.dot(d, d))
-    return wsq, dsq
 
 
 def measure_output(out: Path, plan: Plan, ckpt: Checkpoint,
@@ -138,6 +166,8 @@ def measure_output(out: Path, plan: Plan, ckpt: Checkpoint,
             offset += t.nbytes
     base = {name: TensorRef(ckpt.shards[i].path, name, info.dtype, info.shape, ckpt.shards[i].data_start + info.begin)
             for name, (i, info) in ckpt.locate().items()}
+    from streammerge.formats.reader import TensorReader
+
     tally = ChangeTally()
     with TensorReader() as reader:
         for task in plan.tasks():

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from streammerge import interrupts
 from streammerge.cli_args import build_parser, flag_for
 from streammerge.errors import StreamMergeError
-from streammerge.units import format_size
+from streammerge.sizes import format_size
 
 LOG = logging.getLogger("streammerge")
 
@@ -186,18 +186,19 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
+    # No torch here: it is imported when the first block is computed, so errors found while planning
+    # return at once, and the raw copies start while torch loads (``streammerge.scatter``).
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from streammerge import changes
     from streammerge.api import DEFAULT_MAX_MEMORY, merge, unmerge
-    from streammerge.execute import default_workers
+    from streammerge.budget import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise StreamMergeError(f"`workers` {workers}: must be at least 1")
     # Each worker runs torch ops; split the cores between them instead of oversubscribing.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     bar = _bar(args, "unmerging" if args.command == "unmerge" else "merging")
 
     def on_plan(plan: object) -> None:
@@ -214,6 +215,7 @@ def _merge(args: argparse.Namespace) -> int:
             adapter_name=args.adapter_name, device=args.device, workers=workers, max_shard_size=args.max_shard_size,
             max_memory=args.max_memory or DEFAULT_MAX_MEMORY, dry_run=args.dry_run, overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan, resume=args.resume,
+            checksum=args.checksum, threads=threads,
         )
         if args.command == "unmerge":
             report = unmerge(args.merged, args.adapter, args.out, weight=args.weight, force=args.force,

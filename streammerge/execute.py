@@ -1,18 +1,15 @@
-"""Execute a plan: stream merged tensors out of the base shards, in output order.
+"""Execute a plan's arithmetic: merge blocks of rows, and stream them in output order.
 
-``pieces`` is the one code path. It cuts every tensor task into row blocks, computes merge blocks
-on a thread pool ahead of the consumer, and yields them in output order. Two consumers share it:
-``write_shards`` (bytes to atomic shard files; untouched tensors are copied as raw bytes by the
-kernel, never decoded) and ``api.iter_merged`` (whole tensors for in-process use).
+``compute_rows`` merges rows ``[r0, r1)`` of one tensor task; ``scatter.write_shards`` runs it on
+its workers and writes each block at its offset. ``pieces`` cuts every task into row blocks
+(``budget.block_rows``), computes them on a thread pool ahead of the consumer and yields them in
+output order: ``api.iter_merged`` and ``verify`` consume it.
 
 Memory bound (enforced by the ``in_use`` accounting in ``pieces``): the blocks computed but not yet
 consumed never need more than ``max_memory`` bytes of working memory, as estimated by
-``plan.block_bytes`` (the block's source and output bytes, one kernel chunk of fp32 scratch, and
-the fp32 factors). Block heights are multiples of ``plan.ROW_ALIGN`` rows chosen so that
-``workers + 1`` blocks fit the budget; raw copies
-take no budget (the kernel moves those bytes). A budget below the plan's minimum (``Plan.min_memory``:
-its largest indivisible block) is refused up front with the budget needed. The interpreter, torch
-and the page cache are outside this budget: expect RSS ≈ 250 MB + ``max_memory`` at most.
+``plan.block_bytes``. A budget below the plan's minimum (``Plan.min_memory``) is refused up front
+(``budget.check_budget``). The interpreter, torch and the page cache are outside this budget:
+expect RSS ≈ 250 MB + ``max_memory`` at most.
 
 Threads, not processes: torch kernels and mmap reads release the GIL, threads share the maps,
 and CUDA does not survive ``fork``. Results do not depend on the worker count: each block is
@@ -23,43 +20,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from streammerge import kernel, requant
-from streammerge.changes import ChangeTally
-from streammerge.errors import BudgetError, NonFiniteError
+from streammerge.budget import MAX_BLOCK_BYTES, ExecOptions, block_rows, check_budget, default_workers, unit_cost
+from streammerge.changes import BlockTally
+from streammerge.errors import NonFiniteError
 from streammerge.formats.reader import TensorReader
-from streammerge.plan import ROW_ALIGN, Plan, ShardPlan, TensorTask, block_bytes, chunk_rows, row_blocks
+from streammerge.plan import TensorTask, chunk_rows, row_blocks
 from streammerge.requant import QuantRun
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import LoadedTerm, TunerTerm
-from streammerge.units import ceil_size, format_size
-from streammerge.writer import ShardWriter
 
 LOG = logging.getLogger(__name__)
 
-#: Upper bound on one block's working set: big enough to amortise per-block overhead, small enough
-#: that reading, computing and writing overlap.
-MAX_BLOCK_BYTES = 64 << 20
+__all__ = ["MAX_BLOCK_BYTES", "ExecOptions", "Piece", "as_bytes", "block_rows", "check_budget", "compute_rows",
+           "default_workers", "pieces", "unit_cost", "whole_tensors"]
+
 #: At most this many pieces are queued ahead of the consumer (copies included).
 MAX_AHEAD = 64
-
-
-@dataclass(frozen=True, slots=True)
-class ExecOptions:
-    device: torch.device
-    workers: int
-    max_memory: int
-    check_finite: bool = True
-    quant_run: QuantRun | None = None  # a quantized base's per-run state (``pieces`` makes one when None)
-    changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,36 +54,6 @@ class Piece:
     r0: int
     r1: int
     data: torch.Tensor | None
-
-
-def block_rows(task: TensorTask, opts: ExecOptions) -> int:
-    """Rows per block for ``task``: a multiple of ``task.row_align`` (or the whole tensor) within the budget."""
-    align = task.row_align
-    if task.rows <= align or task.whole:
-        return task.rows
-    target = min(MAX_BLOCK_BYTES, opts.max_memory // (opts.workers + 1))
-    per_row = block_bytes(task, 1) - block_bytes(task, 0)
-    rows = max(align, (target - block_bytes(task, 0)) // max(per_row, 1) // align * align)
-    return min(rows, task.rows)
-
-
-def unit_cost(task: TensorTask, r0: int, r1: int, opts: ExecOptions) -> int:
-    """Working memory of one piece: its block's, or for a fresh-scale task one block of the weight it walks."""
-    view = task.weight_view()
-    if view is task:
-        return block_bytes(task, r1 - r0)
-    return block_bytes(view, block_rows(view, opts))
-
-
-def check_budget(plan: Plan, max_memory: int) -> None:
-    need = plan.min_memory()
-    if need > max_memory:
-        raise BudgetError(
-            f"`max_memory` {format_size(max_memory)} is below this plan's minimum working set of "
-            f"{format_size(need)} (its largest indivisible block: {ROW_ALIGN} rows of the widest merged "
-            "tensor, or a whole tensor where the merge needs every row at once); "
-            f"pass `max_memory` {ceil_size(need)} or more"
-        )
 
 
 def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
@@ -136,16 +90,21 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
                     fut.cancel()
 
 
-def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
-    """Merge rows ``[r0, r1)`` of ``task`` exactly as ``pieces`` does (``verify --sample`` uses it).
+def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype (``verify --sample``
+    and ``scatter`` use it; ``pieces`` too). ``out``: a uint8 CPU buffer of at least the block's bytes to
+    compute into (reused between blocks: a fresh one costs a page fault per 4 KiB); None allocates. Not
+    used for a quantized task (``requant`` encodes into its own).
 
     ``r0`` must be a multiple of ROW_ALIGN and ``r1 - r0`` a multiple of it or the tensor's end
     (see ``plan.row_blocks``), or the sums may differ from the whole-tensor merge.
     """
-    return _compute(task, r0, r1, reader, opts)
+    return _compute(task, r0, r1, reader, opts, out)
 
 
-def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions) -> torch.Tensor:
+def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
+             buf: torch.Tensor | None = None) -> torch.Tensor:
     """Merge rows ``[r0, r1)`` of ``task``; returns a CPU tensor in the output dtype."""
     if task.quant is not None:
         view = task.weight_view()
@@ -157,7 +116,7 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
         out = requant.compute(task, r0, r1, reader, merge, block_rows(view, opts), opts.quant_run or QuantRun())
     else:
         w = reader.rows(task.source, r0, r1)
-        out = _merged(task, w, r0, r1, reader, opts, kernel.TORCH_DTYPES[task.dtype])
+        out = _merged(task, w, r0, r1, reader, opts, kernel.TORCH_DTYPES[task.dtype], buf)
         reader.release(task.source, r0, r1)
     for term in (t for s in task.steps for t in s.terms):
         # fp32 factors are used straight from the map: drop their pages too, or they pile up in RSS over a run
@@ -168,14 +127,24 @@ def _compute(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: Exe
 
 
 def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``w`` (rows ``[r0, r1)`` of ``task``'s source, any dtype) merged into ``out_dtype``, finite-checked."""
-    if opts.device.type == "cuda":
-        out = _compute_cuda(task, w, r0, r1, reader, opts.device, out_dtype)
+            out_dtype: torch.dtype, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``w`` (rows ``[r0, r1)`` of ``task``'s source, any dtype) merged into ``out_dtype``, finite-checked
+    (on the CPU, the NaN/inf filter and the change tally run per kernel chunk while it is in cache)."""
+    tally = opts.changes is not None and task.kind == "merge"
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        out = _compute_cuda(task, w, r0, r1, reader, device, out_dtype)
+        suspect = opts.check_finite and kernel.nonfinite_count(out) > 0
     else:
         chunk = chunk_rows(task.row_numel) if task.kernel_chunks else None
-        out = kernel.merge_block(w, out_dtype, _steps(task, reader, opts.device), r0, r1, chunk)
-    if opts.check_finite:
+        dst = buf[: w.numel() * out_dtype.itemsize].view(out_dtype).view(w.shape) if buf is not None else None
+        block = BlockTally() if tally else None
+        out, suspect = kernel.merge_checked(w, out_dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
+                                            check_finite=opts.check_finite, on_chunk=block and block.chunk)
+        if block is not None:
+            opts.changes.add_block(task, r0, block)  # type: ignore[union-attr]
+            tally = False
+    if suspect:  # the sum filter tripped: count exactly, against what the source already had
         bad = kernel.nonfinite_count(out)
         if bad and bad > kernel.nonfinite_count(w):
             origins = ", ".join(sorted({t.origin for s in task.steps for t in s.terms})) or "a replacement"
@@ -183,9 +152,8 @@ def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorR
                 f"merged tensor {task.name!r} has {bad} NaN/inf values in rows {r0}..{r1} (from {origins}); "
                 "the adapter or the merge overflowed: check the adapter, or pass `allow_nonfinite` to write it anyway"
             )
-    if opts.changes is not None and task.kind == "merge":
-        # a quantized weight: its decoded base rows and merged rows (before any re-quantization)
-        opts.changes.add(task, r0, w, out)
+    if tally:  # the CUDA path (for a quantized weight: its decoded base rows and merged rows)
+        opts.changes.add(task, r0, w, out)  # type: ignore[union-attr]
     return out
 
 
@@ -236,51 +204,6 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     of its own storage (no copy); otherwise of a contiguous copy."""
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def write_shards(
-    shards: Sequence[ShardPlan],
-    out: Path,
-    reader: TensorReader,
-    opts: ExecOptions,
-    on_progress: Callable[[int], None] | None = None,
-    on_shard: Callable[[ShardPlan, str], None] | None = None,
-) -> int:
-    """Write ``shards`` into ``out`` (atomic per shard). Returns bytes written.
-
-    ``on_shard(shard, sha256)`` is called as each shard file is committed under its final name.
-    """
-    written = 0
-    # ``closing``: on any exception (Ctrl-C, a full disk) the pool is drained HERE, before the caller
-    # closes the reader: a worker still computing on a row view of an unmapped file would segfault.
-    with contextlib.closing(pieces([t for s in shards for t in s.tasks], reader, opts)) as stream:
-        for shard in shards:
-            with ShardWriter(out / shard.filename, shard.header, shard.data_size) as w:
-                for task in shard.tasks:
-                    while True:  # the pieces of one task arrive in row order; the last one ends at task.rows
-                        piece = next(stream)
-                        assert piece.task is task, "pieces out of order"
-                        if piece.data is None:
-                            w.copy_range(reader.fileno(task.source.path), task.source.offset, task.source.nbytes)
-                            n = task.source.nbytes
-                        else:
-                            buf = as_bytes(piece.data)
-                            w.write(buf)
-                            n = buf.nbytes
-                        written += n
-                        if on_progress is not None:
-                            on_progress(n)
-                        if piece.r1 >= task.rows:
-                            break
-            written += len(shard.header)
-            if on_shard is not None:
-                on_shard(shard, w.sha256)
-            LOG.debug("wrote %s", shard.filename)
-    return written
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def whole_tensors(

@@ -4,7 +4,7 @@ Protocol (no locks, no collectives; see ``streammerge.parts`` for the assignment
 
 * A part writes only its own shards, each through the atomic path of ``writer`` (a temporary
   name, then ``rename``), and its own record ``.streammerge-part-<I>-of-<N>.json``, rewritten
-  atomically after every committed shard with that shard's size, SHA-256 and *identity*
+  atomically after every committed shard with that shard's size, digest (``streammerge.digest``) and *identity*
   (``manifest.Identity.shard``: tool version, inputs, byte-changing options, header, tasks). The
   record also holds the inputs' paths and the recorded options (``sources``, ``options``: what a
   progress record holds), from which ``finalize`` rebuilds the plan. A part never writes the
@@ -32,9 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge import execute, manifest, parts
+from streammerge import budget, digest, manifest, parts, scatter
 from streammerge.errors import OutputError
-from streammerge.formats.reader import TensorReader
 from streammerge.manifest import MANIFEST_NAME, PART_PREFIX, PROGRESS_NAME, Identity
 from streammerge.parts import Part
 from streammerge.plan import Plan, ShardPlan
@@ -102,8 +101,14 @@ def _match(out: Path, shard: ShardPlan, want: str, records: Mapping[str, list[di
         return None
     if not rehash:
         return dict(recs[0])
-    digest = manifest.file_sha256(out / shard.filename)
-    return next((dict(r) for r in recs if r["sha256"] == digest), None)
+    got: dict[str, str] = {}
+    for rec in recs:  # each record is checked with the digest it names (``streammerge.digest``)
+        key, value = digest.record_digest(rec)  # type: ignore[misc]
+        if key not in got:
+            got[key] = digest.file_digest(out / shard.filename, key, shard)
+        if got[key] == value:
+            return dict(rec)
+    return None
 
 
 def check_part_output(out: Path) -> None:
@@ -139,10 +144,10 @@ class PartRecord:
                "shards": [self.done[s.filename] for s in self.shards if s.filename in self.done]}
         write_atomic(self.out / record_name(self.part), (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
-    def record(self, shard: ShardPlan, sha256: str) -> None:
-        """``execute.write_shards``'s ``on_shard``: note ``shard`` as committed."""
+    def record(self, shard: ShardPlan, digests: Mapping[str, str]) -> None:
+        """``scatter.write_shards``'s ``on_shard``: note ``shard`` as committed with its digest (``{key: hex}``)."""
         self.done[shard.filename] = {"file": shard.filename, "size": len(shard.header) + shard.data_size,
-                                     "sha256": sha256, "identity": self.identity.shard(shard)}
+                                     **digests, "identity": self.identity.shard(shard)}
         self.save()
 
 
@@ -173,8 +178,8 @@ def start_part(out: Path, plan: Plan, identity: Identity, part: Part) -> PartRec
     return rec
 
 
-def write_part(out: Path, plan: Plan, identity: Identity, part: Part, opts: execute.ExecOptions,
-               on_progress: Callable[[int], None] | None) -> tuple[int, int]:
+def write_part(out: Path, plan: Plan, identity: Identity, part: Part, opts: budget.ExecOptions,
+               on_progress: Callable[[int], None] | None, checksum: str = "xxh3") -> tuple[int, int]:
     """Write the shards of ``part`` not already there. Returns (bytes of its shards, number of shards)."""
     rec = start_part(out, plan, identity, part)
     if rec is None:
@@ -188,8 +193,7 @@ def write_part(out: Path, plan: Plan, identity: Identity, part: Part, opts: exec
     if on_progress is not None and kept_bytes:
         on_progress(kept_bytes)
     try:
-        with TensorReader() as reader:
-            written = execute.write_shards(todo, out, reader, opts, on_progress, on_shard=rec.record)
+        written = scatter.write_shards(todo, out, opts, on_progress, on_shard=rec.record, checksum=checksum)
     except BaseException:
         _remove_temporaries(out, rec.shards)
         raise
@@ -264,7 +268,10 @@ def seal(out: Path, plan: Plan, identity: Identity, found: Mapping[str, dict],
          write_files: Callable[[], list[str]]) -> dict:
     """Write side files and index (``write_files``), then the manifest last; drop the part records."""
     files = write_files()
-    progress = manifest.Progress(out, identity, plan, found)
+    # the manifest digests the side files as the parts digested their shards (sha256 only when all did)
+    keys = {digest.record_digest(r)[0] for r in found.values()}  # type: ignore[index]
+    checksum = "sha256" if keys == {"sha256"} else "xxh3"
+    progress = manifest.Progress(out, identity, plan, found, checksum)
     doc = progress.finish(files)
     for path in record_paths(out):
         path.unlink(missing_ok=True)

@@ -2,14 +2,19 @@
 
 A merge writes its shards first, then config/tokenizer files and the index, and LAST
 ``streammerge.json``: the tool version, the identities of its inputs, the options that change
-bytes, and every output file's size and SHA-256. A directory without it is visibly incomplete.
+bytes, and every output file's size and digest. A directory without it is visibly incomplete.
+Each file record names its digest by its key (``streammerge.digest``): ``xxh3_128_rows`` for
+shards and ``xxh3_128`` for other files by default, ``sha256`` with ``--checksum sha256`` and in
+every manifest written before XXH3 (those still verify and resume: a record is checked with the
+digest it names).
 
 While shards are being written, ``.streammerge-progress.json`` records each committed shard with
 its *identity*: the SHA-256 of everything its bytes depend on (tool version, every input's
 identity, the byte-changing options, the shard's precomputed header and its task list with
 sources named relative to the inputs). ``--resume`` keeps a shard only when its recorded identity
 equals the current plan's AND the file still has the recorded size and SHA-256; everything else is
-recomputed. Inputs are identified by content, cheaply: a base shard by file name, size and the
+recomputed (a kept shard whose record names another digest than this run's gets both, from one
+read). Inputs are identified by content, cheaply: a base shard by file name, size and the
 SHA-256 of its header bytes (of its tensor index for a pickled ``.bin``; the tensor bytes are not
 hashed: that would read the whole base, so a base edited in place with the same header and size is
 not noticed by --resume, only by ``verify``); an adapter by the SHA-256 of ``adapter_config.json``
@@ -35,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from streammerge import digest
 from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
@@ -144,6 +150,11 @@ def _header_sha(header: SafetensorsHeader) -> str:
     return _sha(json.dumps(["pickle-index", index], separators=(",", ":")).encode("utf-8"))
 
 
+#: Plan fields added after the first release: left out of an identity while unset, so the shards of a plan
+#: that does not use them keep the identities older releases recorded (and still resume).
+_LATER_FIELDS = frozenset({"quant"})
+
+
 def _portable(value: object, labels: Mapping[str, str]) -> object:
     """A task (any plan dataclass) as JSON values, input paths replaced by their labels."""
     if isinstance(value, TensorRef):
@@ -151,7 +162,8 @@ def _portable(value: object, labels: Mapping[str, str]) -> object:
         doc["path"] = labels.get(value.path, value.path)
         return doc
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)}
+        return {f.name: _portable(getattr(value, f.name), labels) for f in dataclasses.fields(value)
+                if not (f.name in _LATER_FIELDS and getattr(value, f.name) is None)}
     if isinstance(value, (tuple, list)):
         return [_portable(v, labels) for v in value]
     return value
@@ -174,15 +186,17 @@ def shard_records(doc: dict | None) -> list[dict]:
     shards = doc.get("shards") if doc else None
     if not isinstance(shards, list):
         return []
-    return [r for r in shards if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("file", "sha256",
-            "identity")) and isinstance(r.get("size"), int)]
+    return [r for r in shards if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("file", "identity"))
+            and isinstance(r.get("size"), int) and digest.record_digest(r) is not None]
 
 
 class Progress:
     """The resume record of one output directory while a merge writes it."""
 
-    def __init__(self, out: Path, identity: Identity, plan: Plan, kept: Mapping[str, dict]) -> None:
+    def __init__(self, out: Path, identity: Identity, plan: Plan, kept: Mapping[str, dict],
+                 checksum: str = "xxh3") -> None:
         self.out = out
+        self.checksum = checksum
         self.identity = identity
         self.plan = plan
         self._ids = {s.filename: identity.shard(s) for s in plan.shards}
@@ -192,7 +206,7 @@ class Progress:
         self.complete = False  # set by ``start``: a resume found this merge already finished; nothing to write
 
     @classmethod
-    def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool) -> Progress:
+    def start(cls, out: Path, identity: Identity, plan: Plan, *, resume: bool, checksum: str = "xxh3") -> Progress:
         """Record a fresh start, or (``resume``) keep the shards whose identity and content still match.
 
         Raises:
@@ -200,8 +214,8 @@ class Progress:
         """
         kept: dict[str, dict] = {}
         if resume:
-            kept = cls._reusable(out, identity, plan)
-        progress = cls(out, identity, plan, kept)
+            kept = cls._reusable(out, identity, plan, checksum)
+        progress = cls(out, identity, plan, kept, checksum)
         if resume and progress._already_complete():
             return progress
         progress._save()
@@ -216,6 +230,9 @@ class Progress:
             return False
         if not same_recipe(doc, self.identity):
             return False
+        mine = digest.SHARD_KEYS[self.checksum]  # records of another `checksum` are rewritten in this one
+        if any((digest.record_digest(r) or ("",))[0] != mine for r in shard_records(doc)):
+            return False
         files = doc.get("files")
         if not isinstance(files, list):
             return False
@@ -223,13 +240,14 @@ class Progress:
             name = rec.get("file") if isinstance(rec, dict) else None
             if not plain_name(name) or not (self.out / name).is_file():
                 return False
-            if file_sha256(self.out / name) != rec.get("sha256"):
+            found = digest.record_digest(rec)
+            if found is None or digest.stream_digest(self.out / name, found[0]) != found[1]:
                 return False
         self.complete = True
         return True
 
     @classmethod
-    def _reusable(cls, out: Path, identity: Identity, plan: Plan) -> dict[str, dict]:
+    def _reusable(cls, out: Path, identity: Identity, plan: Plan, checksum: str) -> dict[str, dict]:
         names = _entries(out)
         for name in names:
             if is_temporary(name):
@@ -252,10 +270,18 @@ class Progress:
             recs = [r for r in candidates.get(shard.filename, ()) if r["identity"] == want and r["size"] == size]
             path = out / shard.filename
             if recs and path.is_file() and path.stat().st_size == size:
-                digest = file_sha256(path)
-                match = next((r for r in recs if r["sha256"] == digest), None)
-                if match is not None:
-                    kept[shard.filename] = {"file": shard.filename, "size": size, "sha256": digest, "identity": want}
+                got: dict[str, str] = {}
+                for rec in recs:  # each record is checked with the digest it names (sha256 before XXH3)
+                    key, value = digest.record_digest(rec)  # type: ignore[misc]
+                    if key not in got:
+                        got[key] = digest.file_digest(path, key, shard)
+                    if got[key] == value:
+                        mine = digest.SHARD_KEYS[checksum]
+                        kept[shard.filename] = {"file": shard.filename, "size": size,
+                                                mine: got.get(mine) or digest.file_digest(path, mine, shard),
+                                                "identity": want}
+                        break
+                if shard.filename in kept:
                     continue
             LOG.debug("resume: %s will be recomputed", shard.filename)
         LOG.info("resume: keeping %d of %d shard(s)", len(kept), len(plan.shards))
@@ -272,10 +298,11 @@ class Progress:
         self._files = sorted(set(names))
         self._save()
 
-    def record(self, shard: ShardPlan, sha256: str) -> None:
-        """Note ``shard`` as committed (called after its file was renamed into place)."""
+    def record(self, shard: ShardPlan, digests: Mapping[str, str]) -> None:
+        """Note ``shard`` as committed (called after its file was renamed into place) with its digest
+        (``{key: hex}``, ``streammerge.digest``)."""
         size = len(shard.header) + shard.data_size
-        self._done[shard.filename] = {"file": shard.filename, "size": size, "sha256": sha256,
+        self._done[shard.filename] = {"file": shard.filename, "size": size, **digests,
                                       "identity": self._ids[shard.filename]}
         self._save()
 
@@ -292,6 +319,7 @@ class Progress:
         """Write the manifest (last), then drop the progress record. Returns the manifest.
 
         ``warnings`` (e.g. an unmerge forced past a check) are recorded in it for whoever reads it later."""
+        key = digest.FILE_KEYS[self.checksum]
         missing = [s.filename for s in self.plan.shards if s.filename not in self._done]
         if missing:  # an internal invariant: write_shards wrote every shard not kept
             raise AssertionError(f"shards not written: {missing}")
@@ -302,8 +330,8 @@ class Progress:
             "sources": self.identity.sources,
             "options": self.identity.options,
             "shards": [self._done[s.filename] for s in self.plan.shards],
-            "files": [{"file": n, "size": (self.out / n).stat().st_size, "sha256": file_sha256(self.out / n)}
-                      for n in files],
+            "files": [{"file": n, "size": (self.out / n).stat().st_size,
+                       key: digest.stream_digest(self.out / n, key)} for n in files],
         }
         if warnings:
             doc["warnings"] = list(warnings)
@@ -348,6 +376,15 @@ def recipe_difference(doc: Mapping[str, object], identity: Identity) -> str:
     what += [f"option {k}" for k in sorted(set(options) | set(want["options"]))
              if options.get(k) != want["options"].get(k)]
     return ", ".join(what) or "the recorded inputs"
+
+
+def recorded_checksum(out: Path) -> str | None:
+    """The ``--checksum`` the records in ``out`` were written with (progress record first), or None."""
+    by_key = {key: name for name, key in digest.SHARD_KEYS.items()}
+    for name in (PROGRESS_NAME, MANIFEST_NAME):
+        for rec in shard_records(read_json_file(out / name)):
+            return by_key.get(digest.record_digest(rec)[0])  # type: ignore[index]
+    return None
 
 
 def recorded_run(out: Path) -> tuple[dict, dict] | None:

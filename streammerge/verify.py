@@ -4,8 +4,8 @@ Rebuilds the plan from the base and adapter(s) with the options recorded in ``st
 and checks, without trusting anything in the output directory:
 
 * the manifest exists and records the same inputs (by content identity) and options;
-* every file the manifest lists has its recorded size and SHA-256, and no stray shard, temporary
-  file or progress record is left;
+* every file the manifest lists has its recorded size and digest (the one its record names), and no
+  stray shard, temporary file or progress record is left;
 * each shard's header is the plan's header byte for byte, and the index is the plan's index;
 * every tensor: untouched ones byte-identical to their source (the base, or the adapter for a
   saved module); computed ones byte-identical to a recomputation through the same plan and
@@ -20,7 +20,6 @@ Bytes are compared, not values, so NaN payloads and signed zeros count too.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -32,22 +31,24 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from streammerge import changes, execute, manifest
+from streammerge import changes, digest, manifest
 from streammerge.adapter import Adapter, read_adapter
 from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
+from streammerge.budget import ExecOptions, default_workers
 from streammerge.checkpoint import INDEX_NAME, Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.execute import ExecOptions
-from streammerge.formats.reader import TensorReader
 from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.plan import Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
-from streammerge.units import format_size
+from streammerge.sizes import format_size
+
+if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
+    import torch
+
+    from streammerge.formats.reader import TensorReader
 from streammerge.writer import is_temporary
 
 LOG = logging.getLogger(__name__)
@@ -162,9 +163,9 @@ def verify(
         _check_manifest(out, doc, identity, plan, found)
     _check_files(out, doc, plan, found)
     if device is None:
-        device = "cuda" if options.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
-    opts = ExecOptions(resolve_device(device), workers or execute.default_workers(), max_memory, check_finite=False)
-    shas = {r.get("file"): r.get("sha256") for r in doc.get("shards") or [] if isinstance(r, dict)}
+        device = "cuda" if options.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
+    opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
+    shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     if on_start is not None:
         on_start(2 * plan.total_bytes)
     counts = _check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
@@ -252,8 +253,10 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
         path = out / name
         if not path.is_file():
             found.add(f"{path}: listed in the manifest but missing")
-        elif manifest.file_sha256(path) != rec.get("sha256"):
-            found.add(f"{path}: content differs from the manifest's sha256 (modified after the merge?)")
+        elif (named := digest.record_digest(rec)) is None:
+            found.add(f"{out / manifest.MANIFEST_NAME}: file entry {name!r} has no digest")
+        elif digest.stream_digest(path, named[0]) != named[1]:
+            found.add(f"{path}: content differs from the manifest's {named[0]} (modified after the merge?)")
     for name in sorted(os.listdir(out)):
         if name == manifest.PROGRESS_NAME or is_temporary(name):
             found.add(f"{out / name}: left by an unfinished merge; rerun the merge with `resume`")
@@ -270,6 +273,9 @@ def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
 def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
                    found: _Findings, progress: Callable[[int], None]) -> tuple[int, int, int, int]:
     checked = recomputed = rows = hashed = 0
+    from streammerge import execute
+    from streammerge.formats.reader import TensorReader
+
     with TensorReader() as reader, ExitStack() as stack:
         for shard in plan.shards:
             path = out / shard.filename
@@ -278,8 +284,8 @@ def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None,
                 progress(2 * shard.data_size)
                 continue
             hashed += len(mm)
-            if shard.filename in shas:
-                _check_sha(path, mm, shas[shard.filename], found, progress)
+            if shas.get(shard.filename) is not None:
+                _check_digest(path, mm, shard, shas[shard.filename], found, progress)
             else:
                 progress(shard.data_size)
             if mm[: len(shard.header)] != shard.header:
@@ -331,20 +337,32 @@ def _close(mm: mmap.mmap) -> None:
         mm.close()
 
 
-def _check_sha(path: Path, mm: mmap.mmap, recorded: object, found: _Findings,
-               progress: Callable[[int], None]) -> None:
-    h = hashlib.sha256()
+def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[str, str], found: _Findings,
+                  progress: Callable[[int], None]) -> None:
+    key, value = recorded
     with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
-        for i in range(0, len(mm), _CHUNK):
-            with view[i : i + _CHUNK] as piece:
-                h.update(piece)
-            progress(min(_CHUNK, len(mm) - i))
-    if h.hexdigest() != recorded:
-        found.add(f"{path}: sha256 differs from the manifest (modified after the merge, or a disk error)")
+        if key == digest.SHARD_KEYS["xxh3"]:
+            digests = []
+            for a, b in digest.shard_pieces(shard):
+                with view[a:b] as piece:
+                    digests.append(digest.piece_digest(piece))
+                progress(b - a)
+            got = digest.combine(digests)
+        else:
+            h = digest.stream_hasher(key)
+            for i in range(0, len(mm), _CHUNK):
+                with view[i : i + _CHUNK] as piece:
+                    h.update(piece)
+                progress(min(_CHUNK, len(mm) - i))
+            got = h.hexdigest()
+    if got != value:
+        found.add(f"{path}: {key} differs from the manifest (modified after the merge, or a disk error)")
 
 
 def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reader: TensorReader,
                   found: _Findings) -> None:
+    from streammerge import execute
+
     src = reader.tensor(task.source)
     src_bytes = execute.as_bytes(src)
     step = max(1, _CHUNK // max(task.nbytes // task.rows, 1))
@@ -362,6 +380,8 @@ def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: bytes, want: m
              found: _Findings) -> bool:
     if got == want:
         return True
+    import numpy as np
+
     diff = np.frombuffer(got, dtype=np.uint8) != np.frombuffer(want, dtype=np.uint8)
     first = int(np.argmax(diff))
     found.add(f"{path}: tensor {task.name!r} rows {r0}..{r1}: {int(diff.sum())} byte(s) differ from {against} "
@@ -371,6 +391,8 @@ def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: bytes, want: m
 
 def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions,
                 sample: int | None) -> Iterator[tuple[TensorTask, int, int, torch.Tensor]]:
+    from streammerge import execute
+
     """Merged rows of ``tasks``: every piece (the merge's own path), or sampled 64-row blocks."""
     if sample is None:
         with contextlib.closing(execute.pieces(tasks, reader, opts)) as stream:

@@ -1,29 +1,28 @@
-"""Atomic output files: a shard is streamed into a temporary file beside its final name, checked
-against the size its header promises, fsynced, and renamed. Nothing ever opens a final name for
-writing, so a crash or Ctrl-C never leaves a file with a final shard name that is incomplete, and
-no file that might be memory-mapped by a reader is truncated in place.
+"""Atomic output files: a shard is written into a temporary file beside its final name, pre-sized to
+the size its header promises, by several threads at once at the offsets the plan gives
+(``pwrite`` of computed blocks, ``copy_file_range`` of untouched bytes); then checked, fsynced
+and renamed. Nothing ever opens a final name for writing, so a crash or Ctrl-C never leaves a file
+with a final shard name that is incomplete, and no file that might be memory-mapped by a reader is
+truncated in place.
 
-Every byte that goes into a file also goes through SHA-256 on the way (``ShardWriter.sha256``),
-so the completion manifest can name each shard's content without reading the shard again. Raw
-copies (``copy_range``: ``copy_file_range`` moves the bytes inside the kernel) are hashed by
-reading the same source range back in ``_HASH_CHUNK`` pieces: it was just read by the copy, so
-this is a page-cache read, not a disk read.
+The digests of the bytes are not taken here: the thread that wrote a block hashes it
+(``streammerge.digest``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import TracebackType
 
 from streammerge.errors import OutputError
 
-_COPY_CHUNK = 1 << 30  # copy_file_range/sendfile move at most this many bytes per call
-_HASH_CHUNK = 8 << 20  # raw-copied bytes are read back for hashing in pieces of this size
+_COPY_CHUNK = 1 << 30  # copy_file_range moves at most this many bytes per call
 
 
 def output_error(path: Path, e: OSError) -> OutputError:
@@ -39,92 +38,101 @@ def output_error(path: Path, e: OSError) -> OutputError:
     return OutputError(f"{path}: write failed ({e.strerror or e})")
 
 
-class ShardWriter:
-    """Stream one file: ``write`` buffers / ``copy_range`` from another fd, in order, then commit."""
+class ShardFile:
+    """One output file written at known offsets, from any thread, then committed atomically.
 
-    def __init__(self, path: Path, header: bytes, data_size: int) -> None:
+    ``with ShardFile(path, size) as f:`` creates ``.<name>.<random>.tmp`` beside ``path``, sized
+    ``size``; ``pwrite``/``copy_in`` fill it (concurrently; ranges never overlap); ``commit`` checks
+    that every byte was written, fsyncs and renames. Leaving the block without a commit (an
+    exception) deletes the temporary file. Callers must stop every writer before leaving the block.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
         self.path = path
-        self.expected = len(header) + data_size
-        self._header = header
-        self._fd = -1
+        self.size = size
+        self.fd = -1
         self._tmp = ""
-        self._hash = hashlib.sha256()
-        self._buf: bytearray | None = None
-        self.written = 0
-        self.sha256 = ""  # hex digest of the whole file, set on a successful commit
+        self._written = 0
+        self._lock = threading.Lock()
+        self.committed = False
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> ShardFile:
         try:
-            self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            self.fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             # mkstemp makes the file private (0600); a checkpoint gets what open() would give it.
-            os.fchmod(self._fd, 0o666 & ~_umask())
+            os.fchmod(self.fd, 0o666 & ~_umask())
+            _presize(self.fd, self.size)  # blocks land at their offsets in any order
         except OSError as e:
+            self.close()
             raise output_error(self.path, e) from e
-        self.write(self._header)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            if et is None:
-                self._commit()
-        finally:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            if et is not None or self._tmp:
-                with contextlib.suppress(OSError):
-                    os.unlink(self._tmp)
+        self.close()
 
-    def write(self, data: memoryview | bytes) -> None:
+    def close(self) -> None:
+        """Close the descriptor; delete the temporary file unless it was committed."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._tmp and not self.committed:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+        self._tmp = ""
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._written += n
+
+    def pwrite(self, offset: int, data: memoryview | bytes) -> None:
+        """Write ``data`` at ``offset``."""
         view = memoryview(data).cast("B")
         try:
             while view:
-                n = os.write(self._fd, view)
-                self._hash.update(view[:n])
+                n = os.pwrite(self.fd, view, offset)
                 view = view[n:]
-                self.written += n
+                offset += n
+                self._count(n)
         except OSError as e:
             raise output_error(self.path, e) from e
 
-    def copy_range(self, src_fd: int, offset: int, count: int) -> None:
-        """Copy ``count`` bytes at ``offset`` of ``src_fd`` without passing them through Python."""
+    def copy_in(self, src_fd: int, src_offset: int, offset: int, count: int) -> int:
+        """Copy ``count`` bytes at ``src_offset`` of ``src_fd`` to ``offset`` without passing them through
+        Python (``copy_file_range``). Returns the number of system calls made."""
+        calls = 0
         try:
             while count > 0:
-                n = _copy(src_fd, self._fd, offset, min(count, _COPY_CHUNK))
+                n = _copy_at(src_fd, self.fd, src_offset, offset, min(count, _COPY_CHUNK))
+                calls += 1
                 if n <= 0:
                     raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
-                self._hash_source(src_fd, offset, n)
+                src_offset += n
                 offset += n
                 count -= n
-                self.written += n
+                self._count(n)
         except OSError as e:
             raise output_error(self.path, e) from e
+        return calls
 
-    def _hash_source(self, src_fd: int, offset: int, count: int) -> None:
-        """Feed ``count`` source bytes at ``offset`` (just copied, so in the page cache) to the hash."""
-        if self._buf is None:
-            self._buf = bytearray(_HASH_CHUNK)
-        view = memoryview(self._buf)
-        while count > 0:
-            n = os.preadv(src_fd, [view[: min(count, _HASH_CHUNK)]], offset)
-            if n <= 0:
-                raise OutputError(f"{self.path}: source ended early while hashing; is the base file truncated?")
-            self._hash.update(view[:n])
-            offset += n
-            count -= n
+    def start_writeback(self, offset: int, count: int) -> None:
+        """Ask the kernel to start writing ``[offset, offset + count)`` to disk now (``sync_file_range``,
+        Linux; elsewhere a no-op), so ``commit``'s fsync finds little left to do. Best effort."""
+        if self.fd >= 0 and count > 0:
+            _sync_file_range(self.fd, offset, count)
 
-    def _commit(self) -> None:
-        if self.written != self.expected:  # an internal invariant: the plan's header promised this size
-            raise AssertionError(f"{self.path}: wrote {self.written} bytes, header promises {self.expected}")
+    def commit(self) -> None:
+        """Check the size, fsync, rename into place and make the rename durable."""
+        if self._written != self.size:  # an internal invariant: the plan's header promised this size
+            raise AssertionError(f"{self.path}: wrote {self._written} bytes, header promises {self.size}")
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
             os.replace(self._tmp, self.path)
         except OSError as e:
             raise output_error(self.path, e) from e
+        self.committed = True
         self._tmp = ""
-        self.sha256 = self._hash.hexdigest()
         fsync_dir(self.path.parent)
 
 
@@ -139,29 +147,69 @@ def _umask() -> int:
     return 0o022
 
 
-def _copy(src: int, dst: int, offset: int, count: int) -> int:
+def _copy_at(src: int, dst: int, src_offset: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes between offsets; ``pread``/``pwrite`` where ``copy_file_range`` cannot."""
     if hasattr(os, "copy_file_range"):
         try:
-            return os.copy_file_range(src, dst, count, offset)
+            return os.copy_file_range(src, dst, count, src_offset, offset)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-    if hasattr(os, "sendfile"):
-        with contextlib.suppress(OSError):
-            return os.sendfile(dst, src, offset, count)
-    data = os.pread(src, min(count, 1 << 24), offset)
-    return os.write(dst, data)
+    data = os.pread(src, min(count, 1 << 24), src_offset)
+    return os.pwrite(dst, data, offset) if data else 0
 
 
-def write_atomic(path: Path, data: bytes) -> str:
-    """Write a small file (JSON, config) atomically. Returns its sha256 (hex)."""
-    with ShardWriter(path, data, 0) as w:
-        pass
-    return w.sha256
+_SYNC_FILE_RANGE_WRITE = 2
+_LIBC: dict[str, object] = {}
+
+
+def _libc(name: str, *argtypes: object) -> object:
+    """A Linux libc function through ctypes (None elsewhere or when missing); looked up once."""
+    if name not in _LIBC:
+        _LIBC[name] = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                import ctypes
+
+                fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+                fn.argtypes = argtypes
+                _LIBC[name] = fn
+    return _LIBC[name]
+
+
+def _presize(fd: int, size: int) -> None:
+    """Give the new file its final size, with its blocks allocated where the filesystem can (``fallocate``:
+    a full disk is then found before any byte is written, and writes need no block allocation; measured
+    cheaper than a sparse file on ext4), else as a sparse file (``ftruncate``)."""
+    import ctypes
+
+    fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate is not None and size > 0 and fallocate(fd, 0, 0, size) != 0:  # type: ignore[operator]
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+        fallocate = None
+    if fallocate is None or size == 0:
+        os.ftruncate(fd, size)
+
+
+def _sync_file_range(fd: int, offset: int, count: int) -> None:
+    import ctypes
+
+    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if fn is not None:
+        fn(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]  # errors: fsync reports them
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file (JSON, config) atomically."""
+    with ShardFile(path, len(data)) as f:
+        f.pwrite(0, data)
+        f.commit()
 
 
 def is_temporary(name: str) -> bool:
-    """True for the names ShardWriter gives its temporary files (``.<final name>.<random>.tmp``)."""
+    """True for the names ShardFile gives its temporary files (``.<final name>.<random>.tmp``)."""
     return name.startswith(".") and name.endswith(".tmp")
 
 

@@ -18,15 +18,25 @@ def install() -> None:
         return
     from streammerge import writer
 
-    original = writer.ShardWriter.write
-
-    def write(self, data):
-        original(self, data)
-        if self.written > len(self._header) and self.path.suffix == ".safetensors" and os.path.exists(arm):
+    def fire(shard) -> None:
+        if shard.path.suffix == ".safetensors" and os.path.exists(arm):
             try:
                 os.close(os.open(arm + ".fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return
             os.kill(os.getpid(), signal.SIGKILL)
 
-    writer.ShardWriter.write = write
+    pwrite, copy_in = writer.ShardFile.pwrite, writer.ShardFile.copy_in
+
+    def pwrite_hook(self, offset, data):
+        pwrite(self, offset, data)
+        if offset > 0:  # tensor bytes (the header is written at offset 0)
+            fire(self)
+
+    def copy_in_hook(self, src_fd, src_offset, offset, count):
+        n = copy_in(self, src_fd, src_offset, offset, count)
+        fire(self)
+        return n
+
+    writer.ShardFile.pwrite = pwrite_hook
+    writer.ShardFile.copy_in = copy_in_hook

@@ -66,3 +66,39 @@ def test_demo_runs_as_a_module():
     done = _run("demo", "-q")
     assert done.returncode == 0, done.stderr
     assert "bit for bit" in done.stdout
+
+
+_PLAN_ONLY = """
+import sys, time
+t0 = time.perf_counter()
+from streammerge.cli import main
+code = main(sys.argv[1:])
+print(code, "torch" in sys.modules, round(time.perf_counter() - t0, 3))
+"""
+
+
+def test_errors_found_while_planning_return_without_importing_torch(tmp_path, llama):
+    """torch costs ~1-2 s to import; the CLI imports it only once blocks are computed (``scatter``), so a
+    bad adapter, base, budget or output directory is reported at once (RESULTS.md has the timings)."""
+    base, adapter = llama
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("x")
+    cases = {
+        "bad adapter": ["--base", str(base), "--adapter", str(bad), "--out", str(tmp_path / "o1")],
+        "missing base": ["--base", str(tmp_path / "nope"), "--adapter", str(adapter), "--out", str(tmp_path / "o2")],
+        "budget": ["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o3"),
+                   "--max-memory", "1KB"],
+        "output": ["--base", str(base), "--adapter", str(adapter), "--out", str(full)],
+    }
+    for what, argv in cases.items():
+        done = subprocess.run([sys.executable, "-c", _PLAN_ONLY, "merge", *argv], capture_output=True, text=True,
+                              timeout=120)
+        code, imported, _ = done.stdout.split()
+        assert (code, imported) == ("2", "False"), (what, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), (what, done.stderr)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert os.listdir(full) == ["mine.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -43,14 +44,44 @@ def test_merge_equals_reference_and_keeps_layout(tmp_path, llama):
     )
 
 
-def test_workers_do_not_change_a_single_byte(tmp_path, llama):
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256"])
+def test_workers_and_budget_do_not_change_a_single_byte_nor_the_digests(tmp_path, llama, checksum):
+    """Workers write blocks at their offsets in any order (``scatter``): shards, digests and the whole
+    manifest must not depend on how many there are, nor on the block heights the budget picks."""
     base, adapter = llama
-    outs = []
-    for workers in (1, 4):
-        out = tmp_path / f"w{workers}"
-        streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", workers=workers)
-        outs.append(_bytes(out))
-    assert outs[0] == outs[1]
+    runs = {}
+    for workers in (1, 2, 4):
+        for budget in (1 << 20, 512 << 20):
+            out = tmp_path / f"w{workers}-{budget}"
+            streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", workers=workers, max_memory=budget,
+                              checksum=checksum)
+            runs[workers, budget] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    first = next(iter(runs.values()))
+    assert "streammerge.json" in first and len(_bytes(base)) == 3
+    assert all(files == first for files in runs.values())
+
+
+def test_copy_runs_are_one_unit_each_and_blocks_land_at_their_offsets(tmp_path, llama):
+    """Untouched tensors contiguous in one base file are copied as one run (one copy_file_range), and the
+    units of a shard tile its data exactly, in file order."""
+    from streammerge.budget import ExecOptions
+    from streammerge.units import shard_units
+
+    base, _ = llama
+    zero = testing.make_adapter(tmp_path / "zero", base, targets=testing.LLAMA_LINEAR, zero_b=True)
+    none = testing.make_adapter(tmp_path / "none", base, targets=("nothing",))
+    opts = ExecOptions("cpu", 2, 1 << 20)
+    for shard in streammerge.plan_merge(base, none).shards:
+        assert len(shard_units(0, shard, opts)) == 1, shard.filename  # all raw: one run per shard
+    for shard in streammerge.plan_merge(base, zero).shards:
+        units = shard_units(0, shard, opts)
+        assert units[0].offset == len(shard.header)
+        assert all(a.offset + a.nbytes == b.offset for a, b in itertools.pairwise(units))
+        assert units[-1].offset + units[-1].nbytes == len(shard.header) + shard.data_size
+        copies = [u for u in units if u.is_copy]
+        raw = [t.is_raw_copy for t in shard.tasks]
+        runs = sum(1 for i, r in enumerate(raw) if r and (i == 0 or not raw[i - 1]))
+        assert len(copies) == runs
 
 
 def test_max_shard_size_reshards_with_a_correct_index(tmp_path, llama):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import streammerge
-from streammerge import manifest, testing
+from streammerge import digest, manifest, testing
 from streammerge.cli import main
 from streammerge.header import read_header
 from streammerge.plan import ROW_ALIGN
@@ -18,11 +18,11 @@ MERGED = "model.layers.0.mlp.gate_proj.weight"  # a LoRA target (r=8 on every li
 COPIED = "model.layers.0.input_layernorm.weight"  # untouched: raw bytes of the base
 
 
-@pytest.fixture
-def merged(tmp_path, llama):
+@pytest.fixture(params=["xxh3", "sha256"])
+def merged(request, tmp_path, llama):
     base, adapter = llama
     out = tmp_path / "out"
-    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum=request.param)
     return base, adapter, out
 
 
@@ -36,7 +36,7 @@ def _locate(out: Path, tensor: str) -> tuple[Path, int, int]:
 
 
 def _flip(out: Path, tensor: str, at: int, *, fix_manifest: bool = False) -> None:
-    """Flip one bit of the byte ``at`` of ``tensor``; optionally re-record the shard's sha256 (a forger)."""
+    """Flip one bit of the byte ``at`` of ``tensor``; optionally re-record the shard's digest (a forger)."""
     shard, start, nbytes = _locate(out, tensor)
     assert 0 <= at < nbytes
     data = bytearray(shard.read_bytes())
@@ -46,7 +46,8 @@ def _flip(out: Path, tensor: str, at: int, *, fix_manifest: bool = False) -> Non
         doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
         for rec in doc["shards"]:
             if rec["file"] == shard.name:
-                rec["sha256"] = manifest.file_sha256(shard)
+                key, _ = digest.record_digest(rec)
+                rec[key] = digest.file_digest(shard, key)  # xxh3_128_rows: pieces from the file's own header
         (out / manifest.MANIFEST_NAME).write_text(json.dumps(doc))
 
 
@@ -78,7 +79,9 @@ def test_one_flipped_byte_is_caught_and_named(merged, tensor, against, fix_manif
     assert not report.ok
     hits = [p for p in report.problems if repr(tensor) in p]
     assert len(hits) == 1 and "1 byte(s) differ from " + against in hits[0], report.problems
-    assert any("sha256 differs" in p for p in report.problems) != fix_manifest
+    record = json.loads((out / manifest.MANIFEST_NAME).read_text())["shards"][0]
+    key = "sha256" if "sha256" in record else "xxh3_128_rows"
+    assert any(f"{key} differs" in p for p in report.problems) != fix_manifest
 
 
 def test_sampling_catches_a_flip_inside_a_sampled_block_and_misses_none_it_covers(tmp_path):

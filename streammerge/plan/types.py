@@ -17,7 +17,7 @@ from streammerge.formats.dtypes import DTYPE_SIZES
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import ROW_ALIGN, row_blocks
 from streammerge.plan.memory import block_bytes
-from streammerge.units import format_size
+from streammerge.sizes import format_size
 
 if TYPE_CHECKING:
     from streammerge.plan.quantized import QuantSummary

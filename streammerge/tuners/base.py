@@ -27,15 +27,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from streammerge.plan.types import TunerTerm, Update
+from streammerge.tuners.lazy import torch
 
 __all__ = ["ApplyFn", "LoadedTerm", "ModuleView", "Shape", "Tuner", "TunerTerm", "Update", "in_features",
            "out_features"]
 
 #: The merged rows: ``apply(w, tensors, params, r0, r1)``.
-ApplyFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, Any], int, int], torch.Tensor]
+ApplyFn = Callable[["torch.Tensor", Mapping[str, "torch.Tensor"], Mapping[str, Any], int, int], "torch.Tensor"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,8 @@ M mixes all input columns and PEFT multiplies all rows at once: merged whole.
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "BOFT"
 SUFFIXES = {"R": ".boft_R", "s": ".boft_s"}

@@ -8,10 +8,8 @@ builds C (out, in) with FFTs over the whole matrix: computed whole. Linear only.
 
 from __future__ import annotations
 
-import torch
-from torch.fft import fft, ifft
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "C3A"
 SUFFIXES = {"kernel": ".c3a_kernel"}
@@ -24,8 +22,8 @@ def circulant(w: torch.Tensor) -> torch.Tensor:
     _, n, b = w.shape
     x = torch.eye(n * b, dtype=w.dtype, device=w.device)
     x = x.reshape(*x.shape[:-1], n, b)
-    x = torch.einsum("...nb,mnb->...mb", ifft(x), fft(w))
-    return fft(x).real.flatten(start_dim=1).T
+    x = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(x), torch.fft.fft(w))
+    return torch.fft.fft(x).real.flatten(start_dim=1).T
 
 
 def delta(kernel: torch.Tensor, dtype: torch.dtype, in_features: int) -> torch.Tensor:

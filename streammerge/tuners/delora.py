@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "DELORA"
 SUFFIXES = {"A": ".delora_A", "B": ".delora_B", "lambda": ".delora_lambda", "w_norm": ".delora_w_norm"}

@@ -10,9 +10,8 @@ Every element depends on the whole spectrum: computed whole.
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update, in_features, out_features
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "FOURIERFT"
 SUFFIXES = {"spectrum": ".fourierft_spectrum"}

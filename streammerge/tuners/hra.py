@@ -9,9 +9,8 @@ Row i of W @ H needs only row i of W, but PEFT's mm runs over all rows: merged w
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "HRA"
 SUFFIXES = {"u": ".hra_u"}

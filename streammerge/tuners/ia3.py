@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "IA3"
 SUFFIXES = {"l": ".ia3_l"}

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "LOHA"
 #: role -> key suffix after the module path

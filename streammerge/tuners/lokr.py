@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "LOKR"
 SUFFIXES = {"w1": ".lokr_w1", "w1_a": ".lokr_w1_a", "w1_b": ".lokr_w1_b", "w2": ".lokr_w2",

@@ -14,9 +14,8 @@ Linear only.
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "MISS"
 SUFFIXES = {"block": ".miss_block"}

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update, in_features
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "OFT"
 SUFFIXES = {"R": ".oft_R.weight", "emb_R": ".oft_embedding_R.weight"}

@@ -10,9 +10,8 @@ R mixes output rows within a group: merged whole.
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "ROAD"
 SUFFIXES = {"theta": ".road_theta", "alpha": ".road_alpha"}

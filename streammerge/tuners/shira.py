@@ -9,9 +9,8 @@ Linear only. Elements are independent: row blocks keep the indices that fall in 
 
 from __future__ import annotations
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "SHIRA"
 SUFFIXES = {"weight": ".shira_weight", "indices": ".shira_indices"}

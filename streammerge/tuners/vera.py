@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import torch
-
 from streammerge.tuners.base import ModuleView, Tuner, Update, in_features, out_features
+from streammerge.tuners.lazy import torch
 
 PEFT_TYPE = "VERA"
 SUFFIXES = {"lambda_b": ".vera_lambda_b", "lambda_d": ".vera_lambda_d"}

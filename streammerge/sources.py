@@ -1,0 +1,98 @@
+"""What the workers of one ``scatter.write_shards`` call read from: base files (descriptors for
+``copy_file_range``, shared read-only maps to hash the copied bytes), the tensor reader and kernel
+(imported on first use: this is where torch loads), and each worker's reusable output buffer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+from streammerge import digest
+from streammerge.budget import ExecOptions
+from streammerge.errors import CheckpointError
+
+LOG = logging.getLogger(__name__)
+
+
+class Sources:
+    """Read-only descriptors of base files (for copies), and the tensor reader (for blocks), made on first use."""
+
+    def __init__(self, opts: ExecOptions) -> None:
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # held while torch loads: copies must not wait for it
+        self._opts = opts
+        self.reader = None
+        self._local = threading.local()
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from e
+            return self._fds[path]
+
+    def hash_copied(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Piece digests of byte ranges of base file ``path``, read through a shared read-only map whose
+        pages are dropped from this process after (the page cache keeps them)."""
+        with self._lock:
+            if path not in self._maps:
+                self._maps[path] = mmap.mmap(self._fds[path], 0, access=mmap.ACCESS_READ)
+            mm = self._maps[path]
+        view = memoryview(mm)
+        try:
+            digests = digest.range_digests(view, ranges)
+        finally:
+            view.release()
+        start, end = ranges[0][0], ranges[-1][1]
+        start -= start % mmap.PAGESIZE
+        if hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return digests
+
+    def engine(self):
+        """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads."""
+        with self._engine_lock:
+            if self.reader is None:
+                started = time.perf_counter()
+                from streammerge.formats.reader import TensorReader  # imports torch
+
+                if self._opts.threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self._opts.threads)
+                self.reader = TensorReader()
+                LOG.debug("torch and the kernel loaded in %.2f s", time.perf_counter() - started)
+            from streammerge import execute
+        return execute, self.reader
+
+    def buffer(self, nbytes: int):
+        """This thread's output buffer (a uint8 tensor of at least ``nbytes``), reused between blocks."""
+        import torch
+
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            self._local.buf = buf = None  # drop the old one first
+            self._local.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def close(self) -> None:
+        with self._lock, self._engine_lock:
+            fds, self._fds = self._fds, {}
+            maps, self._maps = self._maps, {}
+            reader, self.reader = self.reader, None
+        for mm in maps.values():
+            mm.close()
+        for fd in fds.values():
+            os.close(fd)
+        if reader is not None:
+            reader.close()
