@@ -46,6 +46,7 @@ from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, OutputError
 from streammerge.formats.safetensors import SafetensorsHeader
 from streammerge.ownership import MANIFEST_NAME, PROGRESS_NAME, plain_name, remove_owned
+from streammerge.ownership import entries as ownership_entries
 from streammerge.plan import Plan, ShardPlan, TensorRef
 from streammerge.writer import fsync_dir, is_temporary, output_error, write_atomic
 
@@ -408,12 +409,7 @@ def remove_temporaries(out: Path) -> None:
 
 
 def _entries(out: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(out))
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise output_error(out, e) from e
+    return ownership_entries(out)
 
 
 def _unlink(path: Path) -> None:
