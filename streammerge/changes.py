@@ -133,7 +133,7 @@ class BlockTally:
         d = scratch.view(-1)[:n]
         d.copy_(base.reshape(-1))  # W in fp32, in memory of our own (never a view of W or M)
         self.wsq += float(torch.dot(d, d))
-        d.neg_().add_(written.reshape(-1))  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
+        torch.sub(written.reshape(-1), d, out=d)  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
         dsq = float(torch.dot(d, d))
         self.dsq += dsq
         if self.same:

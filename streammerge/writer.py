@@ -1,6 +1,6 @@
 """Atomic output files: a shard is written into a temporary file beside its final name, pre-sized to
-the size its header promises, by several threads at once at the offsets the plan gives
-(``pwrite`` of computed blocks, ``copy_file_range`` of untouched bytes); then checked, fsynced
+the size its header promises, by several threads at once at the offsets the plan gives (computed
+blocks through a pipe or ``pwrite``, untouched bytes with ``copy_file_range``); then checked, fsynced
 and renamed. Nothing ever opens a final name for writing, so a crash or Ctrl-C never leaves a file
 with a final shard name that is incomplete, and no file that might be memory-mapped by a reader is
 truncated in place.
@@ -12,6 +12,7 @@ The digests of the bytes are not taken here: the thread that wrote a block hashe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import sys
@@ -23,6 +24,10 @@ from types import TracebackType
 from streammerge.errors import OutputError
 
 _COPY_CHUNK = 1 << 30  # copy_file_range moves at most this many bytes per call
+_SPLICE_MIN = 1 << 18  # smaller writes use pwrite: a pipe costs three system calls
+_PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size; measured 2x fewer CPU-s than 64 KiB pipes
+_SPLICE_BROKEN = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+_spliced = [True]  # cleared once the output filesystem (or the kernel) refuses splice: pwrite from then on
 
 
 def output_error(path: Path, e: OSError) -> OutputError:
@@ -85,9 +90,15 @@ class ShardFile:
             self._written += n
 
     def pwrite(self, offset: int, data: memoryview | bytes) -> None:
-        """Write ``data`` at ``offset``."""
+        """Write ``data`` at ``offset``: large writable buffers through a pipe (``vmsplice`` + ``splice``,
+        Linux), everything else with ``pwrite``. Both leave the same bytes; the pipe moves them into the
+        page cache with the kernel's own copy, measured 5-10x fewer CPU-s per GB than ``pwrite``'s copy
+        from user memory on the VMs this was built on (benchmarks/RESULTS.md)."""
         view = memoryview(data).cast("B")
         try:
+            if len(view) >= _SPLICE_MIN and not view.readonly and _spliced[0] and _splice_at(self.fd, view, offset):
+                self._count(len(view))
+                return
             while view:
                 n = os.pwrite(self.fd, view, offset)
                 view = view[n:]
@@ -159,6 +170,59 @@ def _copy_at(src: int, dst: int, src_offset: int, offset: int, count: int) -> in
     return os.pwrite(dst, data, offset) if data else 0
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _splice_at(fd: int, view: memoryview, offset: int) -> bool:
+    """Write ``view`` at ``offset`` of ``fd`` through a fresh pipe: ``vmsplice`` lends the pipe the
+    buffer's pages, ``splice`` copies them into the file. Every byte lent is copied out before this
+    returns, so the caller may reuse the buffer. False (nothing to undo: a retry rewrites the same
+    bytes) where the kernel or filesystem cannot; OSError for real write errors (ENOSPC, EIO)."""
+    vmsplice = _libc("vmsplice", ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_size_t, ctypes.c_uint)
+    if vmsplice is None or not hasattr(os, "splice"):
+        _spliced[0] = False
+        return False
+    vmsplice.restype = ctypes.c_ssize_t  # type: ignore[attr-defined]
+    anchor = ctypes.c_char.from_buffer(view)  # holds the buffer while its pages are in the pipe
+    base = ctypes.addressof(anchor)
+    r, w = os.pipe()
+    try:
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_SIZE)
+        cap = fcntl.fcntl(w, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        done, total = 0, len(view)
+        while done < total:
+            iov = _IoVec(base + done, min(cap, total - done))
+            lent = vmsplice(w, ctypes.byref(iov), 1, 0)  # type: ignore[operator]
+            if lent <= 0:
+                err = ctypes.get_errno()
+                if err in _SPLICE_BROKEN:
+                    _spliced[0] = False
+                    return False
+                raise OSError(err, os.strerror(err))
+            moved = 0
+            while moved < lent:
+                try:
+                    n = os.splice(r, fd, lent - moved, offset_dst=offset + done + moved)
+                except OSError as e:
+                    if e.errno in _SPLICE_BROKEN:
+                        _spliced[0] = False
+                        return False
+                    raise
+                if n <= 0:
+                    raise OSError(errno.EIO, "splice wrote nothing")
+                moved += n
+            done += lent
+        return True
+    finally:
+        os.close(r)
+        os.close(w)
+        del anchor
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _LIBC: dict[str, object] = {}
 
@@ -169,8 +233,6 @@ def _libc(name: str, *argtypes: object) -> object:
         _LIBC[name] = None
         if sys.platform.startswith("linux"):
             with contextlib.suppress(OSError, AttributeError):
-                import ctypes
-
                 fn = getattr(ctypes.CDLL(None, use_errno=True), name)
                 fn.argtypes = argtypes
                 _LIBC[name] = fn
@@ -181,7 +243,6 @@ def _presize(fd: int, size: int) -> None:
     """Give the new file its final size, with its blocks allocated where the filesystem can (``fallocate``:
     a full disk is then found before any byte is written, and writes need no block allocation; measured
     cheaper than a sparse file on ext4), else as a sparse file (``ftruncate``)."""
-    import ctypes
 
     fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if fallocate is not None and size > 0 and fallocate(fd, 0, 0, size) != 0:  # type: ignore[operator]
@@ -194,7 +255,6 @@ def _presize(fd: int, size: int) -> None:
 
 
 def _sync_file_range(fd: int, offset: int, count: int) -> None:
-    import ctypes
 
     fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     if fn is not None:
