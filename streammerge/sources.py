@@ -17,6 +17,15 @@ from streammerge.budget import ExecOptions
 from streammerge.errors import CheckpointError
 
 LOG = logging.getLogger(__name__)
+_DROP_EVERY = 16 << 20  # bytes of a base map hashed between two MADV_DONTNEED
+
+
+def _drop(mm: mmap.mmap, start: int, end: int) -> None:
+    """Unmap ``[start, end)`` of a read-only file map from this process (pages stay in the page cache)."""
+    start -= start % mmap.PAGESIZE
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class Sources:
@@ -41,22 +50,27 @@ class Sources:
             return self._fds[path]
 
     def hash_copied(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Piece digests of byte ranges of base file ``path``, read through a shared read-only map whose
-        pages are dropped from this process after (the page cache keeps them)."""
+        """Piece digests of byte ranges of base file ``path``, read through a shared read-only map. The
+        pages read are dropped from this process every ``_DROP_EVERY`` bytes (the page cache keeps them):
+        dropped only once per copy unit, two workers held up to 2 x 256 MiB of mapped pages (RSS 789 MB
+        on 70b-slice-2 against 565 before; RESULTS.md)."""
         with self._lock:
             if path not in self._maps:
                 self._maps[path] = mmap.mmap(self._fds[path], 0, access=mmap.ACCESS_READ)
             mm = self._maps[path]
         view = memoryview(mm)
+        digests: list[bytes] = []
         try:
-            digests = digest.range_digests(view, ranges)
+            start = ranges[0][0] if ranges else 0
+            for a, b in ranges:
+                digests.extend(digest.range_digests(view, [(a, b)]))
+                if b - start >= _DROP_EVERY:
+                    _drop(mm, start, b)
+                    start = b
+            if ranges:
+                _drop(mm, start, ranges[-1][1])
         finally:
             view.release()
-        start, end = ranges[0][0], ranges[-1][1]
-        start -= start % mmap.PAGESIZE
-        if hasattr(mmap, "MADV_DONTNEED"):
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         return digests
 
     def engine(self):

@@ -75,6 +75,7 @@ import resource, signal, sys
 import numpy as np
 from pathlib import Path
 from streammerge import writer
+from streammerge.errors import OutputError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 writer._spliced[0] = sys.argv[2] == "splice"
