@@ -40,6 +40,7 @@ class ExecOptions:
     threads: int | None = None
     changes: ChangeTally | None = None  # fed each merged block with its base rows (``streammerge.changes``)
     quant_run: QuantRun | None = None  # a quantized base's per-run state (``pieces`` makes one when None)
+    direct_io: bool = True  # write shards with direct I/O where the filesystem allows (``diskio``)
 
 
 def default_workers() -> int:

@@ -56,6 +56,27 @@ class Piece:
     data: torch.Tensor | None
 
 
+def set_intra_op_threads(opts: ExecOptions) -> int | None:
+    """Give torch ``opts.threads`` intra-op threads, by default 1 on the CPU (the workers are the
+    parallelism); returns the count to restore, None when unchanged. torch's default (every core for
+    each op) spends more than it gains on the kernel's L2-sized chunks: on 2 cores, llama-1b
+    all-linear took 5.0 CPU-s with 2 workers x 2 threads against 2.9-3.9 with 2 x 1, and 17 CPU-s with
+    1 x 2 (benchmarks/RESULTS.md). The bits are the same for any count: the GEMM splits output rows and
+    columns, never the rank sum (tests/test_kernel.py)."""
+    n = opts.threads if opts.threads is not None else (1 if torch.device(opts.device).type == "cpu" else None)
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        return None
+    torch.set_num_threads(n)
+    return before
+
+
+def restore_intra_op_threads(before: int) -> None:
+    """Undo ``set_intra_op_threads`` for threads torch starts from now on (a library call leaves the
+    process's default as it found it)."""
+    torch.set_num_threads(before)
+
+
 def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions) -> Iterator[Piece]:
     """Yield every task's rows in order; merge blocks are computed ahead on ``opts.workers`` threads."""
     if opts.quant_run is None and any(t.quant is not None for t in tasks):
@@ -71,6 +92,7 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
         return
     pending: deque[tuple[tuple[TensorTask, int, int, int], Future[torch.Tensor] | None]] = deque()
     in_use = 0
+    threads_before = set_intra_op_threads(opts)
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="streammerge") as pool:
         try:
             while units or pending:
@@ -88,6 +110,8 @@ def pieces(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions)
             for _, fut in pending:
                 if fut is not None:
                     fut.cancel()
+            if threads_before is not None:
+                restore_intra_op_threads(threads_before)
 
 
 def compute_rows(task: TensorTask, r0: int, r1: int, reader: TensorReader, opts: ExecOptions,

@@ -50,9 +50,9 @@ WRITEBACK_MIN = 4 << 20
 class _Shard:
     """A shard being written: its temporary file, its piece digests, and how many units remain."""
 
-    def __init__(self, shard: ShardPlan, path: Path, checksum: str, count: int) -> None:
+    def __init__(self, shard: ShardPlan, path: Path, checksum: str, count: int, direct: bool) -> None:
         self.plan = shard
-        self.file = ShardFile(path, len(shard.header) + shard.data_size).__enter__()
+        self.file = ShardFile(path, len(shard.header) + shard.data_size, direct).__enter__()
         self.remaining = count
         self.digests: list[bytes | None] = [None] * len(digest.shard_pieces(shard))
         self.sha = digest.Sha256Prefix(self.file.fd, path) if checksum == "sha256" else None
@@ -85,7 +85,8 @@ def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions) -> 
     task, r0, r1 = unit.spans[0]
     # the CUDA path stages through its own pinned buffers; a quantized task encodes into its own
     own = not str(opts.device).startswith("cuda") and task.quant is None
-    out = execute.compute_rows(task, r0, r1, reader, opts, out=sources.buffer(unit.nbytes) if own else None)
+    buf = sources.buffer(unit.nbytes, unit.offset, shard.file.align) if own else None
+    out = execute.compute_rows(task, r0, r1, reader, opts, out=buf)
     data = execute.as_bytes(out)
     shard.file.pwrite(unit.offset, data)
     j0, j1 = units.pieces_in(task, r0, r1)
@@ -101,7 +102,8 @@ def _copy(unit: Unit, shard: _Shard, sources: Sources) -> int:
     first = unit.spans[0]
     fd = sources.fd(first[0].source.path)
     started = time.perf_counter()
-    calls = shard.file.copy_in(fd, units.src_offset(first[0], first[1]), unit.offset, unit.nbytes)
+    buf = sources.copy_buffer(shard.file.align) if shard.file.align else None
+    calls = shard.file.copy_in(fd, units.src_offset(first[0], first[1]), unit.offset, unit.nbytes, buf)
     copied = time.perf_counter()
     if shard.sha is None:
         ranges = []
@@ -189,7 +191,7 @@ class _Run:
     def _shard(self, i: int) -> _Shard:
         if i not in self.open:
             s = self.shards[i]
-            self.open[i] = _Shard(s, self.out / s.filename, self.checksum, self.per_shard[i])
+            self.open[i] = _Shard(s, self.out / s.filename, self.checksum, self.per_shard[i], self.opts.direct_io)
             self.written += len(s.header)
         return self.open[i]
 

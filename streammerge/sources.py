@@ -12,11 +12,14 @@ import threading
 import time
 from collections.abc import Sequence
 
-from streammerge import digest
+from streammerge import digest, diskio
 from streammerge.budget import ExecOptions
 from streammerge.errors import CheckpointError
 
 LOG = logging.getLogger(__name__)
+#: Bytes of the per-worker buffer through which copies go to a file opened for direct I/O (outside
+#: ``max_memory``, like the interpreter and torch themselves).
+COPY_BUFFER = 8 << 20
 _DROP_EVERY = 16 << 20  # bytes of a base map hashed between two MADV_DONTNEED
 
 
@@ -39,6 +42,7 @@ class Sources:
         self._opts = opts
         self.reader = None
         self._local = threading.local()
+        self._threads_before: int | None = None
 
     def fd(self, path: str) -> int:
         with self._lock:
@@ -74,30 +78,44 @@ class Sources:
         return digests
 
     def engine(self):
-        """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads."""
+        """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads
+        (``intra_op_threads``)."""
         with self._engine_lock:
             if self.reader is None:
                 started = time.perf_counter()
+                from streammerge import execute
                 from streammerge.formats.reader import TensorReader  # imports torch
 
-                if self._opts.threads is not None:
-                    import torch
-
-                    torch.set_num_threads(self._opts.threads)
+                self._threads_before = execute.set_intra_op_threads(self._opts)
                 self.reader = TensorReader()
                 LOG.debug("torch and the kernel loaded in %.2f s", time.perf_counter() - started)
             from streammerge import execute
         return execute, self.reader
 
-    def buffer(self, nbytes: int):
-        """This thread's output buffer (a uint8 tensor of at least ``nbytes``), reused between blocks."""
+    def buffer(self, nbytes: int, phase: int = 0, align: int = 0):
+        """This thread's output buffer (a uint8 tensor of ``nbytes``), reused between blocks. With ``align``,
+        its address is ``phase`` modulo ``align``: a block meant for file offset ``phase`` then has the
+        aligned part the disk can take directly (``writer.ShardFile.pwrite``)."""
         import torch
 
         buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < nbytes:
+        if buf is None or buf.numel() < nbytes + align:
             self._local.buf = buf = None  # drop the old one first
-            self._local.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
+            self._local.buf = buf = torch.empty(nbytes + align, dtype=torch.uint8)
+        # (torch aligns the allocation to 64 bytes, so ``start`` keeps ``phase``'s alignment to every dtype
+        # size; a phase that is not 8-aligned gets none)
+        start = (phase - buf.data_ptr()) % align if align and phase % 8 == 0 else 0
+        return buf[start : start + nbytes]
+
+    def copy_buffer(self, align: int) -> memoryview:
+        """This thread's ``COPY_BUFFER`` bytes, ``align``-aligned, for copies written direct."""
+        held = getattr(self._local, "copy", None)
+        if held is None or held[1] != align:
+            mm = mmap.mmap(-1, COPY_BUFFER + align)
+            view = memoryview(mm)
+            start = -diskio.address(view) % align
+            self._local.copy = held = (mm, align, view[start : start + COPY_BUFFER])
+        return held[2]
 
     def close(self) -> None:
         with self._lock, self._engine_lock:
@@ -110,3 +128,8 @@ class Sources:
             os.close(fd)
         if reader is not None:
             reader.close()
+        if self._threads_before is not None:
+            from streammerge import execute
+
+            execute.restore_intra_op_threads(self._threads_before)
+            self._threads_before = None

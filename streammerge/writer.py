@@ -12,22 +12,15 @@ The digests of the bytes are not taken here: the thread that wrote a block hashe
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
 
+from streammerge import diskio
 from streammerge.errors import OutputError
-
-_COPY_CHUNK = 1 << 30  # copy_file_range moves at most this many bytes per call
-_SPLICE_MIN = 1 << 18  # smaller writes use pwrite: a pipe costs three system calls
-_PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size; measured 2x fewer CPU-s than 64 KiB pipes
-_SPLICE_BROKEN = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
-_spliced = [True]  # cleared once the output filesystem (or the kernel) refuses splice: pwrite from then on
 
 
 def output_error(path: Path, e: OSError) -> OutputError:
@@ -50,12 +43,18 @@ class ShardFile:
     ``size``; ``pwrite``/``copy_in`` fill it (concurrently; ranges never overlap); ``commit`` checks
     that every byte was written, fsyncs and renames. Leaving the block without a commit (an
     exception) deletes the temporary file. Callers must stop every writer before leaving the block.
+
+    ``direct``: also open the file for direct I/O (``diskio``), where the filesystem allows; the whole
+    aligned blocks of large writes from suitably placed buffers then bypass the page cache. The bytes
+    are the same either way.
     """
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, direct: bool = False) -> None:
         self.path = path
         self.size = size
-        self.fd = -1
+        self.fd = self.dfd = -1
+        self.align = 0
+        self._direct = direct
         self._tmp = ""
         self._written = 0
         self._lock = threading.Lock()
@@ -66,7 +65,9 @@ class ShardFile:
             self.fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             # mkstemp makes the file private (0600); a checkpoint gets what open() would give it.
             os.fchmod(self.fd, 0o666 & ~_umask())
-            _presize(self.fd, self.size)  # blocks land at their offsets in any order
+            diskio.presize(self.fd, self.size)  # blocks land at their offsets in any order
+            if self._direct:
+                self.dfd, self.align = diskio.open_direct(self._tmp)
         except OSError as e:
             self.close()
             raise output_error(self.path, e) from e
@@ -76,10 +77,11 @@ class ShardFile:
         self.close()
 
     def close(self) -> None:
-        """Close the descriptor; delete the temporary file unless it was committed."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the descriptors; delete the temporary file unless it was committed."""
+        for fd in (self.fd, self.dfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dfd = -1
         if self._tmp and not self.committed:
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
@@ -89,47 +91,104 @@ class ShardFile:
         with self._lock:
             self._written += n
 
+    def _direct_failed(self, e: OSError) -> None:
+        """A direct write was refused (an alignment this filesystem wants bigger): buffered from now on."""
+        if e.errno != errno.EINVAL:
+            raise e
+        with self._lock:
+            self.align = 0
+
     def pwrite(self, offset: int, data: memoryview | bytes) -> None:
-        """Write ``data`` at ``offset``: large writable buffers through a pipe (``vmsplice`` + ``splice``,
-        Linux), everything else with ``pwrite``. Both leave the same bytes; the pipe moves them into the
-        page cache with the kernel's own copy, measured 5-10x fewer CPU-s per GB than ``pwrite``'s copy
-        from user memory on the VMs this was built on (benchmarks/RESULTS.md)."""
+        """Write ``data`` at ``offset``: the aligned middle of a large writable buffer direct (when the file
+        was opened so and the buffer's address agrees with ``offset`` modulo ``align``: ``Sources.buffer``),
+        the rest through a pipe (large writable buffers) or with ``pwrite``."""
         view = memoryview(data).cast("B")
         try:
-            if len(view) >= _SPLICE_MIN and not view.readonly and _spliced[0] and _splice_at(self.fd, view, offset):
-                self._count(len(view))
-                return
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
-                offset += n
-                self._count(n)
+            middle = (diskio.aligned_middle(offset, len(view), diskio.address(view), self.align)
+                      if self.align and not view.readonly else None)
+            if middle is not None:
+                a, b = middle
+                try:
+                    diskio.write_direct(self.dfd, view[a:b], offset + a)
+                except OSError as e:
+                    self._direct_failed(e)
+                    a = b = 0
+                self._buffered(view[:a], offset)
+                self._buffered(view[b:], offset + b)
+                self._count(b - a)
+            else:
+                self._buffered(view, offset)
         except OSError as e:
             raise output_error(self.path, e) from e
 
-    def copy_in(self, src_fd: int, src_offset: int, offset: int, count: int) -> int:
-        """Copy ``count`` bytes at ``src_offset`` of ``src_fd`` to ``offset`` without passing them through
-        Python (``copy_file_range``). Returns the number of system calls made."""
+    def _buffered(self, view: memoryview, offset: int) -> None:
+        if len(view) >= diskio.SPLICE_MIN and not view.readonly and diskio.spliced[0] and \
+                diskio.splice_at(self.fd, view, offset):
+            self._count(len(view))
+            return
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+            self._count(n)
+
+    def copy_in(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview | None = None) -> int:
+        """Copy ``count`` bytes at ``src_offset`` of ``src_fd`` to ``offset``. With ``buffer`` (page-aligned,
+        a multiple of 4 KiB) and a direct file, the aligned middle is read into it and written direct;
+        everything else moves without passing through Python (``copy_file_range``). Returns the number of
+        system calls made."""
         calls = 0
         try:
-            while count > 0:
-                n = _copy_at(src_fd, self.fd, src_offset, offset, min(count, _COPY_CHUNK))
-                calls += 1
-                if n <= 0:
-                    raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
-                src_offset += n
-                offset += n
-                count -= n
-                self._count(n)
+            if buffer is not None and self.align and len(buffer) >= self.align:
+                a = -offset % self.align
+                b = (offset + count) // self.align * self.align - offset
+                if b - a >= diskio.DIRECT_MIN:
+                    calls += self._copy_range(src_fd, src_offset, offset, a)
+                    calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, buffer)
+                    src_offset, offset, count = src_offset + b, offset + b, count - b
+            calls += self._copy_range(src_fd, src_offset, offset, count)
         except OSError as e:
             raise output_error(self.path, e) from e
         return calls
 
+    def _copy_range(self, src_fd: int, src_offset: int, offset: int, count: int) -> int:
+        calls = 0
+        while count > 0:
+            n = diskio.copy_at(src_fd, self.fd, src_offset, offset, min(count, diskio.COPY_CHUNK))
+            calls += 1
+            if n <= 0:
+                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+            src_offset += n
+            offset += n
+            count -= n
+            self._count(n)
+        return calls
+
+    def _copy_direct(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview) -> int:
+        step = len(buffer) // self.align * self.align
+        calls = 0
+        while count > 0:
+            n = min(step, count)
+            got = os.preadv(src_fd, [buffer[:n]], src_offset)
+            calls += 2
+            if got < n:
+                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+            try:
+                if not self.align:
+                    raise OSError(errno.EINVAL, "no direct I/O")
+                diskio.write_direct(self.dfd, buffer[:n], offset)
+                self._count(n)
+            except OSError as e:
+                self._direct_failed(e)
+                self._buffered(buffer[:n], offset)
+            src_offset, offset, count = src_offset + n, offset + n, count - n
+        return calls
+
     def start_writeback(self, offset: int, count: int) -> None:
-        """Ask the kernel to start writing ``[offset, offset + count)`` to disk now (``sync_file_range``,
-        Linux; elsewhere a no-op), so ``commit``'s fsync finds little left to do. Best effort."""
+        """Ask the kernel to start writing ``[offset, offset + count)`` to disk now (Linux; elsewhere a
+        no-op), so ``commit``'s fsync finds little left to do. Best effort."""
         if self.fd >= 0 and count > 0:
-            _sync_file_range(self.fd, offset, count)
+            diskio.start_writeback(self.fd, offset, count)
 
     def commit(self) -> None:
         """Check the size, fsync, rename into place and make the rename durable."""
@@ -137,8 +196,10 @@ class ShardFile:
             raise AssertionError(f"{self.path}: wrote {self._written} bytes, header promises {self.size}")
         try:
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            for fd in (self.fd, self.dfd):
+                if fd >= 0:
+                    os.close(fd)
+            self.fd = self.dfd = -1
             os.replace(self._tmp, self.path)
         except OSError as e:
             raise output_error(self.path, e) from e
@@ -156,109 +217,6 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
-
-
-def _copy_at(src: int, dst: int, src_offset: int, offset: int, count: int) -> int:
-    """Copy up to ``count`` bytes between offsets; ``pread``/``pwrite`` where ``copy_file_range`` cannot."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            return os.copy_file_range(src, dst, count, src_offset, offset)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    data = os.pread(src, min(count, 1 << 24), src_offset)
-    return os.pwrite(dst, data, offset) if data else 0
-
-
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-def _splice_at(fd: int, view: memoryview, offset: int) -> bool:
-    """Write ``view`` at ``offset`` of ``fd`` through a fresh pipe: ``vmsplice`` lends the pipe the
-    buffer's pages, ``splice`` copies them into the file. Every byte lent is copied out before this
-    returns, so the caller may reuse the buffer. False (nothing to undo: a retry rewrites the same
-    bytes) where the kernel or filesystem cannot; OSError for real write errors (ENOSPC, EIO)."""
-    vmsplice = _libc("vmsplice", ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_size_t, ctypes.c_uint)
-    if vmsplice is None or not hasattr(os, "splice"):
-        _spliced[0] = False
-        return False
-    vmsplice.restype = ctypes.c_ssize_t  # type: ignore[attr-defined]
-    anchor = ctypes.c_char.from_buffer(view)  # holds the buffer while its pages are in the pipe
-    base = ctypes.addressof(anchor)
-    r, w = os.pipe()
-    try:
-        import fcntl
-
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_SIZE)
-        cap = fcntl.fcntl(w, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-        done, total = 0, len(view)
-        while done < total:
-            iov = _IoVec(base + done, min(cap, total - done))
-            lent = vmsplice(w, ctypes.byref(iov), 1, 0)  # type: ignore[operator]
-            if lent <= 0:
-                err = ctypes.get_errno()
-                if err in _SPLICE_BROKEN:
-                    _spliced[0] = False
-                    return False
-                raise OSError(err, os.strerror(err))
-            moved = 0
-            while moved < lent:
-                try:
-                    n = os.splice(r, fd, lent - moved, offset_dst=offset + done + moved)
-                except OSError as e:
-                    if e.errno in _SPLICE_BROKEN:
-                        _spliced[0] = False
-                        return False
-                    raise
-                if n <= 0:
-                    raise OSError(errno.EIO, "splice wrote nothing")
-                moved += n
-            done += lent
-        return True
-    finally:
-        os.close(r)
-        os.close(w)
-        del anchor
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_LIBC: dict[str, object] = {}
-
-
-def _libc(name: str, *argtypes: object) -> object:
-    """A Linux libc function through ctypes (None elsewhere or when missing); looked up once."""
-    if name not in _LIBC:
-        _LIBC[name] = None
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-                fn.argtypes = argtypes
-                _LIBC[name] = fn
-    return _LIBC[name]
-
-
-def _presize(fd: int, size: int) -> None:
-    """Give the new file its final size, with its blocks allocated where the filesystem can (``fallocate``:
-    a full disk is then found before any byte is written, and writes need no block allocation; measured
-    cheaper than a sparse file on ext4), else as a sparse file (``ftruncate``)."""
-
-    fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    if fallocate is not None and size > 0 and fallocate(fd, 0, 0, size) != 0:  # type: ignore[operator]
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
-        fallocate = None
-    if fallocate is None or size == 0:
-        os.ftruncate(fd, size)
-
-
-def _sync_file_range(fd: int, offset: int, count: int) -> None:
-
-    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    if fn is not None:
-        fn(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]  # errors: fsync reports them
 
 
 def write_atomic(path: Path, data: bytes) -> None:

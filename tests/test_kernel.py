@@ -189,3 +189,27 @@ def test_merge_into_a_reused_buffer_is_bit_identical_and_flags_every_nonfinite(c
     assert out.data_ptr() == dirty.data_ptr()
     assert torch.equal(out.view(_INT_VIEW[dtype]), fresh.view(_INT_VIEW[dtype]))
     assert suspect or nonfinite_count(out) == 0
+
+
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("out_f", "in_f", "r"), [(2048, 2048, 16), (512, 2048, 8), (8192, 2048, 16),
+                                                  (2048, 8192, 64), (1000, 3000, 12)])
+def test_intra_op_thread_count_never_changes_a_merged_bit(out_f, in_f, r):
+    """execute.set_intra_op_threads runs the kernel with 1 thread per worker by default: the merge must be
+    the same bits as with torch's default (the GEMM may split rows and columns, never the rank sum)."""
+    gen = torch.Generator().manual_seed(out_f + in_f + r)
+    w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(torch.bfloat16)
+    a = torch.randn(r, in_f, generator=gen) / in_f**0.5
+    b = torch.randn(out_f, r, generator=gen) * 0.02
+    steps = [("once", [Factors("linear", a, b, 2.0)])]
+    results = [_with_threads(n, lambda: merge_block(w, torch.bfloat16, steps, 0, out_f)) for n in (1, 2, 4)]
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert not torch.equal(results[0], w)  # the merge did change the weight
