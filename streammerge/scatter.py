@@ -80,21 +80,30 @@ class _Shard:
         return {digest.SHARD_KEYS["xxh3"]: digest.combine(self.digests)}  # type: ignore[arg-type]
 
 
-def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions) -> int:
+def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions, io: ThreadPoolExecutor) -> Future:
+    """Compute and hash a merge block; returns its write, queued on ``io`` (the worker goes on computing
+    into its other buffer while the disk takes this one: a direct write blocks its caller)."""
     execute, reader = sources.engine()
     task, r0, r1 = unit.spans[0]
     # the CUDA path stages through its own pinned buffers; a quantized task encodes into its own
     own = not str(opts.device).startswith("cuda") and task.quant is None
-    buf = sources.buffer(unit.nbytes, unit.offset, shard.file.align) if own else None
+    slot, buf = sources.buffer(unit.nbytes, unit.offset, shard.file.align) if own else (None, None)
     out = execute.compute_rows(task, r0, r1, reader, opts, out=buf)
     data = execute.as_bytes(out)
-    shard.file.pwrite(unit.offset, data)
     j0, j1 = units.pieces_in(task, r0, r1)
     row_bytes = units.row_bytes(task)
     pieces = digest.task_pieces(task)
     for j in range(j0, j1):
         p0, p1 = pieces[j]
         shard.digests[unit.piece0 + j - j0] = digest.piece_digest(data[(p0 - r0) * row_bytes : (p1 - r0) * row_bytes])
+    written = io.submit(_write, shard, unit, data)
+    if slot is not None:
+        sources.lend(slot, written)
+    return written
+
+
+def _write(shard: _Shard, unit: Unit, data: memoryview) -> int:
+    shard.file.pwrite(unit.offset, data)
     return unit.nbytes
 
 
@@ -168,6 +177,7 @@ class _Run:
         self.in_use = 0
         self.pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="streammerge")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-commit")
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-io")  # computed blocks' writes
         # Load torch and the kernel beside the workers, so every worker starts copying at once. Its errors
         # surface in the first compute unit, which calls ``engine`` again.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-load")
@@ -202,7 +212,7 @@ class _Run:
             unit = self.units.popleft()
             shard = self._shard(unit.shard)
             fut = (self.pool.submit(_copy, unit, shard, self.sources) if unit.is_copy
-                   else self.pool.submit(_compute, unit, shard, self.sources, self.opts))
+                   else self.pool.submit(_compute, unit, shard, self.sources, self.opts, self.io))
             if shard.sha is not None and unit.nbytes:
                 shard.units[unit.offset] = (unit.offset + unit.nbytes, fut)
             self.pending[fut] = unit
@@ -226,6 +236,12 @@ class _Run:
         for fut in done:
             unit = self.pending.pop(fut)
             n = fut.result()
+            if isinstance(n, Future):  # computed: now wait for its write (still holding its budget)
+                self.pending[n] = unit
+                shard = self.open[unit.shard]
+                if unit.offset in shard.units:
+                    shard.units[unit.offset] = (shard.units[unit.offset][0], n)
+                continue
             self.in_use -= unit.cost
             self.written += n
             shard = self.open[unit.shard]
@@ -240,6 +256,7 @@ class _Run:
     def close(self) -> None:
         # Stop every writer before a file is closed (a descriptor number reused mid-write would be corrupted).
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.io.shutdown(wait=True)  # after the workers, which queue writes; before any file closes
         self.committer.shutdown(wait=True, cancel_futures=True)
         self.loader.shutdown(wait=True)
         for shard in [*self.handed, *self.open.values()]:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent import futures
 
 from streammerge import digest, diskio
 from streammerge.budget import ExecOptions
@@ -20,6 +21,8 @@ LOG = logging.getLogger(__name__)
 #: Bytes of the per-worker buffer through which copies go to a file opened for direct I/O (outside
 #: ``max_memory``, like the interpreter and torch themselves).
 COPY_BUFFER = 8 << 20
+#: Output buffers per worker: it computes into one while the disk takes the other.
+OUT_BUFFERS = 2
 _DROP_EVERY = 16 << 20  # bytes of a base map hashed between two MADV_DONTNEED
 
 
@@ -93,19 +96,34 @@ class Sources:
         return execute, self.reader
 
     def buffer(self, nbytes: int, phase: int = 0, align: int = 0):
-        """This thread's output buffer (a uint8 tensor of ``nbytes``), reused between blocks. With ``align``,
-        its address is ``phase`` modulo ``align``: a block meant for file offset ``phase`` then has the
-        aligned part the disk can take directly (``writer.ShardFile.pwrite``)."""
+        """``(slot, tensor)``: one of this thread's ``OUT_BUFFERS`` output buffers (uint8, ``nbytes``), reused
+        between blocks, whose earlier write (``lend``) has finished. With ``align``, its address is ``phase``
+        modulo ``align``: a block meant for file offset ``phase`` then has the aligned part the disk can take
+        directly (``writer.ShardFile.pwrite``)."""
         import torch
 
-        buf = getattr(self._local, "buf", None)
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            self._local.ring = ring = [[None, None] for _ in range(OUT_BUFFERS)]  # [tensor, write in flight]
+            self._local.turn = 0
+        slot = self._local.turn
+        self._local.turn = (slot + 1) % OUT_BUFFERS
+        held = ring[slot]
+        if held[1] is not None:
+            futures.wait([held[1]])  # its errors surface where the write's future is collected
+            held[1] = None
+        buf = held[0]
         if buf is None or buf.numel() < nbytes + align:
-            self._local.buf = buf = None  # drop the old one first
-            self._local.buf = buf = torch.empty(nbytes + align, dtype=torch.uint8)
+            held[0] = buf = None  # drop the old one first
+            held[0] = buf = torch.empty(nbytes + align, dtype=torch.uint8)
         # (torch aligns the allocation to 64 bytes, so ``start`` keeps ``phase``'s alignment to every dtype
         # size; a phase that is not 8-aligned gets none)
         start = (phase - buf.data_ptr()) % align if align and phase % 8 == 0 else 0
-        return buf[start : start + nbytes]
+        return slot, buf[start : start + nbytes]
+
+    def lend(self, slot: int, write: futures.Future) -> None:
+        """Buffer ``slot`` of this thread is being written by ``write``; ``buffer`` waits for it before reuse."""
+        self._local.ring[slot][1] = write
 
     def copy_buffer(self, align: int) -> memoryview:
         """This thread's ``COPY_BUFFER`` bytes, ``align``-aligned, for copies written direct."""
