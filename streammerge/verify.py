@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 from streammerge import changes, digest, manifest
 from streammerge.adapter import Adapter, read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.budget import ExecOptions, default_workers
 from streammerge.checkpoint import INDEX_NAME, Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
@@ -43,6 +42,7 @@ from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.plan import Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
 from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.prepare import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.sizes import format_size
 
 if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
