@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from streammerge import naming
-from streammerge.adapter import AdapterConfig
+from streammerge.adapter_config import AdapterConfig
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext
 from streammerge.plan.targeting import check_float
