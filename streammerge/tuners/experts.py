@@ -26,8 +26,8 @@ from streammerge import naming
 from streammerge.adapter_config import AdapterConfig
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext
+from streammerge.plan.steps import ExpertSlice, LoraTerm, Step
 from streammerge.plan.targeting import check_float
-from streammerge.plan.types import ExpertSlice, LoraTerm, Step
 
 #: Fused expert parameters of transformers v5 MoE ``experts`` modules, in registration order
 #: (``MixtralExperts``, ``Qwen2MoeExperts`` and the other "qwen2_moe"-pattern models declare gate_up_proj first).
