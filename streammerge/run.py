@@ -18,6 +18,7 @@ from streammerge.budget import ExecOptions
 from streammerge.changes import ChangeTally
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
+from streammerge.identity import Identity, identify
 from streammerge.options import MergeOptions
 from streammerge.output import check_output, prepare_output, side_file_names, write_index, write_side_files
 from streammerge.plan import Plan
@@ -67,7 +68,7 @@ def run_plan(
     if not dry_run:
         opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
                            threads=threads, changes=tally, quant_run=run)
-        identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
+        identity = identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if resume:
             resume = manifest.check_resumable(out, identity, overwrite=overwrite)
         written, kept, complete = _write(out, plan, ckpt, tokenizer_roots, identity, opts, overwrite=overwrite,
@@ -89,7 +90,7 @@ def run_plan(
     )
 
 
-def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: manifest.Identity,
+def _write(out: Path, plan: Plan, ckpt: Checkpoint, tokenizer_roots: Sequence[Path], identity: Identity,
            opts: ExecOptions, *, overwrite: bool, resume: bool, on_progress: Callable[[int], None] | None,
            checksum: str, warnings: Sequence[str] = ()) -> tuple[int, int, bool]:
     """Write shards (skipping those ``--resume`` may keep), side files, index, and the manifest last.

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streammerge import budget, manifest
+from streammerge import budget
 from streammerge import finalize as fin
 from streammerge.adapter import Adapter
 from streammerge.budget import ExecOptions
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import StreamMergeError
+from streammerge.identity import Identity, identify
 from streammerge.options import MergeOptions
 from streammerge.output import check_output
 from streammerge.parts import Part, shards_of
@@ -61,7 +62,7 @@ def run_split(merge: Callable[..., MergeReport], plan: Plan, ckpt: Checkpoint, l
     check_output(out, [ckpt.root, *(a.root for a in loaded)], overwrite=False, resume=True)  # parts always resume
     written, shards = scope.total_bytes, len(scope.shards)
     if not dry_run:
-        identity = manifest.identify(ckpt, loaded, options.record(dev.split(":")[0]))
+        identity = identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if solo:
             opts = ExecOptions(dev, workers or budget.default_workers(), max_memory,
                                check_finite=not options.allow_nonfinite, threads=threads)
@@ -82,7 +83,7 @@ def run_split(merge: Callable[..., MergeReport], plan: Plan, ckpt: Checkpoint, l
     )
 
 
-def seal(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], identity: manifest.Identity,
+def seal(out: Path, plan: Plan, ckpt: Checkpoint, loaded: Sequence[Adapter], identity: Identity,
          count: int | None) -> None:
     """Check every shard of ``plan`` is in ``out``, then write side files, index and manifest (``finalize.seal``)."""
     found = fin.check_complete(out, plan, identity, count)
@@ -103,7 +104,7 @@ def finalize(out: PathLike) -> MergeReport:
     o = MergeOptions.from_record(doc)
     ckpt, loaded = load_inputs(sources["base"], sources["adapters"], o.adapter_name, o.pattern_rules, o.base_subfolder)
     plan = plan_with(ckpt, loaded, o)
-    seal(out, plan, ckpt, loaded, manifest.identify(ckpt, loaded, o.record(str(doc.get("device")))), count)
+    seal(out, plan, ckpt, loaded, identify(ckpt, loaded, o.record(str(doc.get("device")))), count)
     c = plan.counts()
     return MergeReport(
         out=str(out), tensors_merged=c["merge"], tensors_replaced=c["replace"], tensors_added=c["add"],

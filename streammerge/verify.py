@@ -33,6 +33,7 @@ from streammerge.adapter import Adapter, read_adapter
 from streammerge.budget import ExecOptions, default_workers
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
+from streammerge.identity import identify
 from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
 from streammerge.plan import PlanOptions
@@ -135,7 +136,7 @@ def verify(
                                   PlanOptions(max_shard_size=recorded.max_shard_size))
     else:
         plan = plan_with(ckpt, loaded, recorded)
-    identity = manifest.identify(ckpt, loaded, options)
+    identity = identify(ckpt, loaded, options)
     if doc:
         check_manifest(out, doc, identity, plan, found)
     check_files(out, doc, plan, found)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streammerge import digest, manifest
 from streammerge.checkpoint import INDEX_NAME
+from streammerge.identity import Identity
 from streammerge.plan import Plan
 from streammerge.writer import is_temporary
 
@@ -34,7 +35,7 @@ class Findings:
         return (*self.items, f"... and {more} more") if more else tuple(self.items)
 
 
-def check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: Findings) -> None:
+def check_manifest(out: Path, doc: dict, identity: Identity, plan: Plan, found: Findings) -> None:
     """The manifest's format, inputs, shard list and (same tool version) each shard's identity."""
     where = out / manifest.MANIFEST_NAME
     if doc.get("format") != manifest.FORMAT:
@@ -54,7 +55,7 @@ def check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan
             found.add(f"{where}: shard {shard.filename} was recorded for another plan (identity differs)")
 
 
-def _input_diff(inputs: object, identity: manifest.Identity) -> str:
+def _input_diff(inputs: object, identity: Identity) -> str:
     if not isinstance(inputs, dict):
         return "no inputs recorded"
     want = json.loads(json.dumps(identity.inputs))
