@@ -6,6 +6,7 @@ weights in process: inference engines, RL trainers, export tools.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -69,5 +70,7 @@ def iter_merged(
     from streammerge import execute
     from streammerge.formats.reader import TensorReader
 
-    with TensorReader() as reader:
-        yield from execute.whole_tensors(tasks, reader, opts)
+    # the piece generator (thread pool, views of the reader's maps) is closed before the maps, however the
+    # consumer stops: an exception, an early break, or dropping this generator
+    with TensorReader() as reader, contextlib.closing(execute.whole_tensors(tasks, reader, opts)) as stream:
+        yield from stream
