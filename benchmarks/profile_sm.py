@@ -32,13 +32,13 @@ sys.path.insert(0, str(HERE))
 
 # (module, attribute path) to time; missing ones are skipped.
 TARGETS = [
-    ("streammerge.api", "read_checkpoint"),
-    ("streammerge.api", "read_adapter"),
-    ("streammerge.api", "build_plan"),
-    ("streammerge.api", "check_output"),
-    ("streammerge.api", "prepare_output"),
-    ("streammerge.api", "write_side_files"),
-    ("streammerge.api", "write_index"),
+    ("streammerge.prepare", "read_base"),
+    ("streammerge.prepare", "read_adapter"),
+    ("streammerge.prepare", "build_plan"),
+    ("streammerge.run", "check_output"),
+    ("streammerge.run", "prepare_output"),
+    ("streammerge.run", "write_side_files"),
+    ("streammerge.run", "write_index"),
     ("streammerge.execute", "_compute"),
     ("streammerge.execute", "_factors"),
     ("streammerge.execute", "as_bytes"),

@@ -5,7 +5,7 @@ Protocol (no locks, no collectives; see ``streammerge.parts`` for the assignment
 * A part writes only its own shards, each through the atomic path of ``writer`` (a temporary
   name, then ``rename``), and its own record ``.streammerge-part-<I>-of-<N>.json``, rewritten
   atomically after every committed shard with that shard's size, digest (``streammerge.digest``) and *identity*
-  (``manifest.Identity.shard``: tool version, inputs, byte-changing options, header, tasks). The
+  (``identity.Identity.shard``: tool version, inputs, byte-changing options, header, tasks). The
   record also holds the inputs' paths and the recorded options (``sources``, ``options``: what a
   progress record holds), from which ``finalize`` rebuilds the plan. A part never writes the
   index, config, tokenizer files or the manifest, and never deletes a file of another part (only
@@ -34,7 +34,8 @@ from pathlib import Path
 
 from streammerge import budget, digest, manifest, parts, scatter
 from streammerge.errors import OutputError
-from streammerge.manifest import MANIFEST_NAME, PART_PREFIX, PROGRESS_NAME, Identity
+from streammerge.identity import Identity
+from streammerge.manifest import MANIFEST_NAME, PART_PREFIX, PROGRESS_NAME
 from streammerge.parts import Part
 from streammerge.plan import Plan, ShardPlan
 from streammerge.writer import fsync_dir, is_temporary, write_atomic

@@ -21,7 +21,6 @@ both are named. ``subfolder`` selects a model inside a multi-model repository.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from streammerge.errors import CheckpointError
+from streammerge.formats.jsonfile import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -127,19 +127,7 @@ def _read_index(path: Path) -> dict:
             doc[key] = value
         return doc
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        doc = json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix or re-create the file"
-        ) from e
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc
+    return read_json(path, CheckpointError, object_pairs_hook=pairs)
 
 
 def _refuse_same_file(root: Path, index_path: Path, names: Sequence[str]) -> None:

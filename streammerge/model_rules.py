@@ -15,7 +15,9 @@ Two sources, same answer:
   ``python -m streammerge.model_rules`` (the same extraction, with index placeholders) for the architectures in
   ``TABLE_ARCHITECTURES``; ``tests/test_model_rules.py`` fails when it drifts from the installed transformers.
 
-Fused MoE experts (many disk tensors <- one in-memory tensor) are not renames; ``streammerge.experts`` de-fuses them.
+The value both return (``ModelRules``) and the table's index templates are ``streammerge.model_rules_types``.
+Fused MoE experts (many disk tensors <- one in-memory tensor) are not renames; ``streammerge.tuners.experts``
+de-fuses them.
 """
 
 from __future__ import annotations
@@ -24,63 +26,19 @@ import functools
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+
+from streammerge.model_rules_types import EMPTY, ModelRules, TemplateMap, TemplateRules, template
+
+__all__ = ["EMPTY", "NO_TRANSFORMERS_ENV", "ModelRules", "from_table", "from_transformers", "generate_table",
+           "rules_for", "template"]
 
 LOG = logging.getLogger(__name__)
 
 #: Set to 1 to never import transformers (the fallback table answers alone).
 NO_TRANSFORMERS_ENV = "STREAMMERGE_NO_TRANSFORMERS"
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path component: layers.<3>.mlp, experts.<7>
 TIE_FLAG = "tie_word_embeddings"
-
-
-@dataclass(frozen=True)
-class ModelRules:
-    """Tied tensors and v5 renames of one model, in-memory names throughout but ``renames``' values."""
-
-    source: str  # "transformers 5.24.0 (LlamaForCausalLM)" or "table (transformers 5.24.0)"
-    tied: Mapping[str, str] = field(default_factory=dict)  # in-memory target -> in-memory source (tie flag on)
-    renames: Mapping[str, str] = field(default_factory=dict)  # in-memory name -> disk name (one-to-one only)
-    #: modules owning a tied tensor, in ``named_modules`` order: the order PEFT's merge_and_unload visits (and so
-    #: sums into the one stored tensor) the LoRAs on two faces of a tie.
-    order: tuple[str, ...] = ()
-    #: fused MoE ``experts`` modules declared ``is_transposed`` (parameters (E, in, out), e.g. GPT-OSS): PEFT's
-    #: ParamWrapper keeps their in/out, so ΔP[e] = (B_e A_e)ᵀ; other experts are (E, out, in).
-    transposed: tuple[str, ...] = ()
-    #: ``_keep_in_fp32_modules_strict`` / ``_keep_in_fp32_modules`` globs: transformers loads the matching tensors
-    #: of a bf16 or fp16 (strict) / fp16 (plain) model in fp32, so PEFT merges and saves them in fp32.
-    keep_fp32: tuple[str, ...] = ()
-    keep_fp32_fp16: tuple[str, ...] = ()
-
-    def rank(self, module: str) -> int | None:
-        """Position of ``module`` (or of its index template) in ``order``; None when it owns no tie."""
-        for key in (module, template(module)):
-            if key in self.order:
-                return self.order.index(key)
-        return None
-
-    def kept_in_fp32(self, name: str, dtype: str) -> bool:
-        """Whether transformers holds ``name`` in fp32 when the checkpoint stores it as ``dtype`` (its glob rule)."""
-        globs = self.keep_fp32 + (self.keep_fp32_fp16 if dtype == "F16" else ())
-        return dtype in ("BF16", "F16") and any(re.search(g.replace("*", ".*"), name) for g in globs)
-
-    def is_transposed(self, module: str) -> bool | None:
-        """Whether the fused experts ``module`` store (E, in, out); None when these rules know no model."""
-        if self.source == EMPTY_SOURCE:
-            return None
-        return module in self.transposed or template(module) in self.transposed
-
-    def disk_name(self, name: str) -> str:
-        """The name ``name`` (in memory) has in a checkpoint transformers saves: tie, then rename."""
-        source = self.tied.get(name, name)
-        return self.renames.get(source, source)
-
-
-EMPTY_SOURCE = "no known model"
-EMPTY = ModelRules(EMPTY_SOURCE)
 
 
 def rules_for(config: Mapping[str, object]) -> ModelRules:
@@ -173,11 +131,6 @@ def _read_model(config: Mapping[str, object], cls: type, all_ties: bool) -> Mode
 # The fallback table: the same facts with the layer indices abstracted
 
 
-def template(name: str) -> str:
-    """``model.layers.3.mlp.experts.7.w1`` -> ``model.layers.*.mlp.experts.*.w1``."""
-    return _INDEX.sub("*", name)
-
-
 def table_entry(arch: str, config: Mapping[str, object]) -> dict[str, object]:
     """One architecture's table row: tie templates per flag owner, rename templates (see ``from_table``)."""
     rules = from_transformers({**config, "architectures": [arch]}, all_ties=True)
@@ -193,7 +146,7 @@ def _templates(pairs: Mapping[str, str]) -> dict[str, str]:
     bad: set[str] = set()
     for k, v in pairs.items():
         tk, tv = template(k), template(v)
-        if out.get(tk, tv) != tv or _TemplateMap({tk: tv}).get(k) != v:
+        if out.get(tk, tv) != tv or TemplateMap({tk: tv}).get(k) != v:
             bad.add(tk)
         out[tk] = tv
     return {k: v for k, v in sorted(out.items()) if k not in bad}
@@ -208,9 +161,9 @@ def from_table(config: Mapping[str, object]) -> ModelRules:
     if entry is None:
         return EMPTY
     tie_on = _tie_flag(config)
-    return _TemplateRules(f"table (transformers {TRANSFORMERS_VERSION})", entry["tied"] if tie_on else {},
-                          entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]),
-                          tuple(entry["keep_fp32"]), tuple(entry["keep_fp32_fp16"]))
+    return TemplateRules(f"table (transformers {TRANSFORMERS_VERSION})", entry["tied"] if tie_on else {},
+                         entry["renames"], tuple(entry["order"]), tuple(entry["transposed"]),
+                         tuple(entry["keep_fp32"]), tuple(entry["keep_fp32_fp16"]))
 
 
 def _tie_flag(config: Mapping[str, object]) -> bool:
@@ -218,40 +171,6 @@ def _tie_flag(config: Mapping[str, object]) -> bool:
     text = config.get("text_config")
     nested = text.get(TIE_FLAG) if isinstance(text, dict) else None
     return bool(config.get(TIE_FLAG, True if nested is None else nested))
-
-
-class _TemplateRules(ModelRules):
-    """ModelRules over index templates: ``tied``/``renames`` are looked up through ``template``."""
-
-    def __init__(self, source: str, tied: Mapping[str, str], renames: Mapping[str, str],
-                 order: tuple[str, ...], transposed: tuple[str, ...], keep_fp32: tuple[str, ...],
-                 keep_fp32_fp16: tuple[str, ...]) -> None:
-        super().__init__(source, _TemplateMap(tied), _TemplateMap(renames), order, transposed, keep_fp32,
-                         keep_fp32_fp16)
-
-
-class _TemplateMap(Mapping[str, str]):
-    """A name -> name map stored as templates: indices of the key are put back, in order, into the value."""
-
-    def __init__(self, templates: Mapping[str, str]) -> None:
-        self._t = dict(templates)
-
-    def __getitem__(self, name: str) -> str:
-        value = self._t[template(name)]
-        indices = _INDEX.findall(name)
-        if value.count("*") != len(indices):
-            raise KeyError(name)
-        it = iter(indices)
-        return re.sub(r"(?<=\.)\*(?=\.|$)", lambda _: next(it), value)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and template(name) in self._t
-
-    def __iter__(self):  # the templates themselves: a table has no layer count
-        return iter(self._t)
-
-    def __len__(self) -> int:
-        return len(self._t)
 
 
 # ----------------------------------------------------------------------------------------------------------

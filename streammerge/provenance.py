@@ -21,6 +21,7 @@ from pathlib import Path
 from streammerge import manifest
 from streammerge.adapter import CONFIG_NAME, Adapter
 from streammerge.errors import PlanError
+from streammerge.identity import file_sha256
 
 #: Combinations whose result has no inverse: each adapter's delta was pruned/rescaled per element.
 NON_INVERTIBLE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -75,8 +76,8 @@ def check_unmerge(merged: Path, adapter: Adapter, weight: float | None, *, force
 def _recorded_index(doc: dict, adapter: Adapter) -> int | None:
     inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else {}
     recorded = inputs.get("adapters") if isinstance(inputs.get("adapters"), list) else []
-    config = manifest.file_sha256(adapter.root / CONFIG_NAME)
-    weights = manifest.file_sha256(Path(adapter.weights.path))
+    config = file_sha256(adapter.root / CONFIG_NAME)
+    weights = file_sha256(Path(adapter.weights.path))
     for i, rec in enumerate(recorded):
         if isinstance(rec, dict) and rec.get("config_sha256") == config and rec.get("weights_sha256") == weights:
             return i

@@ -14,48 +14,43 @@ and checks, without trusting anything in the output directory:
 * every targeted tensor's change against the base (``changes.measure_output``): one equal to the base
   bit for bit is a warning, a problem under ``against_base``.
 
-Bytes are compared, not values, so NaN payloads and signed zeros count too.
+Bytes are compared, not values, so NaN payloads and signed zeros count too. This module rebuilds the plan
+and reports; the checks are ``verify_files`` (manifest, listed files, strays, index) and ``verify_tensors``
+(headers, digests, tensor bytes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import mmap
-import os
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streammerge import changes, digest, manifest
 from streammerge.adapter import Adapter, read_adapter
-from streammerge.api import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.budget import ExecOptions, default_workers
-from streammerge.checkpoint import INDEX_NAME, Checkpoint
+from streammerge.checkpoint import Checkpoint
 from streammerge.errors import OutputError, StreamMergeError
+from streammerge.identity import identify
 from streammerge.locate import find_base, read_base
 from streammerge.options import MergeOptions
-from streammerge.plan import Plan, PlanOptions, ShardPlan, TensorTask, row_blocks
+from streammerge.plan import PlanOptions
 from streammerge.plan.unmerge import build_unmerge_plan
+from streammerge.prepare import DEFAULT_MAX_MEMORY, plan_with, resolve_device
 from streammerge.sizes import format_size
+from streammerge.verify_files import Findings, check_files, check_manifest
+from streammerge.verify_tensors import check_tensors, sample_blocks
 
-if TYPE_CHECKING:  # torch and numpy load when a tensor is compared, not at ``import streammerge``
+if TYPE_CHECKING:  # torch loads when a tensor is compared, not at ``import streammerge``
     import torch
 
-    from streammerge.formats.reader import TensorReader
-from streammerge.writer import is_temporary
+__all__ = ["VerifyReport", "sample_blocks", "verify"]
 
 LOG = logging.getLogger(__name__)
 
 PathLike = str | Path
-_CHUNK = 64 << 20
-_MAX_PROBLEMS = 50  # a report lists at most this many problems (and counts the rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,23 +80,6 @@ class VerifyReport:
                 f"({self.tensors_recomputed} recomputed, {rows}: {self.rows_recomputed} rows), "
                 f"{format_size(self.bytes_hashed)} hashed in {self.seconds:.1f} s")
         return "\n".join([head, *(f"problem: {p}" for p in self.problems), *(f"warning: {w}" for w in self.warnings)])
-
-
-class _Findings:
-    """Problems found so far (bounded list, full count)."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-        self.count = 0
-
-    def add(self, text: str) -> None:
-        self.count += 1
-        if len(self.items) < _MAX_PROBLEMS:
-            self.items.append(text)
-
-    def result(self) -> tuple[str, ...]:
-        more = self.count - len(self.items)
-        return (*self.items, f"... and {more} more") if more else tuple(self.items)
 
 
 def verify(
@@ -143,7 +121,7 @@ def verify(
         raise OutputError(f"{out}: not a directory; pass `out` DIR with a merged checkpoint")
     if sample is not None and sample < 1:
         raise StreamMergeError(f"`sample` {sample}: must be at least 1 row")
-    found = _Findings()
+    found = Findings()
     doc = manifest.read_json_file(out / manifest.MANIFEST_NAME)
     if doc is None:
         found.add(f"{out / manifest.MANIFEST_NAME}: missing or unreadable: the merge did not complete "
@@ -158,17 +136,17 @@ def verify(
                                   PlanOptions(max_shard_size=recorded.max_shard_size))
     else:
         plan = plan_with(ckpt, loaded, recorded)
-    identity = manifest.identify(ckpt, loaded, options)
+    identity = identify(ckpt, loaded, options)
     if doc:
-        _check_manifest(out, doc, identity, plan, found)
-    _check_files(out, doc, plan, found)
+        check_manifest(out, doc, identity, plan, found)
+    check_files(out, doc, plan, found)
     if device is None:
         device = "cuda" if options.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
     opts = ExecOptions(resolve_device(device), workers or default_workers(), max_memory, check_finite=False)
     shas = {r.get("file"): digest.record_digest(r) for r in doc.get("shards") or [] if isinstance(r, dict)}
     if on_start is not None:
         on_start(2 * plan.total_bytes)
-    counts = _check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
+    counts = check_tensors(out, plan, opts, sample, shas, found, on_progress or (lambda n: None))
     measured = changes.measure_output(out, plan, ckpt, None if sample is None else lambda t: sample_blocks(t, sample))
     noops = [f"{out}: {c.warning()}" for c in measured if c.unchanged]
     for text in noops if against_base else ():
@@ -211,208 +189,3 @@ def _inputs(out: Path, doc: dict, recorded: MergeOptions, base: PathLike | None,
     ckpt = read_base(Path(base) if base is not None else find_base(loaded[0]), "base", subfolder)
     original = read_base(Path(recorded.original_base), "base") if recorded.original_base else None
     return ckpt, loaded, original
-
-
-def _check_manifest(out: Path, doc: dict, identity: manifest.Identity, plan: Plan, found: _Findings) -> None:
-    where = out / manifest.MANIFEST_NAME
-    if doc.get("format") != manifest.FORMAT:
-        found.add(f"{where}: format {doc.get('format')!r} is not {manifest.FORMAT!r}")
-    inputs = doc.get("inputs")
-    if inputs != json.loads(json.dumps(identity.inputs)):
-        found.add(f"{where}: records other inputs than the base and adapter given ({_input_diff(inputs, identity)}); "
-                  "was this directory merged from them?")
-    recorded = {r.get("file"): r for r in doc.get("shards") or [] if isinstance(r, dict)}
-    if sorted(recorded) != sorted(s.filename for s in plan.shards):
-        found.add(f"{where}: lists shards {sorted(map(str, recorded))}, the plan has "
-                  f"{sorted(s.filename for s in plan.shards)}")
-    same_tool = (doc.get("tool") or {}).get("version") == identity.tool
-    for shard in plan.shards:
-        rec = recorded.get(shard.filename)
-        if rec is not None and same_tool and rec.get("identity") != identity.shard(shard):
-            found.add(f"{where}: shard {shard.filename} was recorded for another plan (identity differs)")
-
-
-def _input_diff(inputs: object, identity: manifest.Identity) -> str:
-    if not isinstance(inputs, dict):
-        return "no inputs recorded"
-    want = json.loads(json.dumps(identity.inputs))
-    if inputs.get("adapters") != want["adapters"]:
-        return "the adapter files differ"
-    return "the base files differ"
-
-
-def _check_files(out: Path, doc: dict, plan: Plan, found: _Findings) -> None:
-    """Stray files, listed side files' checksums, and the index text."""
-    expected = {s.filename for s in plan.shards} | {manifest.MANIFEST_NAME}
-    for rec in doc.get("files") or []:
-        name = rec.get("file") if isinstance(rec, dict) else None
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            found.add(f"{out / manifest.MANIFEST_NAME}: bad file entry {rec!r}")
-            continue
-        expected.add(name)
-        path = out / name
-        if not path.is_file():
-            found.add(f"{path}: listed in the manifest but missing")
-        elif (named := digest.record_digest(rec)) is None:
-            found.add(f"{out / manifest.MANIFEST_NAME}: file entry {name!r} has no digest")
-        elif digest.stream_digest(path, named[0]) != named[1]:
-            found.add(f"{path}: content differs from the manifest's {named[0]} (modified after the merge?)")
-    for name in sorted(os.listdir(out)):
-        if name == manifest.PROGRESS_NAME or is_temporary(name):
-            found.add(f"{out / name}: left by an unfinished merge; rerun the merge with `resume`")
-        elif name not in expected and (name.endswith(".safetensors") or name in (INDEX_NAME, plan.index_name)):
-            found.add(f"{out / name}: not part of this merge's output")
-    index = out / plan.index_name
-    if plan.write_index:
-        if not index.is_file():
-            found.add(f"{index}: missing")
-        elif index.read_text(encoding="utf-8", errors="replace") != plan.index_json():
-            found.add(f"{index}: differs from the index of this merge (weight_map or total_size)")
-
-
-def _check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
-                   found: _Findings, progress: Callable[[int], None]) -> tuple[int, int, int, int]:
-    checked = recomputed = rows = hashed = 0
-    from streammerge import execute
-    from streammerge.formats.reader import TensorReader
-
-    with TensorReader() as reader, ExitStack() as stack:
-        for shard in plan.shards:
-            path = out / shard.filename
-            mm = _open_shard(path, shard, found, stack)
-            if mm is None:
-                progress(2 * shard.data_size)
-                continue
-            hashed += len(mm)
-            if shas.get(shard.filename) is not None:
-                _check_digest(path, mm, shard, shas[shard.filename], found, progress)
-            else:
-                progress(shard.data_size)
-            if mm[: len(shard.header)] != shard.header:
-                found.add(f"{path}: header differs from the plan's header")
-            base = len(shard.header)
-            offsets = {}
-            for task in shard.tasks:
-                offsets[task.name] = base
-                base += task.nbytes
-            for task in shard.tasks:
-                if task.is_raw_copy and task.nbytes:
-                    _compare_copy(path, mm, offsets[task.name], task, reader, found)
-                    progress(task.nbytes)
-            merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
-            with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
-                for task, r0, r1, data in blocks:
-                    row_bytes = task.nbytes // task.rows
-                    start = offsets[task.name] + r0 * row_bytes
-                    _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
-                             execute.as_bytes(data), "the recomputation", found)
-                    rows += r1 - r0
-            progress(sum(t.nbytes for t in merged))
-            checked += len(shard.tasks)
-            recomputed += len(merged)
-    return checked, recomputed, rows, hashed
-
-
-def _open_shard(path: Path, shard: ShardPlan, found: _Findings, stack: ExitStack) -> mmap.mmap | None:
-    size = len(shard.header) + shard.data_size
-    try:
-        actual = path.stat().st_size
-    except FileNotFoundError:
-        found.add(f"{path}: missing")
-        return None
-    if actual != size:
-        found.add(f"{path}: {actual} bytes, the plan needs {size}; the shard is truncated or not from this merge")
-        return None
-    if size == 0:
-        return None
-    with path.open("rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    stack.callback(_close, mm)
-    return mm
-
-
-def _close(mm: mmap.mmap) -> None:
-    """Close a shard map; a view still held by an interrupted frame (BufferError) leaves it to the GC."""
-    with contextlib.suppress(BufferError):
-        mm.close()
-
-
-def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[str, str], found: _Findings,
-                  progress: Callable[[int], None]) -> None:
-    key, value = recorded
-    with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
-        if key == digest.SHARD_KEYS["xxh3"]:
-            digests = []
-            for a, b in digest.shard_pieces(shard):
-                with view[a:b] as piece:
-                    digests.append(digest.piece_digest(piece))
-                progress(b - a)
-            got = digest.combine(digests)
-        else:
-            h = digest.stream_hasher(key)
-            for i in range(0, len(mm), _CHUNK):
-                with view[i : i + _CHUNK] as piece:
-                    h.update(piece)
-                progress(min(_CHUNK, len(mm) - i))
-            got = h.hexdigest()
-    if got != value:
-        found.add(f"{path}: {key} differs from the manifest (modified after the merge, or a disk error)")
-
-
-def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reader: TensorReader,
-                  found: _Findings) -> None:
-    from streammerge import execute
-
-    src = reader.tensor(task.source)
-    src_bytes = execute.as_bytes(src)
-    step = max(1, _CHUNK // max(task.nbytes // task.rows, 1))
-    row_bytes = task.nbytes // task.rows
-    for r0 in range(0, task.rows, step):
-        r1 = min(task.rows, r0 + step)
-        a, b = r0 * row_bytes, r1 * row_bytes
-        if not _compare(path, task, r0, r1, mm[start + a : start + b], src_bytes[a:b],
-                        f"its source in {task.source.path}", found):
-            break
-    reader.release(task.source, 0, task.rows)
-
-
-def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: bytes, want: memoryview, against: str,
-             found: _Findings) -> bool:
-    if got == want:
-        return True
-    import numpy as np
-
-    diff = np.frombuffer(got, dtype=np.uint8) != np.frombuffer(want, dtype=np.uint8)
-    first = int(np.argmax(diff))
-    found.add(f"{path}: tensor {task.name!r} rows {r0}..{r1}: {int(diff.sum())} byte(s) differ from {against} "
-              f"(first at byte {first} of those rows)")
-    return False
-
-
-def _recomputed(tasks: Sequence[TensorTask], reader: TensorReader, opts: ExecOptions,
-                sample: int | None) -> Iterator[tuple[TensorTask, int, int, torch.Tensor]]:
-    from streammerge import execute
-
-    """Merged rows of ``tasks``: every piece (the merge's own path), or sampled 64-row blocks."""
-    if sample is None:
-        with contextlib.closing(execute.pieces(tasks, reader, opts)) as stream:
-            for piece in stream:
-                assert piece.data is not None, "only computed tasks are recomputed"
-                yield piece.task, piece.r0, piece.r1, piece.data
-        return
-    for task in tasks:
-        for r0, r1 in sample_blocks(task, sample):
-            yield task, r0, r1, execute.compute_rows(task, r0, r1, reader, opts)
-
-
-def sample_blocks(task: TensorTask, sample: int) -> list[tuple[int, int]]:
-    """At least ``sample`` rows of ``task`` as whole ``task.row_align`` blocks, chosen by a seed from its name.
-
-    A task the merge computes in one piece (``TensorTask.whole``) is recomputed whole.
-    """
-    if task.whole:
-        return [(0, task.rows)]
-    blocks = list(row_blocks(task.rows, task.row_align))
-    want = min(len(blocks), math.ceil(sample / task.row_align))
-    rng = random.Random(task.name)
-    return sorted(rng.sample(blocks, want))

@@ -9,9 +9,9 @@ Plain functions, no pytest. Each base is a real HF checkpoint directory:
   + PEFT (``target_parameters`` on the experts + attention LoRA) ``merge_and_unload`` + ``save_pretrained``.
 * **bitsandbytes**: transformers' own ``BitsAndBytesConfig`` quantization on CPU, ``save_pretrained``.
   Reference: ``from_pretrained`` + ``model.dequantize(dtype=bf16)`` + PEFT merge + save.
-* **GPTQ / AWQ**: no CPU library; the quantizers and reference unpacks of ``test_formats_quant`` (from the
-  spec and AutoGPTQ / AutoAWQ), applied to every Linear of a tiny Llama. Reference: the reference
-  dequantized weights loaded into the Llama + PEFT merge + save.
+* **GPTQ / AWQ**: no CPU library; quantizers written from the spec and the reference unpacks of AutoGPTQ /
+  AutoAWQ (also what ``test_formats_quant`` checks the decoders against), applied to every Linear of a tiny
+  Llama. Reference: the reference dequantized weights loaded into the Llama + PEFT merge + save.
 """
 
 from __future__ import annotations

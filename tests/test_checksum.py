@@ -25,7 +25,7 @@ import pytest
 import xxhash
 
 import streammerge
-from streammerge import manifest, testing
+from streammerge import identity, manifest, testing
 from streammerge.plan import ROW_ALIGN
 
 OLD = Path(__file__).parent / "data" / "manifest-f7df494.json"
@@ -101,7 +101,7 @@ def test_default_digests_are_the_documented_ones(case, tmp_path):
 
 def test_sha256_mode_writes_what_the_previous_release_wrote(case, tmp_path, old_doc, monkeypatch):
     base, adapter = case
-    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
+    monkeypatch.setattr(identity, "tool_version", lambda: old_doc["tool"]["version"])
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum="sha256")
     doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
@@ -131,7 +131,7 @@ def test_a_manifest_of_the_previous_release_verifies_and_catches_a_flip(case, tm
 
 def test_a_manifest_of_the_previous_release_resumes_keeping_every_shard(case, tmp_path, old_doc, monkeypatch):
     base, adapter = case
-    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])  # same release, old records
+    monkeypatch.setattr(identity, "tool_version", lambda: old_doc["tool"]["version"])  # same release, old records
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
@@ -144,7 +144,7 @@ def test_a_manifest_of_the_previous_release_resumes_keeping_every_shard(case, tm
 
 def test_resume_keeps_the_checksum_the_records_use(case, tmp_path, old_doc, monkeypatch):
     base, adapter = case
-    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
+    monkeypatch.setattr(identity, "tool_version", lambda: old_doc["tool"]["version"])
     out = tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
     _as_previous_release(out)
@@ -159,7 +159,7 @@ def test_a_progress_record_of_the_previous_release_resumes(case, tmp_path, old_d
     """An interrupted run of the previous release: two shards recorded (its records, as it wrote them),
     the third missing. The two are kept (checked by sha256), the third recomputed, all recorded by sha256."""
     base, adapter = case
-    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
+    monkeypatch.setattr(identity, "tool_version", lambda: old_doc["tool"]["version"])
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu", checksum="sha256")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu")
@@ -176,7 +176,7 @@ def test_a_progress_record_of_the_previous_release_resumes(case, tmp_path, old_d
 
 def test_resume_checks_a_tampered_old_record_and_recomputes(case, tmp_path, old_doc, monkeypatch):
     base, adapter = case
-    monkeypatch.setattr(manifest, "tool_version", lambda: old_doc["tool"]["version"])
+    monkeypatch.setattr(identity, "tool_version", lambda: old_doc["tool"]["version"])
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     streammerge.merge(base=base, adapter=adapter, out=fresh, device="cpu", checksum="sha256")
     streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum="sha256")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bitsandbytes.functional as bnbf
 import pytest
+import quant_bases as qb
 import torch
 from bitsandbytes.backends.default import ops as bnb_default_ops
 from hypothesis import given
@@ -159,49 +160,7 @@ def test_bnb_8bit_rows_match_bitsandbytes(out, inp, dtype, seed, data):
 
 
 # ---------------------------------------------------------------- GPTQ / AWQ: reference quantizers from the spec
-
-
-def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(k·pack, n) codes -> (k, n) I32, value j of each word at bits [bits·j, bits·(j+1)) (GPTQ qweight)."""
-    pack = 32 // bits
-    c = codes.to(torch.int64).reshape(-1, pack, codes.shape[1])
-    word = sum(c[:, j] << (bits * j) for j in range(pack)).contiguous()
-    return word.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else word.to(torch.int32)
-
-
-def _quantize_gptq(w: torch.Tensor, bits: int, group_size: int, act_order: bool, v1: bool, seed: int):
-    """GPTQ layout of W (out, in): asymmetric min/max rounding per (group, out) — the packing is the spec's."""
-    out, inp = w.shape
-    maxq = (1 << bits) - 1
-    g_idx = torch.arange(inp) // group_size
-    if act_order:  # act-order checkpoints permute which inputs share a group
-        g_idx = g_idx[torch.randperm(inp, generator=torch.Generator().manual_seed(seed))]
-    groups = int(g_idx.max()) + 1
-    wt = w.T.float()  # (in, out)
-    scales = torch.empty(groups, out, dtype=torch.float16)
-    zeros = torch.empty(groups, out, dtype=torch.int64)
-    for g in range(groups):
-        rows = wt[g_idx == g]
-        lo, hi = rows.min(0).values.clamp(max=0), rows.max(0).values.clamp(min=0)
-        s = ((hi - lo) / maxq).clamp(min=1e-5)
-        scales[g], zeros[g] = s.half(), torch.round(-lo / s).clamp(0, maxq).long()
-    q = torch.round(wt / scales.float()[g_idx] + zeros[g_idx]).clamp(0, maxq).long()  # (in, out)
-    stored_zeros = (zeros - 1) & maxq if v1 else zeros
-    qzeros = _pack_rows(stored_zeros.T, bits).T.contiguous()  # packed along out: (groups, out/pack)
-    return _pack_rows(q, bits), qzeros, scales, g_idx.to(torch.int32)
-
-
-def _gptq_reference(qweight, qzeros, scales, g_idx, bits, v1: bool) -> torch.Tensor:
-    """AutoGPTQ ``qlinear_cuda_old`` / GPTQModel torch ``dequantize_weight``, whole tensor -> W (out, in)."""
-    pack, small = 32 // bits, torch.int16 if bits == 8 else torch.int8
-    wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
-    zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, pack), wf.unsqueeze(0)).to(small)
-    if v1:
-        zeros = zeros + 1
-    zeros = torch.bitwise_and(zeros, (2**bits) - 1).reshape(scales.shape)
-    weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, pack, -1), wf.unsqueeze(-1)).to(small)
-    weight = torch.bitwise_and(weight, (2**bits) - 1).reshape(-1, weight.shape[2])
-    return (scales[g_idx.long()] * (weight - zeros[g_idx.long()])).T
+# (tests/quant_bases.py: the same quantizers and reference unpacks build the int4 bases of the merge tests)
 
 
 @given(
@@ -212,8 +171,9 @@ def _gptq_reference(qweight, qzeros, scales, g_idx, bits, v1: bool) -> torch.Ten
 def test_gptq_rows_match_reference(out_words, in_groups, bits, group_size, act_order, v1, seed, data):
     out, inp = out_words * (32 // bits), in_groups * group_size
     w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
-    qweight, qzeros, scales, g_idx = _quantize_gptq(w, bits, group_size, act_order, v1, seed)
-    ref = _gptq_reference(qweight, qzeros, scales, g_idx, bits, v1)
+    perm = torch.randperm(inp, generator=torch.Generator().manual_seed(seed)) if act_order else None  # act-order
+    qweight, qzeros, scales, g_idx = qb.quantize_gptq(w, bits, group_size, v1=v1, perm=perm)
+    ref = qb.gptq_reference(qweight, qzeros, scales, g_idx, bits, v1)
     assert ref.dtype == torch.float16
     n0 = data.draw(st.integers(0, out - 1))
     n1 = data.draw(st.integers(n0 + 1, out))
@@ -226,43 +186,13 @@ def test_gptq_rows_match_reference(out_words, in_groups, bits, group_size, act_o
     assert ((got.float() - w[n0:n1]).abs() <= bound).all()
 
 
-def _quantize_awq(w: torch.Tensor, group_size: int):
-    out, inp = w.shape
-    wt = w.T.float().reshape(inp // group_size, group_size, out)  # (groups, g, out)
-    lo, hi = wt.min(1).values.clamp(max=0), wt.max(1).values.clamp(min=0)
-    scales = ((hi - lo) / 15).clamp(min=1e-5).half()  # (groups, out)
-    zeros = torch.round(-lo / scales.float()).clamp(0, 15).long()
-    q = torch.round(wt / scales.float()[:, None] + zeros[:, None]).clamp(0, 15).long().reshape(inp, out)
-
-    def pack_cols(codes):  # (k, out) -> (k, out/8): nibble j of word c holds column 8c + AWQ_ORDER[j]
-        c = codes.reshape(codes.shape[0], -1, 8)[:, :, list(gptq_layout.AWQ_ORDER)]
-        word = sum(c[:, :, j] << (4 * j) for j in range(8)).contiguous()
-        return word.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else word.to(torch.int32)
-
-    return pack_cols(q), pack_cols(zeros), scales
-
-
-def _awq_reference(qweight, qzeros, scales, group_size) -> torch.Tensor:
-    """AutoAWQ ``utils/packing_utils.py::dequantize_gemm`` (unpack_awq + reverse_awq_order), whole -> W (out, in)."""
-    shifts = torch.arange(0, 32, 4)
-    iweights = torch.bitwise_right_shift(qweight[:, :, None], shifts[None, None, :]).to(torch.int8)
-    iweights = iweights.view(iweights.shape[0], -1)
-    izeros = torch.bitwise_right_shift(qzeros[:, :, None], shifts[None, None, :]).to(torch.int8)
-    izeros = izeros.view(izeros.shape[0], -1)
-    rev = torch.arange(iweights.shape[-1], dtype=torch.int32).view(-1, 8)[:, list(gptq.AWQ_REVERSE)].view(-1)
-    iweights, izeros = torch.bitwise_and(iweights[:, rev], 15), torch.bitwise_and(izeros[:, rev], 15)
-    scales = scales.repeat_interleave(group_size, dim=0)
-    izeros = izeros.repeat_interleave(group_size, dim=0)
-    return ((iweights - izeros) * scales).T
-
-
 @given(out_words=st.integers(1, 3), in_groups=st.integers(1, 3), group_size=st.sampled_from((16, 32)),
        seed=st.integers(0, 2**16), data=st.data())
 def test_awq_rows_match_reference(out_words, in_groups, group_size, seed, data):
     out, inp = out_words * 8, in_groups * group_size
     w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
-    qweight, qzeros, scales = _quantize_awq(w, group_size)
-    ref = _awq_reference(qweight, qzeros, scales, group_size)
+    qweight, qzeros, scales = qb.quantize_awq(w, group_size)
+    ref = qb.awq_reference(qweight, qzeros, scales, group_size)
     n0 = data.draw(st.integers(0, out - 1))
     n1 = data.draw(st.integers(n0 + 1, out))
     got = gptq.awq_rows(qweight, qzeros, scales, group_size, n0, n1)

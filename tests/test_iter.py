@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,17 @@ def test_iterator_tensors_are_owned_by_the_caller(tmp_path, llama):
     for name, tensor in got.items():
         tensor.add_(0)  # writable
         assert torch.equal(tensor, ref[name]), name
+
+
+def test_a_consumer_that_fails_midway_leaves_no_worker_running(tmp_path, llama):
+    """An exception in the consumer closes the piece generator (and joins its pool) before the maps close."""
+    base, adapter = llama
+
+    def consume() -> None:
+        for _name, _tensor in streammerge.iter_merged(base=base, adapter=adapter, device="cpu", workers=2,
+                                                       max_memory=1 << 20):
+            raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        consume()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("streammerge")]

@@ -56,12 +56,7 @@ class BlockFP8:
                 continue
             if t.dtype != "F8_E4M3":
                 continue
-            scale = tensors.get(name + SCALE_INV_SUFFIX)
-            if scale is None:
-                raise CheckpointError(
-                    f"{where}: FP8 tensor {name!r} has no {name + SCALE_INV_SUFFIX!r} in any shard; without its "
-                    "scale it cannot be dequantized: the checkpoint is incomplete, re-download it"
-                )
+            scale = fp8_scale(tensors, name, SCALE_INV_SUFFIX, where)
             check_scale(name, t.shape, scale, "block", block, where)
             scheme = QuantScheme(self.name, "block", block, scale.dtype, "F32", 1.0, pow2)
             weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)
@@ -84,6 +79,17 @@ def _block_size(value: object, where: str) -> tuple[int, int]:
     raise CheckpointError(
         f"{where}: quantization_config.weight_block_size is {value!r}, not two positive integers; fix config.json"
     )
+
+
+def fp8_scale(tensors: Mapping[str, TensorInfo], weight: str, suffix: str, where: str) -> TensorInfo:
+    """The scale tensor ``weight + suffix`` of an F8_E4M3 weight, from any shard; refused when absent."""
+    scale = tensors.get(weight + suffix)
+    if scale is None:
+        raise CheckpointError(
+            f"{where}: FP8 tensor {weight!r} has no {weight + suffix!r} in any shard; without its "
+            "scale it cannot be dequantized: the checkpoint is incomplete, re-download it"
+        )
+    return scale
 
 
 def check_scale(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
 from streammerge.formats.base import ACTIVATION_SCALES, CODES, SCALE, QuantIndex, QuantizedWeight, QuantScheme, grid
-from streammerge.formats.blockfp8 import check_scale, fp8_rows
+from streammerge.formats.blockfp8 import check_scale, fp8_rows, fp8_scale
 
 if TYPE_CHECKING:
     from streammerge.formats.safetensors import TensorInfo
@@ -65,12 +65,7 @@ class CompressedFP8:
                 )
             if t.dtype != "F8_E4M3":
                 continue
-            scale = tensors.get(name + SCALE_SUFFIX)
-            if scale is None:
-                raise CheckpointError(
-                    f"{where}: FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r} in any shard; without its "
-                    "scale it cannot be dequantized: the checkpoint is incomplete, re-download it"
-                )
+            scale = fp8_scale(tensors, name, SCALE_SUFFIX, where)
             strategy, block = _strategy(name, t.shape, scale, blocks, where)
             scheme = QuantScheme(self.name, strategy, block, scale.dtype, scale.dtype, _EPS.get(scale.dtype, 0.0))
             weights[name] = QuantizedWeight(name, t.shape, ((CODES, name), (SCALE, scale.name)), scheme)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from streammerge.errors import OutputError, StreamMergeError
-from streammerge.manifest import Identity
+from streammerge.identity import Identity
 from streammerge.plan import Plan
 
 LOG = logging.getLogger(__name__)

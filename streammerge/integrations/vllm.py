@@ -15,6 +15,7 @@ process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``); ``reload`` checks this and says 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,9 +91,12 @@ def reload_in_worker(worker: object, merge_kwargs: dict) -> int:
 
     def merged():
         nonlocal count
-        for name, tensor in streammerge.iter_merged(**merge_kwargs):
-            count += 1
-            yield name, tensor
+        with contextlib.closing(streammerge.iter_merged(**merge_kwargs)) as stream:
+            for name, tensor in stream:
+                count += 1
+                yield name, tensor
 
-    worker.reload_weights(weights_iterator=merged())
+    # if reload_weights raises or stops early, the merge (its thread pool and maps) is closed here, not by the GC
+    with contextlib.closing(merged()) as weights:
+        worker.reload_weights(weights_iterator=weights)
     return count

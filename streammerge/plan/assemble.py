@@ -28,7 +28,7 @@ from streammerge.plan.shards import layout
 from streammerge.plan.targeting import check_targeting
 from streammerge.plan.tuned import plan_tuned
 from streammerge.plan.types import Plan, PlanOptions, TensorTask
-from streammerge.tuners import TUNERS, experts, lora, tokens
+from streammerge.tuners import TUNERS, experts, experts_v4, lora, tokens
 
 
 def build_plan(ckpt: Checkpoint, adapters: Sequence[Adapter], options: PlanOptions | None = None) -> Plan:
@@ -77,7 +77,7 @@ def plan_adapter(ctx: PlanContext, src: AdapterInput, draft: Draft) -> None:
 
     if cfg.raw.get("target_parameters"):
         experts.plan_param_wrappers(ctx, src, draft, by_module)
-    draft.warnings.extend(experts.v4_warnings(src.where, cfg, ctx.model_type, by_module))
+    draft.warnings.extend(experts_v4.v4_warnings(src.where, cfg, ctx.model_type, by_module))
     for module, roles in sorted(by_module.items(), key=lambda kv: naming.module_order(kv[0])):
         lora.plan_module(ctx, src, draft, module, roles)
         if "token_delta" in roles:

@@ -18,7 +18,8 @@ from streammerge.errors import PlanError, UnsupportedAdapterError
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.assemble import assemble, plan_adapter
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext, Target
-from streammerge.plan.types import COMBINATIONS, Combination, CombineOptions, LoraTerm, Plan, PlanOptions, Step
+from streammerge.plan.steps import COMBINATIONS, Combination, LoraTerm, Step
+from streammerge.plan.types import CombineOptions, Plan, PlanOptions
 from streammerge.tuners import TUNERS
 
 

@@ -18,7 +18,7 @@ from streammerge.checkpoint import Checkpoint
 from streammerge.formats.refs import TensorRef, tensor_ref
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.quantized import logical_slots
-from streammerge.plan.types import Step
+from streammerge.plan.steps import Step
 
 
 @dataclass(frozen=True)

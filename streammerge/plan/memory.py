@@ -10,7 +10,8 @@ from streammerge.formats.refs import TensorRef
 from streammerge.plan.geometry import chunk_rows
 
 if TYPE_CHECKING:
-    from streammerge.plan.types import Step, TensorTask
+    from streammerge.plan.steps import Step
+    from streammerge.plan.types import TensorTask
 
 #: the transposed copy the norm of an embedding or HF Conv1D reduces over (``kernel.dora_block``).
 DORA_EXTRA_BYTES_PER_ELEMENT = 12

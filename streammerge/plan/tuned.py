@@ -17,7 +17,7 @@ from streammerge.formats.dtypes import FLOAT_DTYPES
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.plan.draft import AdapterInput, Draft, PlanContext
 from streammerge.plan.heads import plan_replacement
-from streammerge.plan.types import Step
+from streammerge.plan.steps import Step
 from streammerge.tuners import TUNERS
 from streammerge.tuners.base import ModuleView, Shape, Tuner, TunerTerm, Update
 

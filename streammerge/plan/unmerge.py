@@ -14,7 +14,8 @@ from streammerge.formats.refs import tensor_ref
 from streammerge.plan.assemble import assemble
 from streammerge.plan.combined import plan_each, retag
 from streammerge.plan.draft import Draft, PlanContext, Target
-from streammerge.plan.types import Plan, PlanOptions, Step
+from streammerge.plan.steps import Step
+from streammerge.plan.types import Plan, PlanOptions
 from streammerge.tuners import TUNERS
 
 

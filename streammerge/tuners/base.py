@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streammerge.plan.types import TunerTerm, Update
+from streammerge.plan.steps import TunerTerm, Update
 from streammerge.tuners.lazy import torch
 
 __all__ = ["ApplyFn", "LoadedTerm", "ModuleView", "Shape", "Tuner", "TunerTerm", "Update", "in_features",

@@ -14,8 +14,8 @@ from streammerge.errors import UnsupportedAdapterError
 from streammerge.formats.dtypes import FLOAT_DTYPES
 from streammerge.formats.refs import TensorRef
 from streammerge.plan.draft import AdapterInput, Draft, Order, PlanContext
+from streammerge.plan.steps import LoraTerm, Step
 from streammerge.plan.targeting import check_float, resolve_target
-from streammerge.plan.types import LoraTerm, Step
 
 Roles = Mapping[str, naming.AdapterKey]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from streammerge import naming
 from streammerge.plan.draft import AdapterInput, Draft, Order, PlanContext
+from streammerge.plan.steps import LoraTerm, Step
 from streammerge.plan.targeting import resolve_target
-from streammerge.plan.types import LoraTerm, Step
 
 
 def plan_tokens(ctx: PlanContext, src: AdapterInput, draft: Draft, module: str, key: naming.AdapterKey,
