@@ -197,8 +197,6 @@ def _merge(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise StreamMergeError(f"`workers` {workers}: must be at least 1")
-    # Each worker runs torch ops; split the cores between them instead of oversubscribing.
-    threads = max(1, (os.cpu_count() or 1) // workers)
     bar = _bar(args, "unmerging" if args.command == "unmerge" else "merging")
 
     def on_plan(plan: object) -> None:
@@ -215,7 +213,7 @@ def _merge(args: argparse.Namespace) -> int:
             adapter_name=args.adapter_name, device=args.device, workers=workers, max_shard_size=args.max_shard_size,
             max_memory=args.max_memory or DEFAULT_MAX_MEMORY, dry_run=args.dry_run, overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite, on_progress=bar.update, on_plan=on_plan, resume=args.resume,
-            checksum=args.checksum, threads=threads,
+            checksum=args.checksum, direct_io=not args.buffered_io,
         )
         if args.command == "unmerge":
             report = unmerge(args.merged, args.adapter, args.out, weight=args.weight, force=args.force,

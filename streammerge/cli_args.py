@@ -183,6 +183,9 @@ def _output_args(p: argparse.ArgumentParser) -> None:
                    help="digest of each output file in streammerge.json: xxh3 (XXH3-128, fast; the default) or "
                    "sha256 (what sha256sum and the Hub show; ~1.7 GB/s on one core); --resume keeps the one the "
                    "directory's records use")
+    p.add_argument("--buffered-io", action="store_true",
+                   help="write through the page cache instead of direct I/O (the output then stays cached for a "
+                   "load right after, at the cost of copying it there); same bytes")
 
 
 def _split_args(m: argparse.ArgumentParser) -> None:

@@ -92,6 +92,7 @@ def merge(
     dequantize: bool = False,
     checksum: str | None = None,
     threads: int | None = None,
+    direct_io: bool = True,
 ) -> MergeReport:
     """Merge the adapter(s) into the base and write a complete checkpoint at ``out``.
 
@@ -133,7 +134,11 @@ def merge(
         checksum: the manifest's digest of each output file: ``xxh3`` (XXH3-128, per 64-row piece,
             combined; see ``streammerge.digest``) or ``sha256`` (the whole file, as ``sha256sum``).
             None: ``xxh3``, or with ``resume`` the one ``out``'s records were written with.
-        threads: torch intra-op threads per worker, set when torch is first used (None: torch's default).
+        threads: torch intra-op threads per worker, set while the merge runs (None: 1 on the CPU, where the
+            workers are the parallelism; torch's default elsewhere).
+        direct_io: write the shards with direct I/O where the filesystem allows (no page-cache copy of the
+            output; ``streammerge.diskio``); False writes through the page cache, which leaves the output
+            cached for a load right after. The bytes are the same.
         dequantize: a quantized base (FP8 block, compressed-tensors FP8): write every quantized weight in the
             config's ``torch_dtype`` and drop ``quantization_config``. Default: keep the format (untouched
             weights and scales copied raw; merged weights re-quantized with fresh scales).
@@ -152,7 +157,7 @@ def merge(
     if resume and not paths and base is None:
         return _resume_recorded(out, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
                                 allow_nonfinite=allow_nonfinite, on_progress=on_progress, on_plan=on_plan,
-                                checksum=checksum, threads=threads)
+                                checksum=checksum, threads=threads, direct_io=direct_io)
     ckpt, loaded = load_inputs(base, paths, adapter_name, pattern_rules, base_subfolder)
     options = merge_options(loaded, weights, combination, density, seed, heads_from, pattern_rules, adapter_name,
                             max_shard_size, allow_nonfinite, base_subfolder, dequantize)
@@ -161,12 +166,13 @@ def merge(
         split = Split(parse_part(part) if isinstance(part, str) else part, executor, ray_address, parts)
         return run_split(merge, plan, ckpt, loaded, options, split, out=out, started=started, device=device,
                          workers=workers, max_memory=max_memory, dry_run=dry_run, overwrite=overwrite,
-                         on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads)
+                         on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads,
+                         direct_io=direct_io)
     return run_plan(
         plan, ckpt, loaded, [ckpt.root, *(a.root for a in loaded)], [a.root for a in loaded], options,
         out=out, started=started, device=device, workers=workers, max_memory=max_memory, dry_run=dry_run,
         overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite, on_progress=on_progress,
-        on_plan=on_plan, checksum=checksum, threads=threads,
+        on_plan=on_plan, checksum=checksum, threads=threads, direct_io=direct_io,
     )
 
 

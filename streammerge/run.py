@@ -46,7 +46,7 @@ def run_plan(
     options: MergeOptions, *, out: Path, started: float, device: str | torch.device, workers: int | None,
     max_memory: int, dry_run: bool, overwrite: bool, resume: bool, allow_nonfinite: bool,
     on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None, checksum: str | None,
-    threads: int | None, extra_warnings: Sequence[str] = (),
+    threads: int | None, direct_io: bool = True, extra_warnings: Sequence[str] = (),
 ) -> MergeReport:
     """Everything after planning that ``merge`` and ``unmerge`` share: checks, then ``_write``, then the report."""
     if on_plan is not None:
@@ -67,7 +67,7 @@ def run_plan(
         run = QuantRun()
     if not dry_run:
         opts = ExecOptions(dev, workers or budget.default_workers(), max_memory, check_finite=not allow_nonfinite,
-                           threads=threads, changes=tally, quant_run=run)
+                           threads=threads, changes=tally, quant_run=run, direct_io=direct_io)
         identity = identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if resume:
             resume = manifest.check_resumable(out, identity, overwrite=overwrite)

@@ -44,7 +44,7 @@ def run_split(merge: Callable[..., MergeReport], plan: Plan, ckpt: Checkpoint, l
               options: MergeOptions, split: Split, *, out: Path, started: float, device: str | torch.device,
               workers: int | None, max_memory: int, dry_run: bool, overwrite: bool,
               on_progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
-              checksum: str | None = None, threads: int | None = None) -> MergeReport:
+              checksum: str | None = None, threads: int | None = None, direct_io: bool = True) -> MergeReport:
     """A merge split into parts: one part (``split.part``), all parts on Ray, or sealing what parts wrote.
     ``merge`` is ``streammerge.merge``, which each Ray task calls for its part."""
     solo = split.part is not None and split.executor is None
@@ -65,7 +65,7 @@ def run_split(merge: Callable[..., MergeReport], plan: Plan, ckpt: Checkpoint, l
         identity = identify(ckpt, loaded, options.record(dev.split(":")[0]))
         if solo:
             opts = ExecOptions(dev, workers or budget.default_workers(), max_memory,
-                               check_finite=not options.allow_nonfinite, threads=threads)
+                               check_finite=not options.allow_nonfinite, threads=threads, direct_io=direct_io)
             written, shards = fin.write_part(out, plan, identity, split.part, opts, on_progress, checksum=checksum)
         else:
             if split.executor == "ray":

@@ -56,6 +56,7 @@ def unmerge(
     on_plan: Callable[[Plan], None] | None = None,
     checksum: str | None = None,
     threads: int | None = None,
+    direct_io: bool = True,
 ) -> MergeReport:
     """Take ``weight`` × the adapter back out of a merged checkpoint: W ← rnd(M − w·s·B@A), one rounding.
 
@@ -86,6 +87,6 @@ def unmerge(
     return run_plan(
         plan, ckpt, [loaded], inputs, [], options, out=out, started=started, device=device, workers=workers,
         max_memory=max_memory, dry_run=dry_run, overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite,
-        on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads,
+        on_progress=on_progress, on_plan=on_plan, checksum=checksum, threads=threads, direct_io=direct_io,
         extra_warnings=check.warnings,
     )
