@@ -67,7 +67,7 @@ class _Shard:
 
     def advance_sha(self) -> None:
         """Feed sha256 the prefix of the file whose units are done (they finish in any order)."""
-        while self.prefix in self.units and self.units[self.prefix][1].done():
+        while self.prefix in self.units and _written(self.units[self.prefix][1]):
             self.prefix = self.units.pop(self.prefix)[0]
         if self.sha is not None:
             self.sha.advance(self.prefix)
@@ -78,6 +78,11 @@ class _Shard:
             return {"sha256": self.sha.hexdigest()}
         assert all(d is not None for d in self.digests), "a piece was not hashed"
         return {digest.SHARD_KEYS["xxh3"]: digest.combine(self.digests)}  # type: ignore[arg-type]
+
+
+def _written(fut: Future) -> bool:
+    """A unit's bytes are in the file: its copy or write finished (a finished compute returns its write)."""
+    return fut.done() and fut.exception() is None and not isinstance(fut.result(), Future)
 
 
 def _compute(unit: Unit, shard: _Shard, sources: Sources, opts: ExecOptions, io: ThreadPoolExecutor) -> Future:
