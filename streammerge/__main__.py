@@ -4,6 +4,6 @@ from streammerge import interrupts
 
 interrupts.startup()
 
-from streammerge.cli import main  # noqa: E402  (after the handlers, on purpose)
+from streammerge.cli import entrypoint  # noqa: E402  (after the handlers, on purpose)
 
-raise SystemExit(main())
+entrypoint()

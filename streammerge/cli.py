@@ -17,7 +17,8 @@ import shlex
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import NoReturn
 
 from streammerge import interrupts
 from streammerge.cli_args import build_parser, flag_for
@@ -253,9 +254,19 @@ def _log_targets(plan: object) -> None:
     LOG.debug("output total %s", format_size(plan.total_bytes))  # type: ignore[attr-defined]
 
 
-def entrypoint() -> None:
-    """Console-script entry point."""
-    raise SystemExit(main())
+def entrypoint() -> NoReturn:
+    """Console-script and ``python -m streammerge`` entry point: ``main``, then exit without the interpreter's
+    teardown, which costs ~0.4 s once torch is loaded (``python -c "import torch"``: 1.53 s, 1.14 s with
+    ``os._exit``), after every output file is already fsynced and closed. Logging and stdio are flushed
+    first. A process that imported Ray exits normally: Ray's atexit hook stops what it started."""
+    code = main()
+    if "ray" in sys.modules:
+        raise SystemExit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 __all__ = ["cli_text", "entrypoint", "error_lines", "main", "verify_command"]
