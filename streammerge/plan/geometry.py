@@ -11,9 +11,12 @@ from __future__ import annotations
 #: 2730-row block of a 70B q_proj than for the whole matrix; multiples of 64 matched (design §7).
 ROW_ALIGN = 64
 
-#: fp32 elements per cache-sized chunk the CPU kernel works on (``kernel.merge_block``): the
-#: chunk's fp32 scratch then stays in L2; measured 2-5x faster than one pass over a large block.
-CHUNK_ELEMENTS = 1 << 17
+#: fp32 elements per cache-sized chunk the CPU kernel works on (``kernel.merge_block``): measured
+#: 2-5x faster than one pass over a large block. 2 MiB of fp32 (half an L2 of 1 MiB per core is 1 << 17):
+#: with one torch thread per worker, llama-1b all-linear merged in 2.2-2.4 s / 3.2-3.4 CPU-s against
+#: 2.8-3.0 s / 4.0-4.3 with 1 << 17 (fewer ops per block: each costs Python and dispatch time under the
+#: GIL) and 2.7-3.0 s with 1 << 20 (benchmarks/RESULTS.md).
+CHUNK_ELEMENTS = 1 << 19
 
 
 def chunk_rows(row_numel: int) -> int:
