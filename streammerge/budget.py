@@ -4,9 +4,10 @@ the up-front budget check. No torch here, so a plan can be checked before torch 
 Memory bound: a merge block's working set is ``plan.block_bytes`` (its source rows, its output,
 one kernel chunk of fp32 scratch and the fp32 factors). Block heights are multiples of
 ``plan.ROW_ALIGN`` rows chosen so that a block is at most ``max_memory / (2 · workers)``: each
-worker holds at most one block in flight plus the output buffer it keeps between blocks
-(``scatter``), so workers never need more than ``max_memory``. Raw copies take no budget (the
-kernel moves those bytes).
+worker holds at most the block it computes plus the other of its two output buffers, whose block
+the io thread is writing (``scatter``; that block keeps its budget until written), so workers never
+need more than ``max_memory``. Raw copies take no budget: the copier threads move them through one
+``sources.COPY_BUFFER`` (8 MiB) each, outside ``max_memory`` like the interpreter and torch.
 """
 
 from __future__ import annotations
