@@ -105,7 +105,7 @@ class ShardFile:
         view = memoryview(data).cast("B")
         try:
             middle = (diskio.aligned_middle(offset, len(view), diskio.address(view), self.align)
-                      if self.align and not view.readonly else None)
+                      if self.align and len(view) >= diskio.DIRECT_MIN and not view.readonly else None)
             if middle is not None:
                 a, b = middle
                 try:

@@ -144,6 +144,16 @@ def test_the_aligned_middle_goes_direct_and_the_ragged_ends_buffered_same_bytes(
 
 
 @linux
+def test_empty_and_small_writable_blocks_on_a_direct_file_are_written_buffered(tmp_path, monkeypatch):
+    seen = _spy_direct(monkeypatch)
+    with ShardFile(tmp_path / "s.bin", 10, direct=True) as f:
+        f.pwrite(0, memoryview(bytearray()))  # an empty tensor's block
+        f.pwrite(0, memoryview(bytearray(b"0123456789")))
+        f.commit()
+    assert (tmp_path / "s.bin").read_bytes() == b"0123456789" and seen == []
+
+
+@linux
 def test_a_buffer_out_of_phase_with_the_file_is_written_buffered(tmp_path, monkeypatch):
     seen = _spy_direct(monkeypatch)
     n = 4 * diskio.DIRECT_MIN
