@@ -139,12 +139,14 @@ class ShardFile:
         system calls made."""
         calls = 0
         try:
-            if buffer is not None and self.align and len(buffer) >= self.align:
-                a = -offset % self.align
-                b = (offset + count) // self.align * self.align - offset
+            align = self.align  # once: another thread may turn direct writes off for this file meanwhile
+            if buffer is not None and align and len(buffer) >= align:
+                a = -offset % align
+                b = (offset + count) // align * align - offset
                 if b - a >= diskio.DIRECT_MIN:
                     calls += self._copy_range(src_fd, src_offset, offset, a)
-                    calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, buffer)
+                    whole = buffer[: len(buffer) // align * align]
+                    calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, whole)
                     src_offset, offset, count = src_offset + b, offset + b, count - b
             calls += self._copy_range(src_fd, src_offset, offset, count)
         except OSError as e:
@@ -165,7 +167,7 @@ class ShardFile:
         return calls
 
     def _copy_direct(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview) -> int:
-        step = len(buffer) // self.align * self.align
+        step = len(buffer)  # a multiple of the alignment
         calls = 0
         while count > 0:
             n = min(step, count)
