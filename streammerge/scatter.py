@@ -3,22 +3,25 @@
 The plan knows every tensor's offset in every output file, so no byte has to wait for the bytes
 before it. ``write_shards`` cuts the shards into *units* (``streammerge.units``), in file order:
 
-* a merge block: rows ``[r0, r1)`` of a computed tensor (``execute.compute_rows``'s arithmetic), which
-  the worker that computed it ``pwrite``s at its offset and hashes while it is in cache;
+* a merge block: rows ``[r0, r1)`` of a computed tensor (``execute.compute_rows``'s arithmetic). The
+  worker that computed it hashes it while it is in cache and hands it to the io thread, which writes
+  it at its offset (direct I/O for its aligned middle where the file allows: ``writer.ShardFile``)
+  while the worker computes the next block into its other buffer (``sources.Sources.buffer``);
 * a copy run: consecutive untouched tensors whose bytes are contiguous in one base file (cut at
-  ``COPY_UNIT`` bytes so that several workers share a big run): one ``copy_file_range`` per run
-  (at most 1 GiB per call), then its pieces are hashed from the page cache by the same worker.
+  ``COPY_UNIT`` bytes so that several threads share a big run), run by a copier thread: read into its
+  aligned buffer and written direct, or one ``copy_file_range`` per run (at most 1 GiB per call) where
+  the file is buffered; then its pieces are hashed from the base's page cache by the same thread.
 
-``workers`` threads run the units, reading through ``sources.Sources``. The main thread submits
-them in order (memory-bounded, see ``budget``), and once every unit of a shard is done, hands the
-shard to a committer thread, in plan order: fsync, rename, ``on_shard`` (the progress record).
-Temporary files are pre-sized (``writer.ShardFile``), so the result is byte-identical whatever the
-worker count or the budget, and so are the digests (``digest``: per-piece digests combined in file
-order).
+``workers`` threads compute, ``COPIERS`` threads copy, reading through ``sources.Sources``. The main
+thread submits units in order (memory-bounded, see ``budget``: a block keeps its budget until it is
+written), and once every unit of a shard is in the file, hands the shard to a committer thread, in
+plan order: fsync, rename, ``on_shard`` (the progress record). Temporary files are pre-sized
+(``writer.ShardFile``), so the result is byte-identical whatever the worker count, the budget or the
+way bytes reach the disk, and so are the digests (``digest``: per-piece digests combined in file order).
 
 torch is imported on a thread of its own when the writing starts, not before: nothing before it
-(planning, checks) needs torch, so errors found there return at once, and the workers start the
-raw copies (queued first within each shard) while it loads.
+(planning, checks) needs torch, so errors found there return at once, and the copiers start the raw
+copies while it loads.
 """
 
 from __future__ import annotations
