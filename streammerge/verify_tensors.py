@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from streammerge import digest
 from streammerge.budget import ExecOptions
+from streammerge.formats import mapped
 from streammerge.plan import Plan, ShardPlan, TensorTask, row_blocks
 from streammerge.verify_files import Findings
 
@@ -68,6 +69,7 @@ def check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, 
                     start = offsets[task.name] + r0 * row_bytes
                     _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
                              execute.as_bytes(data), "the recomputation", found)
+                    mapped.drop(mm, start, start + (r1 - r0) * row_bytes)
                     rows += r1 - r0
             progress(sum(t.nbytes for t in merged))
             checked += len(shard.tasks)
@@ -105,10 +107,14 @@ def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[s
     with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
         if key == digest.SHARD_KEYS["xxh3"]:
             digests = []
+            read = 0
             for a, b in digest.shard_pieces(shard):
                 with view[a:b] as piece:
                     digests.append(digest.piece_digest(piece))
                 progress(b - a)
+                if b - read >= mapped.DROP_EVERY:
+                    mapped.drop(mm, read, b)
+                    read = b
             got = digest.combine(digests)
         else:
             h = digest.stream_hasher(key)
@@ -116,7 +122,9 @@ def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[s
                 with view[i : i + _CHUNK] as piece:
                     h.update(piece)
                 progress(min(_CHUNK, len(mm) - i))
+                mapped.drop(mm, i, i + _CHUNK)
             got = h.hexdigest()
+    mapped.drop(mm, 0, len(mm))
     if got != value:
         found.add(f"{path}: {key} differs from the manifest (modified after the merge, or a disk error)")
 
@@ -132,8 +140,11 @@ def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reade
     for r0 in range(0, task.rows, step):
         r1 = min(task.rows, r0 + step)
         a, b = r0 * row_bytes, r1 * row_bytes
-        if not _compare(path, task, r0, r1, mm[start + a : start + b], src_bytes[a:b],
-                        f"its source in {task.source.path}", found):
+        same = _compare(path, task, r0, r1, mm[start + a : start + b], src_bytes[a:b],
+                        f"its source in {task.source.path}", found)
+        mapped.drop(mm, start + a, start + b)
+        reader.release(task.source, r0, r1)
+        if not same:
             break
     reader.release(task.source, 0, task.rows)
 

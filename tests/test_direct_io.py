@@ -1,6 +1,7 @@
 """Whole merges with direct I/O (the default where the filesystem allows) and with ``--buffered-io``:
 the same bytes, direct writes really taken, verify and resume with nothing but ``--out``, and the
-process's torch thread count left as it was. The base is big enough (tensors of 256 KiB to 1 MiB) that
+process's torch thread count left as it was; and verify, which reads shards through maps, dropping every
+page it read. The base is big enough (tensors of 256 KiB to 1 MiB) that
 merge blocks and copy runs have aligned middles worth writing direct."""
 
 from __future__ import annotations
@@ -101,3 +102,40 @@ def test_a_merge_leaves_torchs_thread_count_as_it_found_it(tmp_path, medium):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256"])
+def test_verify_drops_every_output_page_it_reads(tmp_path, medium, monkeypatch, checksum):
+    """verify reads each output shard through a map; every byte it read must be dropped from the process
+    again (``formats.mapped.drop``), or a 70B verify's resident set grows to the checkpoint's size (it was
+    2.3 GB of mapped pages for llama-1b's 2.2 GB)."""
+    from streammerge import verify_tensors
+    from streammerge.formats import mapped
+
+    base, adapter = medium
+    out = tmp_path / "out"
+    streammerge.merge(base=base, adapter=adapter, out=out, device="cpu", checksum=checksum)
+    opened: dict[int, Path] = {}  # id of each output shard's map -> its path
+    dropped: dict[int, list[tuple[int, int]]] = {}
+    real_open, real_drop = verify_tensors._open_shard, mapped.drop
+
+    def open_spy(path, *a):
+        mm = real_open(path, *a)
+        opened[id(mm)] = path
+        return mm
+
+    def drop_spy(mm, start, end):
+        dropped.setdefault(id(mm), []).append((start, end))
+        real_drop(mm, start, end)
+
+    monkeypatch.setattr(verify_tensors, "_open_shard", open_spy)
+    monkeypatch.setattr(mapped, "drop", drop_spy)
+    report = streammerge.verify(out=out, device="cpu")
+    assert report.ok and sorted(opened.values()) == sorted(out.glob("*.safetensors"))
+    for key, shard in opened.items():
+        size = shard.stat().st_size
+        covered = 0
+        for start, end in sorted(dropped.get(key, [])):  # the drops cover the map from its first page to its end
+            assert start - start % 4096 <= covered, (shard.name, start, covered)
+            covered = max(covered, end)
+        assert covered >= size, (shard.name, covered, size)

@@ -18,10 +18,9 @@ from types import TracebackType
 import torch
 
 from streammerge.errors import CheckpointError
+from streammerge.formats import mapped
 from streammerge.formats.dtypes import torch_dtype
 from streammerge.formats.refs import TensorRef
-
-_PAGE = mmap.PAGESIZE
 
 
 class TensorReader:
@@ -90,16 +89,10 @@ class TensorReader:
         """Drop the pages of rows ``[r0, r1)`` from this process's mapping (page cache keeps them)."""
         shape = ref.shape or (1,)
         row_bytes = ref.nbytes // shape[0] if shape[0] else 0
-        start = ref.offset + r0 * row_bytes
-        end = ref.offset + r1 * row_bytes
-        start -= start % _PAGE
-        if end <= start:
-            return
         with self._lock:
             entry = self._maps.get(ref.path)
-        if entry is not None and hasattr(mmap, "MADV_DONTNEED"):
-            with contextlib.suppress(OSError, ValueError):
-                entry[1].madvise(mmap.MADV_DONTNEED, start, end - start)
+        if entry is not None:
+            mapped.drop(entry[1], ref.offset + r0 * row_bytes, ref.offset + r1 * row_bytes)
 
     def close(self) -> None:
         with self._lock:
