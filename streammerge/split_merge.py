@@ -73,7 +73,7 @@ def run_split(merge: Callable[..., MergeReport], plan: Plan, ckpt: Checkpoint, l
 
                 ray_executor.run_parts(merge, plan, identity, out, address=split.ray_address, parts=split.parts,
                                        workers=workers or budget.default_workers(), max_memory=max_memory,
-                                       on_progress=on_progress)
+                                       on_progress=on_progress, threads=threads, direct_io=direct_io)
             seal(out, plan, ckpt, loaded, identity, fin.recorded_run(out)[2])
     c = scope.counts()
     return MergeReport(

@@ -73,7 +73,7 @@ class _Tracker:
 
 
 def _run_part(merge: Callable, sources: dict, recorded: dict, out: str, index: int, count: int, workers: int,
-              max_memory: int, tracker) -> int:
+              max_memory: int, tracker, threads: int | None = None, direct_io: bool = True) -> int:
     """The body of one Ray task: ``merge`` (``streammerge.merge``, passed by reference) part ``index`` of
     ``count`` of the merge of ``sources`` with the ``recorded`` options (``MergeOptions.record``).
     Returns bytes of its shards."""
@@ -100,7 +100,7 @@ def _run_part(merge: Callable, sources: dict, recorded: dict, out: str, index: i
         pattern_rules=o.pattern_rules, max_shard_size=o.max_shard_size, allow_nonfinite=o.allow_nonfinite,
         base_subfolder=o.base_subfolder, dequantize=o.dequantize,
         device=str(recorded["device"]), workers=workers, max_memory=max_memory, part=Part(index, count),
-        on_progress=on_progress,
+        on_progress=on_progress, threads=threads, direct_io=direct_io,
     )
     ray.get(tracker.add.remote(index, pending))
     return report.bytes_written
@@ -113,7 +113,8 @@ def default_parts(plan: Plan, workers: int, resources: Mapping[str, float]) -> i
 
 
 def run_parts(merge: Callable, plan: Plan, identity: Identity, out: Path, *, address: str | None,
-              parts: int | None, workers: int, max_memory: int, on_progress: Callable[[int], None] | None) -> int:
+              parts: int | None, workers: int, max_memory: int, on_progress: Callable[[int], None] | None,
+              threads: int | None = None, direct_io: bool = True) -> int:
     """Run every part of the merge ``identity`` describes as a Ray task calling ``merge(..., part=...)``
     (``streammerge.merge``) and wait for all. Returns the number of parts.
 
@@ -136,7 +137,7 @@ def run_parts(merge: Callable, plan: Plan, identity: Identity, out: Path, *, add
         task = ray.remote(_run_part).options(num_cpus=workers, num_gpus=gpus, memory=max_memory + TASK_OVERHEAD,
                                              max_retries=MAX_RETRIES, retry_exceptions=False)
         args = (merge, dict(identity.sources), dict(identity.options), str(out))
-        refs = {task.remote(*args, i, count, workers, max_memory, tracker): i for i in range(count)}
+        refs = {task.remote(*args, i, count, workers, max_memory, tracker, threads, direct_io): i for i in range(count)}
         _wait(ray, refs, tracker, on_progress)
         return count
     finally:
