@@ -105,6 +105,15 @@ def merge_reference(model: torch.nn.Module, adapter: Path, out: Path) -> Path:
     return out
 
 
+def assert_same_file(ours: Path, ref: Path) -> None:
+    """``ours/model.safetensors`` holds ``ref``'s tensors: same names, dtypes, shapes and bits."""
+    a, b = load_file(ours / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name].contiguous().view(torch.uint8), b[name].contiguous().view(torch.uint8)), name
+
+
 # ---------------------------------------------------------------- bitsandbytes
 
 

@@ -22,18 +22,6 @@ from test_formats_quant_bases import _decode, _detect
 import streammerge
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16) if t.element_size() == 2 else t
-
-
-def _assert_same(ours: Path, ref: Path) -> None:
-    a, b = load_file(ours / "model.safetensors"), load_file(ref / "model.safetensors")
-    assert sorted(a) == sorted(b)
-    for name in b:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(_bits(a[name]), _bits(b[name])), name
-
-
 @pytest.fixture(scope="module")
 def bf16_case(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("gpt_oss_bf16")
@@ -52,7 +40,7 @@ def bf16_case(tmp_path_factory) -> tuple[Path, Path, Path]:
 def test_gpt_oss_bf16_target_parameters_bit_identical_to_peft(bf16_case, tmp_path):
     base, adapter, ref = bf16_case
     streammerge.merge(base=base, adapter=adapter, out=tmp_path / "out", device="cpu")
-    _assert_same(tmp_path / "out", ref)
+    qb.assert_same_file(tmp_path / "out", ref)
     experts = load_file(base / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj"]
     assert not torch.equal(load_file(ref / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj"], experts)
 
@@ -81,6 +69,6 @@ def test_mxfp4_decoded_then_merged_equals_transformers_and_peft(mxfp4_case, tmp_
     del cfg["quantization_config"]
     (deq / "config.json").write_text(json.dumps(cfg))
     streammerge.merge(base=deq, adapter=adapter, out=tmp_path / "out", device="cpu")
-    _assert_same(tmp_path / "out", ref)
+    qb.assert_same_file(tmp_path / "out", ref)
     assert "quantization_config" not in json.loads((ref / "config.json").read_text())
 

@@ -35,14 +35,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def _assert_same(ours: Path, ref: Path) -> None:
-    a, b = load_file(ours / "model.safetensors"), load_file(ref / "model.safetensors")
-    assert sorted(a) == sorted(b)
-    for name in b:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(_bits(a[name]), _bits(b[name])), name
-
-
 def _config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())
 
@@ -61,7 +53,7 @@ def gpt_oss(tmp_path_factory) -> dict[str, Path]:
 
 def test_mxfp4_dequantize_is_transformers_dequantized_load_plus_peft_merge(gpt_oss, tmp_path):
     _merge(gpt_oss["base"], gpt_oss["experts"], tmp_path / "out", "--dequantize")
-    _assert_same(tmp_path / "out", gpt_oss["root"] / "ref_experts")
+    qb.assert_same_file(tmp_path / "out", gpt_oss["root"] / "ref_experts")
     assert "quantization_config" not in _config(tmp_path / "out")
 
 
@@ -111,7 +103,7 @@ def test_mxfp4_within_max_memory(gpt_oss, tmp_path):
     plan = streammerge.plan_merge(gpt_oss["base"], gpt_oss["experts"], dequantize=True)
     _merge(gpt_oss["base"], gpt_oss["experts"], tmp_path / "tight", "--dequantize", "--max-memory",
            str(plan.min_memory()), "--workers", "1")
-    _assert_same(tmp_path / "tight", gpt_oss["root"] / "ref_experts")
+    qb.assert_same_file(tmp_path / "tight", gpt_oss["root"] / "ref_experts")
     assert main(["merge", "--base", str(gpt_oss["base"]), "--adapter", str(gpt_oss["experts"]), "--out",
                  str(tmp_path / "too_tight"), "--dequantize", "--max-memory", str(plan.min_memory() - 1024),
                  "-q"]) == 2
@@ -155,7 +147,7 @@ def test_bnb_dequantize_is_transformers_dequantize_plus_peft_merge(llama, tmp_pa
     base = qb.make_bnb(llama["bf16"], tmp_path / kind, kind)
     qb.merge_reference(qb.load_bnb_dequantized(base), llama["adapter"], tmp_path / "ref")
     _merge(base, llama["adapter"], tmp_path / "out", "--dequantize")
-    _assert_same(tmp_path / "out", tmp_path / "ref")
+    qb.assert_same_file(tmp_path / "out", tmp_path / "ref")
     assert "quantization_config" not in _config(tmp_path / "out")
     plan = streammerge.plan_merge(base, llama["adapter"], dequantize=True)
     assert any("merging into that is better: pass its directory as `base`" in w for w in plan.warnings)
@@ -179,7 +171,7 @@ def test_int4_dequantize_is_reference_unpack_plus_peft_merge(llama, tmp_path, me
     model.load_state_dict(ref_sd)
     PeftModel.from_pretrained(model, llama["adapter"]).merge_and_unload().save_pretrained(tmp_path / "ref")
     _merge(base, llama["adapter"], tmp_path / "out", "--dequantize")
-    _assert_same(tmp_path / "out", tmp_path / "ref")
+    qb.assert_same_file(tmp_path / "out", tmp_path / "ref")
     assert "quantization_config" not in _config(tmp_path / "out")
 
 
