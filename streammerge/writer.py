@@ -140,14 +140,15 @@ class ShardFile:
         calls = 0
         try:
             align = self.align  # once: another thread may turn direct writes off for this file meanwhile
-            if buffer is not None and align and len(buffer) >= align:
-                a = -offset % align
-                b = (offset + count) // align * align - offset
-                if b - a >= diskio.DIRECT_MIN:
-                    calls += self._copy_range(src_fd, src_offset, offset, a)
-                    whole = buffer[: len(buffer) // align * align]
-                    calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, whole)
-                    src_offset, offset, count = src_offset + b, offset + b, count - b
+            # the buffer is aligned, so its phase is the file's: pass ``offset`` as the address
+            middle = (diskio.aligned_middle(offset, count, offset, align)
+                      if buffer is not None and align and len(buffer) >= align else None)
+            if middle is not None:
+                a, b = middle
+                calls += self._copy_range(src_fd, src_offset, offset, a)
+                whole = buffer[: len(buffer) // align * align]  # type: ignore[index]
+                calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, whole)
+                src_offset, offset, count = src_offset + b, offset + b, count - b
             calls += self._copy_range(src_fd, src_offset, offset, count)
         except OSError as e:
             raise output_error(self.path, e) from e
