@@ -91,6 +91,45 @@ def piece_digest(data: memoryview | bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+class PieceFeed:
+    """Digests of consecutive pieces of the given byte lengths, fed as a stream of runs of any size (a copy
+    hashed from the buffer it passes through: ``writer.ShardFile.copy_in``). A piece that lies inside one
+    run is hashed in one call; one that spans runs, incrementally: XXH3's streaming digest is its one-shot
+    digest, so both give ``piece_digest`` of the piece."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self._lengths = lengths
+        self._digests: list[bytes] = []
+        self._need = lengths[0] if lengths else 0  # bytes still to come of the current piece
+        self._partial = None  # an xxh3_128 state while a piece spans runs
+
+    def __call__(self, data: memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if self._need == 0:
+                raise AssertionError("fed more bytes than the pieces hold")
+            take = min(self._need, len(view))
+            if self._partial is None and take == self._need:
+                self._digests.append(piece_digest(view[:take]))
+            else:
+                if self._partial is None:
+                    self._partial = xxhash.xxh3_128()
+                self._partial.update(view[:take])
+                if take == self._need:
+                    self._digests.append(self._partial.digest())
+                    self._partial = None
+            view = view[take:]
+            self._need -= take
+            if self._need == 0 and len(self._digests) < len(self._lengths):
+                self._need = self._lengths[len(self._digests)]
+
+    def digests(self) -> list[bytes]:
+        """The pieces' digests, in order (every piece must have been fed whole)."""
+        if len(self._digests) != len(self._lengths) or self._need:
+            raise AssertionError(f"fed {len(self._digests)} of {len(self._lengths)} pieces")
+        return self._digests
+
+
 def combine(digests: Iterable[bytes]) -> str:
     """The shard digest from its pieces' digests, in file order."""
     return xxhash.xxh3_128_hexdigest(b"".join(digests))

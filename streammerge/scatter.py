@@ -9,8 +9,8 @@ before it. ``write_shards`` cuts the shards into *units* (``streammerge.units``)
   while the worker computes the next block into its other buffer (``sources.Sources.buffer``);
 * a copy run: consecutive untouched tensors whose bytes are contiguous in one base file (cut at
   ``COPY_UNIT`` bytes so that several threads share a big run), run by a copier thread: read into its
-  aligned buffer and written direct, or one ``copy_file_range`` per run (at most 1 GiB per call) where
-  the file is buffered; then its pieces are hashed from the base's page cache by the same thread.
+  aligned buffer, hashed there and written direct, or one ``copy_file_range`` per run (at most 1 GiB per
+  call) where the file is buffered, then hashed from the base's page cache by the same thread.
 
 ``workers`` threads compute, ``COPIERS`` threads copy, reading through ``sources.Sources``. The main
 thread submits units in order (memory-bounded, see ``budget``: a block keeps its budget until it is
@@ -120,21 +120,24 @@ def _write(shard: _Shard, unit: Unit, data: memoryview) -> int:
 
 def _copy(unit: Unit, shard: _Shard, sources: Sources) -> int:
     first = unit.spans[0]
-    fd = sources.fd(first[0].source.path)
-    started = time.perf_counter()
-    buf = sources.copy_buffer(shard.file.align) if shard.file.align else None
-    calls = shard.file.copy_in(fd, units.src_offset(first[0], first[1]), unit.offset, unit.nbytes, buf)
-    copied = time.perf_counter()
+    path = first[0].source.path
+    ranges: list[tuple[int, int]] = []  # the pieces' byte ranges in the base file, for the xxh3 digests
     if shard.sha is None:
-        ranges = []
         for task, r0, r1 in unit.spans:
             j0, j1 = units.pieces_in(task, r0, r1)
-            pieces = digest.task_pieces(task)
-            ranges += [(units.src_offset(task, p0), units.src_offset(task, p1)) for p0, p1 in pieces[j0:j1]]
-        if ranges:
-            shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = sources.hash_copied(first[0].source.path, ranges)
-    LOG.debug("copy %d bytes in %d call(s): %.3f s, hash %.3f s", unit.nbytes, calls, copied - started,
-              time.perf_counter() - copied)
+            pieces = digest.task_pieces(task)[j0:j1]
+            ranges += [(units.src_offset(task, p0), units.src_offset(task, p1)) for p0, p1 in pieces]
+    feed = digest.PieceFeed([b - a for a, b in ranges]) if ranges else None
+    started = time.perf_counter()
+    buf = sources.copy_buffer(shard.file.align) if shard.file.align else None
+    src = units.src_offset(first[0], first[1])
+    fed = shard.file.copy_in(sources.fd(path), src, unit.offset, unit.nbytes, buf, feed)
+    copied = time.perf_counter()
+    if feed is not None:  # hashed on the way through the buffer, or now from the base's page cache
+        digests = feed.digests() if fed else sources.hash_copied(path, ranges)
+        shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = digests
+    LOG.debug("copy %d bytes (%s): %.3f s, then %.3f s", unit.nbytes, "hashed on the way" if fed else "by range",
+              copied - started, time.perf_counter() - copied)
     return unit.nbytes
 
 

@@ -16,6 +16,7 @@ import errno
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -132,60 +133,48 @@ class ShardFile:
             offset += n
             self._count(n)
 
-    def copy_in(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview | None = None) -> int:
-        """Copy ``count`` bytes at ``src_offset`` of ``src_fd`` to ``offset``. With ``buffer`` (page-aligned,
-        a multiple of 4 KiB) and a direct file, the aligned middle is read into it and written direct;
-        everything else moves without passing through Python (``copy_file_range``). Returns the number of
-        system calls made."""
-        calls = 0
-        try:
-            align = self.align  # once: another thread may turn direct writes off for this file meanwhile
-            # the buffer is aligned, so its phase is the file's: pass ``offset`` as the address
-            middle = (diskio.aligned_middle(offset, count, offset, align)
-                      if buffer is not None and align and len(buffer) >= align else None)
-            if middle is not None:
-                a, b = middle
-                calls += self._copy_range(src_fd, src_offset, offset, a)
-                whole = buffer[: len(buffer) // align * align]  # type: ignore[index]
-                calls += self._copy_direct(src_fd, src_offset + a, offset + a, b - a, whole)
-                src_offset, offset, count = src_offset + b, offset + b, count - b
-            calls += self._copy_range(src_fd, src_offset, offset, count)
-        except OSError as e:
-            raise output_error(self.path, e) from e
-        return calls
+    def copy_in(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview | None = None,
+                feed: Callable[[memoryview], object] | None = None) -> bool:
+        """Copy ``count`` bytes at ``src_offset`` of ``src_fd`` to ``offset``.
 
-    def _copy_range(self, src_fd: int, src_offset: int, offset: int, count: int) -> int:
-        calls = 0
+        With ``buffer`` (page-aligned, a multiple of 4 KiB) and a file opened for direct I/O, every byte is
+        read into the buffer at the file's phase and written by ``pwrite`` (its aligned middle direct, the
+        ragged ends buffered), and ``feed(view)`` sees each run of bytes first, in order, while it is in
+        cache (``digest.PieceFeed``: no second read of the source). Otherwise the bytes move without passing
+        through Python (``copy_file_range``) and ``feed`` is not called. Returns whether ``feed`` saw them."""
+        align = self.align  # once: another thread may turn direct writes off for this file meanwhile
+        if buffer is None or not align or len(buffer) < 2 * align:
+            try:
+                self._copy_range(src_fd, src_offset, offset, count)
+            except OSError as e:
+                raise output_error(self.path, e) from e
+            return False
+        step = len(buffer) // align * align
+        end = offset + count
+        while offset < end:
+            lead = offset % align  # the buffer is aligned: byte ``lead`` of it has the file offset's phase
+            view = buffer[lead : lead + min(step - lead, end - offset)]  # type: ignore[index]
+            try:
+                got = os.preadv(src_fd, [view], src_offset)
+            except OSError as e:
+                raise output_error(self.path, e) from e
+            if got < len(view):
+                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+            if feed is not None:
+                feed(view)
+            self.pwrite(offset, view)
+            src_offset, offset = src_offset + len(view), offset + len(view)
+        return True
+
+    def _copy_range(self, src_fd: int, src_offset: int, offset: int, count: int) -> None:
         while count > 0:
             n = diskio.copy_at(src_fd, self.fd, src_offset, offset, min(count, diskio.COPY_CHUNK))
-            calls += 1
             if n <= 0:
                 raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
             src_offset += n
             offset += n
             count -= n
             self._count(n)
-        return calls
-
-    def _copy_direct(self, src_fd: int, src_offset: int, offset: int, count: int, buffer: memoryview) -> int:
-        step = len(buffer)  # a multiple of the alignment
-        calls = 0
-        while count > 0:
-            n = min(step, count)
-            got = os.preadv(src_fd, [buffer[:n]], src_offset)
-            calls += 2
-            if got < n:
-                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
-            try:
-                if not self.align:
-                    raise OSError(errno.EINVAL, "no direct I/O")
-                diskio.write_direct(self.dfd, buffer[:n], offset)
-                self._count(n)
-            except OSError as e:
-                self._direct_failed(e)
-                self._buffered(buffer[:n], offset)
-            src_offset, offset, count = src_offset + n, offset + n, count - n
-        return calls
 
     def start_writeback(self, offset: int, count: int) -> None:
         """Ask the kernel to start writing ``[offset, offset + count)`` to disk now (Linux; elsewhere a

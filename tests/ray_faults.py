@@ -33,8 +33,8 @@ def install() -> None:
         if offset > 0:  # tensor bytes (the header is written at offset 0)
             fire(self)
 
-    def copy_in_hook(self, src_fd, src_offset, offset, count, buffer=None):
-        n = copy_in(self, src_fd, src_offset, offset, count, buffer)
+    def copy_in_hook(self, src_fd, src_offset, offset, count, buffer=None, feed=None):
+        n = copy_in(self, src_fd, src_offset, offset, count, buffer, feed)
         fire(self)
         return n
 

@@ -176,12 +176,30 @@ def test_copies_go_direct_through_the_buffer_and_keep_every_byte(tmp_path, monke
         with ShardFile(tmp_path / "f.bin", len(payload) - 1000 + 10, direct=True) as f:
             buf = _phased(1 << 20, 0, f.align, 0)  # smaller than the copy: several rounds through it
             f.pwrite(0, b"0123456789")
-            f.copy_in(fd, 1000, 10, len(payload) - 1000, buf)
+            fed = []
+            assert f.copy_in(fd, 1000, 10, len(payload) - 1000, buf, lambda v: fed.append(bytes(v))) is True
             f.commit()
     finally:
         os.close(fd)
     assert (tmp_path / "f.bin").read_bytes() == b"0123456789" + payload[1000:]
     assert sum(c for _, c in seen) > 2 << 20 and all(c <= 1 << 20 for _, c in seen)
+    # every byte was shown to ``feed`` once, in order, before it was written (the copy's digests come from it)
+    assert b"".join(fed) == payload[1000:] and len(fed) == 3  # 1 MiB - 10, 1 MiB, the rest
+
+
+def test_a_buffered_copy_moves_in_the_kernel_and_feeds_nothing(tmp_path):
+    src = tmp_path / "src.bin"
+    payload = np.random.default_rng(6).integers(0, 256, size=1 << 20, dtype=np.uint8).tobytes()
+    src.write_bytes(payload)
+    fd = os.open(src, os.O_RDONLY)
+    fed = []
+    try:
+        with ShardFile(tmp_path / "h.bin", len(payload) - 7, direct=False) as f:
+            assert f.copy_in(fd, 7, 0, len(payload) - 7, None, fed.append) is False
+            f.commit()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "h.bin").read_bytes() == payload[7:] and fed == []
 
 
 @linux
