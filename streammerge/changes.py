@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # torch loads when blocks are measured, not to import this (`
     import torch
 
 _CHUNK_ELEMS = 1 << 20  # fp32 scratch per chunk: 4 MiB for each of M and W
+_local = threading.local()  # each thread's fp32 scratch for ``BlockTally.widen`` (4 MiB, kept for the thread's life)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +89,8 @@ class ChangeTally:
         """Rows ``r0…`` of ``task``: ``base`` the base rows (any float dtype), ``written`` the output rows."""
         block = BlockTally()
         w_flat, m_flat = base.reshape(-1), written.reshape(-1)
-        scratch = None
         for i in range(0, w_flat.numel(), _CHUNK_ELEMS):
-            scratch = block.chunk(w_flat[i : i + _CHUNK_ELEMS], m_flat[i : i + _CHUNK_ELEMS], scratch)
+            block.chunk(w_flat[i : i + _CHUNK_ELEMS], m_flat[i : i + _CHUNK_ELEMS])
         self.add_block(task, r0, block)
 
     def add_block(self, task: TensorTask, r0: int, block: BlockTally) -> None:
@@ -114,31 +114,49 @@ class ChangeTally:
 
 class BlockTally:
     """One block's squared norms, fed chunk by chunk: by ``ChangeTally.add``, or by the kernel while each
-    merged chunk is still in cache (``kernel.merge_checked``'s ``on_chunk``: no second pass over memory)."""
+    merged chunk is still in cache (``kernel.merge_checked``'s ``tally``: no second pass over memory)."""
 
-    __slots__ = ("dsq", "same", "wsq")
+    __slots__ = ("_base", "dsq", "same", "wsq")
 
     def __init__(self) -> None:
         self.wsq = self.dsq = 0.0
         self.same = True
+        self._base: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def chunk(self, base: torch.Tensor, written: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Add (‖W‖², ‖M − W‖²) of one chunk (fp32 BLAS dots) and whether M == W bit for bit. ``scratch``: fp32
-        memory the caller no longer needs (at least the chunk's size), or None; returns the scratch used."""
+    def widen(self, base: torch.Tensor) -> torch.Tensor:
+        """``base`` (a chunk of W, rows) in fp32, in this thread's scratch, with ‖W‖² added; the kernel adds ΔW
+        to it (read only) before ``compare`` reuses the buffer."""
         import torch
 
         n = base.numel()
-        if scratch is None or scratch.dtype != torch.float32 or scratch.numel() < n or not scratch.is_contiguous():
-            scratch = torch.empty(n, dtype=torch.float32, device=base.device)
-        d = scratch.view(-1)[:n]
-        d.copy_(base.reshape(-1))  # W in fp32, in memory of our own (never a view of W or M)
+        held = getattr(_local, "scratch", None)
+        if held is None or held.numel() < n or held.device != base.device:
+            _local.scratch = held = torch.empty(max(n, _CHUNK_ELEMS), dtype=torch.float32, device=base.device)
+        d = held[:n]
+        d.copy_(base.reshape(-1))  # exact: every float W widens to fp32 without rounding
         self.wsq += float(torch.dot(d, d))
-        torch.sub(written.reshape(-1), d, out=d)  # M − W in fp32 (M promoted on the fly), exact as M.float() − W
+        self._base = (base, d)
+        return d.view(base.shape)
+
+    def compare(self, written: torch.Tensor) -> bool:
+        """Add ‖M − W‖² of the chunk ``widen`` saw (``written``: M, those rows); returns whether that sum is
+        finite (it is not where M holds a NaN/inf)."""
+        import torch
+
+        assert self._base is not None, "compare without widen"
+        base, d = self._base
+        self._base = None
+        torch.sub(written.reshape(-1), d, out=d)  # M − W in fp32 (M promoted on the fly)
         dsq = float(torch.dot(d, d))
         self.dsq += dsq
         if self.same:
             self.same = dsq == 0 and base.dtype == written.dtype and torch.equal(_bits(base), _bits(written))
-        return scratch
+        return math.isfinite(dsq)
+
+    def chunk(self, base: torch.Tensor, written: torch.Tensor) -> None:
+        """Add (‖W‖², ‖M − W‖²) of one chunk (fp32 BLAS dots) and whether M == W bit for bit."""
+        self.widen(base)
+        self.compare(written)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

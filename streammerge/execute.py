@@ -164,7 +164,7 @@ def _merged(task: TensorTask, w: torch.Tensor, r0: int, r1: int, reader: TensorR
         dst = buf[: w.numel() * out_dtype.itemsize].view(out_dtype).view(w.shape) if buf is not None else None
         block = BlockTally() if tally else None
         out, suspect = kernel.merge_checked(w, out_dtype, _steps(task, reader, device), r0, r1, chunk, out=dst,
-                                            check_finite=opts.check_finite, on_chunk=block and block.chunk)
+                                            check_finite=opts.check_finite, tally=block)
         if block is not None:
             opts.changes.add_block(task, r0, block)  # type: ignore[union-attr]
             tally = False

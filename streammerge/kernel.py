@@ -21,7 +21,8 @@ counts are multiples of ``plan.ROW_ALIGN``; tested on real shapes in ``tests/tes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,9 @@ from streammerge.deltas import (  # noqa: F401  (re-exported: callers and tests 
 )
 from streammerge.formats.dtypes import torch_dtypes
 from streammerge.plan.geometry import row_blocks
+
+if TYPE_CHECKING:
+    from streammerge.changes import BlockTally
 
 #: safetensors dtype code -> torch dtype (the one table, :mod:`streammerge.formats.dtypes`).
 TORCH_DTYPES: dict[str, torch.dtype] = dict(torch_dtypes())
@@ -124,7 +128,7 @@ def merge_checked(
     *,
     out: torch.Tensor | None = None,
     check_finite: bool = False,
-    on_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object] | None = None,
+    tally: BlockTally | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``merge_block`` into ``out`` (a tensor of ``w``'s shape and ``out_dtype``, or None: a new one),
     with the NaN/inf filter of ``nonfinite_count`` run on each chunk while it is in cache.
@@ -138,9 +142,12 @@ def merge_checked(
     dtypes are PEFT's. With ``out`` reused between blocks, the output costs no page faults either:
     measured, a fresh 32 MiB output cost as much as the arithmetic of that block.
 
-    ``on_chunk(w_rows, written_rows, scratch)`` is called after each chunk is stored, while both are in
-    cache (``changes.BlockTally.chunk``); ``scratch`` is the chunk's fp32 ΔW buffer, free by then (None
-    when the last step is not ``once``).
+    ``tally`` (``changes.BlockTally``) measures each chunk's change while it is in cache. In the common
+    case (one ``once`` step, W already in the stored dtype) it is fused into the merge: the tally widens
+    W to fp32 (for ‖W‖²), the add takes that copy (the same fp32 values the add widens W to, so the same
+    bits), and ‖M − W‖² is then taken into the same buffer; the NaN/inf filter is that sum's finiteness
+    (M − W is finite wherever M is). Measured per 512K-element chunk, one thread: 0.86 -> ~0.65 ms.
+    Otherwise the tally takes its own pass over each stored chunk (``BlockTally.chunk``).
     """
     if out is None:
         out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
@@ -149,23 +156,34 @@ def merge_checked(
         return out, check_finite and not _finite_sum(out)
     rows = r1 - r0
     suspect = False
+    fused = tally is not None and len(steps) == 1 and steps[0][0] == "once" and w.dtype == out_dtype
     for c0, c1 in _chunks(rows, chunk_rows):
         cur = w[c0:c1]
-        for i, step in enumerate(steps):
+        if fused:
+            assert tally is not None
+            cur = _apply_step(cur, out_dtype, steps[0], r0 + c0, r0 + c1, widened=tally.widen(cur))
+        for i, step in enumerate(() if fused else steps):
             cur = _apply_step(cur, out_dtype, step, r0 + c0, r0 + c1)
             if i + 1 < len(steps) and step[0] in ("once", "delta_first"):
                 cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next (the others did)
         chunk = out[c0:c1]
         chunk.copy_(cur)  # the cast to out_dtype: round to nearest even
+        if fused:
+            assert tally is not None
+            finite = tally.compare(chunk)  # ‖M − W‖² from the widened W, while both are in cache
+            suspect = suspect or (check_finite and not finite)
+            continue
         if check_finite and not suspect:
             suspect = not _finite_sum(chunk)
-        if on_chunk is not None:
-            on_chunk(w[c0:c1], chunk, cur if steps[-1][0] == "once" else None)
+        if tally is not None:
+            tally.chunk(w[c0:c1], chunk)
     return out, suspect
 
 
-def _apply_step(cur: torch.Tensor, out_dtype: torch.dtype, step: tuple, r0: int, r1: int) -> torch.Tensor:
-    """One step on rows ``[r0, r1)`` (``cur``): the result, not yet rounded to ``out_dtype`` for "once"."""
+def _apply_step(cur: torch.Tensor, out_dtype: torch.dtype, step: tuple, r0: int, r1: int,
+                widened: torch.Tensor | None = None) -> torch.Tensor:
+    """One step on rows ``[r0, r1)`` (``cur``): the result, not yet rounded to ``out_dtype`` for "once".
+    ``widened``: ``cur`` (already in ``out_dtype``) in fp32, for a "once" step's add."""
     rounding, terms, *combination = step
     if rounding == "dora":  # one term: PEFT merges one DoRA adapter per module at a time
         return dora_block(cur.to(out_dtype), out_dtype, terms[0], r0, r1)
@@ -183,7 +201,7 @@ def _apply_step(cur: torch.Tensor, out_dtype: torch.dtype, step: tuple, r0: int,
     if rounding == "once":
         # fp32 add of W and ΔW, rounded once by the caller's store (W, cast to the stored dtype as PEFT's
         # weight is, is widened inside the add: no fp32 copy of it is made)
-        return delta.add_(cur.to(out_dtype))
+        return delta.add_(cur.to(out_dtype) if widened is None else widened.view(delta.shape))
     if rounding == "delta_first":
         return cur.to(out_dtype) + delta.to(out_dtype)
     raise AssertionError(f"unknown rounding {rounding!r}")  # pragma: no cover

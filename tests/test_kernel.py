@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -189,6 +191,22 @@ def test_merge_into_a_reused_buffer_is_bit_identical_and_flags_every_nonfinite(c
     assert out.data_ptr() == dirty.data_ptr()
     assert torch.equal(out.view(_INT_VIEW[dtype]), fresh.view(_INT_VIEW[dtype]))
     assert suspect or nonfinite_count(out) == 0
+
+    # with the change tally fused in (it widens W for the add; its sum's finiteness is the NaN/inf filter):
+    # the same bits, the same verdict, and the figures of a separate pass over the same chunks
+    from streammerge.changes import BlockTally
+
+    fused = BlockTally()
+    out2, suspect2 = merge_checked(w, dtype, steps, 0, w.shape[0], 64, out=dirty.clone(), check_finite=True,
+                                   tally=fused)
+    assert torch.equal(out2.view(_INT_VIEW[dtype]), fresh.view(_INT_VIEW[dtype]))
+    assert suspect2 or nonfinite_count(out2) == 0
+    assert suspect2 == (nonfinite_count(out2) > 0 or not math.isfinite(fused.dsq))
+    apart = BlockTally()
+    for r0, r1 in row_blocks(w.shape[0], 64):
+        apart.chunk(w[r0:r1], out2[r0:r1])
+    same = lambda x, y: x == y or (math.isnan(x) and math.isnan(y))  # noqa: E731
+    assert same(fused.wsq, apart.wsq) and same(fused.dsq, apart.dsq) and fused.same == apart.same
 
 
 def _with_threads(n, fn):
