@@ -66,7 +66,9 @@ TARGETS = [
     ("streammerge.digest", "range_digests"),
     ("streammerge.scatter", "wait"),  # the main thread waiting for workers
     ("streammerge.changes", "ChangeTally.add"),  # the per-tensor change report (main after f7df494)
-    ("streammerge.changes", "BlockTally.chunk"),  # the same, fused into the kernel per chunk (perf)
+    ("streammerge.changes", "BlockTally.chunk"),  # the same, per kernel chunk (a separate pass)
+    ("streammerge.changes", "BlockTally.widen"),  # the same, fused into the merge (kernel.merge_checked's ``tally``)
+    ("streammerge.changes", "BlockTally.compare"),
 ]
 
 STATS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # (name, thread) -> calls, wall, cpu
