@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from streammerge.formats.reader import TensorReader
 
 _CHUNK = 64 << 20
+_COMPARE = 1 << 20  # bytes compared per numpy call (its temporary stays in cache)
 
 
 def check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, shas: dict,
@@ -46,6 +47,8 @@ def check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, 
             if mm is None:
                 progress(2 * shard.data_size)
                 continue
+            view = memoryview(mm)
+            stack.callback(view.release)  # before the map closes (callbacks run last in, first out)
             hashed += len(mm)
             if shas.get(shard.filename) is not None:
                 _check_digest(path, mm, shard, shas[shard.filename], found, progress)
@@ -60,14 +63,14 @@ def check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, 
                 base += task.nbytes
             for task in shard.tasks:
                 if task.is_raw_copy and task.nbytes:
-                    _compare_copy(path, mm, offsets[task.name], task, reader, found)
+                    _compare_copy(path, mm, view, offsets[task.name], task, reader, found)
                     progress(task.nbytes)
             merged = [t for t in shard.tasks if not t.is_raw_copy and t.nbytes]
             with contextlib.closing(_recomputed(merged, reader, opts, sample)) as blocks:  # drained before reader
                 for task, r0, r1, data in blocks:
                     row_bytes = task.nbytes // task.rows
                     start = offsets[task.name] + r0 * row_bytes
-                    _compare(path, task, r0, r1, mm[start : start + (r1 - r0) * row_bytes],
+                    _compare(path, task, r0, r1, view[start : start + (r1 - r0) * row_bytes],
                              execute.as_bytes(data), "the recomputation", found)
                     mapped.drop(mm, start, start + (r1 - r0) * row_bytes)
                     rows += r1 - r0
@@ -129,8 +132,8 @@ def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[s
         found.add(f"{path}: {key} differs from the manifest (modified after the merge, or a disk error)")
 
 
-def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reader: TensorReader,
-                  found: Findings) -> None:
+def _compare_copy(path: Path, mm: mmap.mmap, view: memoryview, start: int, task: TensorTask,
+                  reader: TensorReader, found: Findings) -> None:
     from streammerge import execute
 
     src = reader.tensor(task.source)
@@ -140,7 +143,7 @@ def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reade
     for r0 in range(0, task.rows, step):
         r1 = min(task.rows, r0 + step)
         a, b = r0 * row_bytes, r1 * row_bytes
-        same = _compare(path, task, r0, r1, mm[start + a : start + b], src_bytes[a:b],
+        same = _compare(path, task, r0, r1, view[start + a : start + b], src_bytes[a:b],
                         f"its source in {task.source.path}", found)
         mapped.drop(mm, start + a, start + b)
         reader.release(task.source, r0, r1)
@@ -149,13 +152,19 @@ def _compare_copy(path: Path, mm: mmap.mmap, start: int, task: TensorTask, reade
     reader.release(task.source, 0, task.rows)
 
 
-def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: bytes, want: memoryview, against: str,
+def _compare(path: Path, task: TensorTask, r0: int, r1: int, got: memoryview, want: memoryview, against: str,
              found: Findings) -> bool:
-    if got == want:
-        return True
     import numpy as np
 
-    diff = np.frombuffer(got, dtype=np.uint8) != np.frombuffer(want, dtype=np.uint8)
+    a, b = np.frombuffer(got, dtype=np.uint8), np.frombuffer(want, dtype=np.uint8)
+    # numpy, a MiB at a time, on views of the map and the tensor: ~9 GB/s here, against ~0.5 GB/s for
+    # ``bytes == memoryview`` (CPython compares memoryviews item by item) after copying the range out of the map
+    if len(a) == len(b) and all(np.array_equal(a[i : i + _COMPARE], b[i : i + _COMPARE])
+                                for i in range(0, len(a), _COMPARE)):
+        return True
+    if len(a) != len(b):  # pragma: no cover - both sides come from the same plan
+        raise AssertionError(f"{task.name}: comparing {len(a)} bytes with {len(b)}")
+    diff = a != b
     first = int(np.argmax(diff))
     found.add(f"{path}: tensor {task.name!r} rows {r0}..{r1}: {int(diff.sum())} byte(s) differ from {against} "
               f"(first at byte {first} of those rows)")
