@@ -8,9 +8,7 @@ before it. ``write_shards`` cuts the shards into *units* (``streammerge.units``)
   it at its offset (direct I/O for its aligned middle where the file allows: ``writer.ShardFile``)
   while the worker computes the next block into its other buffer (``sources.Sources.buffer``);
 * a copy run: consecutive untouched tensors whose bytes are contiguous in one base file (cut at
-  ``COPY_UNIT`` bytes so that several threads share a big run), run by a copier thread: read into its
-  aligned buffer, hashed there and written direct, or one ``copy_file_range`` per run (at most 1 GiB per
-  call) where the file is buffered, then hashed from the base's page cache by the same thread.
+  ``COPY_UNIT`` bytes so that several threads share a big run), run by a copier thread (``copies``).
 
 ``workers`` threads compute, ``COPIERS`` threads copy, reading through ``sources.Sources``. The main
 thread submits units in order (memory-bounded, see ``budget``: a block keeps its budget until it is
@@ -27,14 +25,13 @@ copies while it loads.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
-from streammerge import digest, units
+from streammerge import copies, digest, units
 from streammerge.budget import ExecOptions
 from streammerge.plan import ShardPlan
 from streammerge.sources import Sources
@@ -118,29 +115,6 @@ def _write(shard: _Shard, unit: Unit, data: memoryview) -> int:
     return unit.nbytes
 
 
-def _copy(unit: Unit, shard: _Shard, sources: Sources) -> int:
-    first = unit.spans[0]
-    path = first[0].source.path
-    ranges: list[tuple[int, int]] = []  # the pieces' byte ranges in the base file, for the xxh3 digests
-    if shard.sha is None:
-        for task, r0, r1 in unit.spans:
-            j0, j1 = units.pieces_in(task, r0, r1)
-            pieces = digest.task_pieces(task)[j0:j1]
-            ranges += [(units.src_offset(task, p0), units.src_offset(task, p1)) for p0, p1 in pieces]
-    feed = digest.PieceFeed([b - a for a, b in ranges]) if ranges else None
-    started = time.perf_counter()
-    buf = sources.copy_buffer(shard.file.align) if shard.file.align else None
-    src = units.src_offset(first[0], first[1])
-    fed = shard.file.copy_in(sources.fd(path), src, unit.offset, unit.nbytes, buf, feed)
-    copied = time.perf_counter()
-    if feed is not None:  # hashed on the way through the buffer, or now from the base's page cache
-        digests = feed.digests() if fed else sources.hash_copied(path, ranges)
-        shard.digests[unit.piece0 : unit.piece0 + len(ranges)] = digests
-    LOG.debug("copy %d bytes (%s): %.3f s, then %.3f s", unit.nbytes, "hashed on the way" if fed else "by range",
-              copied - started, time.perf_counter() - copied)
-    return unit.nbytes
-
-
 def write_shards(
     shards: Sequence[ShardPlan],
     out: Path,
@@ -198,8 +172,10 @@ class _Run:
         # Load torch and the kernel beside the workers, so every worker starts copying at once. Its errors
         # surface in the first compute unit, which calls ``engine`` again.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-load")
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammerge-hash")  # after the load
+        self.later = None
         if any(not u.is_copy for u in self.units):
-            self.loader.submit(self.sources.engine)
+            self.later = (self.loader.submit(self.sources.engine), self.hasher)
 
     def loop(self) -> None:
         while True:
@@ -228,7 +204,8 @@ class _Run:
                 not self.pending or self.in_use + self.units[0].cost <= self.opts.max_memory):
             unit = self.units.popleft()
             shard = self._shard(unit.shard)
-            fut = (self.copier.submit(_copy, unit, shard, self.sources) if unit.is_copy
+            fut = (self.copier.submit(copies.copy_run, unit, shard.file, shard.digests if shard.sha is None else None,
+                                        self.sources, self.later) if unit.is_copy
                    else self.pool.submit(_compute, unit, shard, self.sources, self.opts, self.io))
             if shard.sha is not None and unit.nbytes:
                 shard.units[unit.offset] = (unit.offset + unit.nbytes, fut)
@@ -253,7 +230,8 @@ class _Run:
         for fut in done:
             unit = self.pending.pop(fut)
             n = fut.result()
-            if isinstance(n, Future):  # computed: now wait for its write (still holding its budget)
+            if isinstance(n, Future):  # computed: now wait for its write (still holding its budget); or copied,
+                # with its hashes still to come
                 self.pending[n] = unit
                 shard = self.open[unit.shard]
                 if unit.offset in shard.units:
@@ -275,6 +253,7 @@ class _Run:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.copier.shutdown(wait=True, cancel_futures=True)
         self.io.shutdown(wait=True)  # after the workers, which queue writes; before any file closes
+        self.hasher.shutdown(wait=True, cancel_futures=True)  # after the copiers, which queue hashes
         self.committer.shutdown(wait=True, cancel_futures=True)
         self.loader.shutdown(wait=True)
         for shard in [*self.handed, *self.open.values()]:

@@ -139,3 +139,40 @@ def test_verify_drops_every_output_page_it_reads(tmp_path, medium, monkeypatch, 
             assert start - start % 4096 <= covered, (shard.name, start, covered)
             covered = max(covered, end)
         assert covered >= size, (shard.name, covered, size)
+
+
+@linux
+def test_runs_copied_while_torch_loads_are_hashed_after_it_to_the_same_digests(tmp_path, medium, monkeypatch):
+    """While torch loads (held back here for 0.5 s), copy runs are written at once and hashed from the base's
+    page cache once it has loaded; their digests, the manifest and the shards are those of a merge whose
+    copies are hashed on the way through the buffer."""
+    import json
+    import threading
+    import time
+
+    from streammerge import copies
+    from streammerge.sources import Sources
+
+    base, adapter = medium
+    streammerge.merge(base=base, adapter=adapter, out=tmp_path / "plain", device="cpu")
+    waited: list[bool] = []
+    real_hash, real_engine = copies.hash_copied, Sources.engine
+
+    def hash_copied(unit, digests, sources, ranges, after):
+        n = real_hash(unit, digests, sources, ranges, after)
+        waited.append(after is not None and after.done())  # deferred until torch had loaded
+        return n
+
+    def slow_engine(self):
+        if threading.current_thread().name.startswith("streammerge-load"):
+            time.sleep(0.5)
+        return real_engine(self)
+
+    monkeypatch.setattr(copies, "hash_copied", hash_copied)
+    monkeypatch.setattr(Sources, "engine", slow_engine)
+    streammerge.merge(base=base, adapter=adapter, out=tmp_path / "later", device="cpu")
+    assert waited and all(waited)
+    assert _shards(tmp_path / "later") == _shards(tmp_path / "plain")
+    manifests = [json.loads((tmp_path / d / "streammerge.json").read_text())["shards"] for d in ("plain", "later")]
+    assert manifests[0] == manifests[1]
+    assert streammerge.verify(tmp_path / "later").ok
