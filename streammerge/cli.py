@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, StreamMergeError):
             print("\n".join(error_lines(e, command, verbose)), file=sys.stderr)
             return 2
+        if isinstance(e, BrokenPipeError):  # our reader left (``verify --out X | head -1``): end as a C tool
+            _quiet_stdout()  # would on SIGPIPE, without a traceback or a second error when stdout is flushed
+            return 128 + 13
         raise
     finally:
         try:
@@ -113,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signal.signal(sig, handler)
         except ValueError:  # not the main thread
             pass
+
+
+def _quiet_stdout() -> None:
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -102,3 +102,18 @@ def test_errors_found_while_planning_return_without_importing_torch(tmp_path, ll
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), (what, done.stderr)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
     assert os.listdir(full) == ["mine.txt"]
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, llama):
+    """``streammerge verify --out X | head -1``: stdout's reader is gone before the report is printed. The
+    command ends as a C tool does on SIGPIPE (exit 141), with no traceback."""
+    base, adapter = llama
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o"), "-q"]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader has left: the first write to stdout fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "streammerge", "verify", "--out", str(tmp_path / "o")],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr
