@@ -160,7 +160,8 @@ def test_runs_copied_while_torch_loads_are_hashed_after_it_to_the_same_digests(t
 
     def hash_copied(unit, digests, sources, ranges, after):
         n = real_hash(unit, digests, sources, ranges, after)
-        waited.append(after is not None and after.done())  # deferred until torch had loaded
+        if after is not None:  # a deferred hash (a run copied on a filesystem without direct I/O is hashed
+            waited.append(after.done())  # from the map at once, after=None): it ran once torch had loaded
         return n
 
     def slow_engine(self):
