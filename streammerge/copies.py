@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from streammerge import digest, units
 from streammerge.sources import Sources
@@ -61,6 +61,6 @@ def hash_copied(unit: Unit, digests: list[bytes | None], sources: Sources, range
                 after: Future | None) -> int:
     """The digests of a copied run's pieces, from the base's page cache, once ``after`` is done."""
     if after is not None:
-        wait([after])  # its error, if any, surfaces in the compute units
+        sources.after(after)  # its error, if any, surfaces in the compute units
     digests[unit.piece0 : unit.piece0 + len(ranges)] = sources.hash_copied(unit.spans[0][0].source.path, ranges)
     return unit.nbytes

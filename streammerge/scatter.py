@@ -250,12 +250,13 @@ class _Run:
 
     def close(self) -> None:
         # Stop every writer before a file is closed (a descriptor number reused mid-write would be corrupted).
+        self.sources.stop()  # units still waiting for torch give up; a unit already running finishes
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.copier.shutdown(wait=True, cancel_futures=True)
         self.io.shutdown(wait=True)  # after the workers, which queue writes; before any file closes
         self.hasher.shutdown(wait=True, cancel_futures=True)  # after the copiers, which queue hashes
         self.committer.shutdown(wait=True, cancel_futures=True)
-        self.loader.shutdown(wait=True)
+        self.loader.shutdown(wait=False)  # torch's import cannot be cut short; nothing waits for it now
         for shard in [*self.handed, *self.open.values()]:
             shard.file.close()  # deletes the temporary file unless committed
         self.sources.close()

@@ -25,6 +25,14 @@ COPY_BUFFER = 8 << 20
 OUT_BUFFERS = 2
 
 
+class Stopped(Exception):
+    """The run is ending (an error or an interrupt elsewhere) while this unit still waited for torch."""
+
+
+#: How often a unit waiting for torch's load looks whether the run is ending.
+_POLL = 0.05
+
+
 class Sources:
     """Read-only descriptors of base files (for copies), and the tensor reader (for blocks), made on first use."""
 
@@ -33,6 +41,7 @@ class Sources:
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # held while torch loads: copies must not wait for it
+        self._stopping = threading.Event()
         self._opts = opts
         self.reader = None
         self._local = threading.local()
@@ -74,17 +83,37 @@ class Sources:
     def engine(self):
         """``streammerge.execute`` (imports torch) and the shared reader; the first call sets torch's threads
         (``intra_op_threads``)."""
-        with self._engine_lock:
+        while not self._engine_lock.acquire(timeout=_POLL):  # another thread is loading torch
+            if self._stopping.is_set():
+                raise Stopped
+        try:
             if self.reader is None:
                 started = time.perf_counter()
                 from streammerge import execute
                 from streammerge.formats.reader import TensorReader  # imports torch
 
-                self._threads_before = execute.set_intra_op_threads(self._opts)
-                self.reader = TensorReader()
+                with self._lock:  # ``close`` may have run meanwhile: then torch's threads are left alone
+                    if self._stopping.is_set():
+                        raise Stopped
+                    self._threads_before = execute.set_intra_op_threads(self._opts)
+                    self.reader = TensorReader()
                 LOG.debug("torch and the kernel loaded in %.2f s", time.perf_counter() - started)
             from streammerge import execute
+        finally:
+            self._engine_lock.release()
         return execute, self.reader
+
+    def after(self, load: futures.Future) -> None:
+        """Wait for ``load`` (torch's, on the loader thread); ``Stopped`` if the run ends first."""
+        while not load.done():
+            if self._stopping.is_set():
+                raise Stopped
+            futures.wait([load], timeout=_POLL)
+
+    def stop(self) -> None:
+        """The run is ending: units still waiting for torch give up (``Stopped``) instead of waiting for its
+        import, which can take seconds (more on a cold cache), so an interrupt or an error returns at once."""
+        self._stopping.set()
 
     def buffer(self, nbytes: int, phase: int = 0, align: int = 0):
         """``(slot, tensor)``: one of this thread's ``OUT_BUFFERS`` output buffers (uint8, ``nbytes``), reused
@@ -127,7 +156,9 @@ class Sources:
         return held[2]
 
     def close(self) -> None:
-        with self._lock, self._engine_lock:
+        """Close what was opened (after every thread but a still-importing loader has stopped: ``stop``)."""
+        self.stop()
+        with self._lock:
             fds, self._fds = self._fds, {}
             maps, self._maps = self._maps, {}
             reader, self.reader = self.reader, None

@@ -143,3 +143,35 @@ def test_sigterm_exits_143_with_the_command_line(inputs, tmp_path):
     err = (tmp_path / "err.txt").read_text().splitlines()
     assert (code, err) in ((143, ["terminated: verify stopped before it finished; nothing was changed"]),
                            (143, ["terminated: stopped while starting; nothing was written"])), (code, err)
+
+
+#: ``python -m streammerge`` whose kernel import (where torch loads) takes 30 s, as torch's can on a cold cache.
+_SLOW_TORCH = """
+import importlib.abc, runpy, sys, time
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "streammerge.execute":
+            time.sleep(30)
+sys.meta_path.insert(0, Slow())
+sys.argv[0] = "streammerge"
+runpy.run_module("streammerge", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigint_while_torch_still_loads_exits_without_waiting_for_it(inputs, tmp_path):
+    """Blocks that wait for torch give up when the run ends: SIGINT during a 30 s import exits 130 at once
+    (it used to wait for the import to finish), with the same line and nothing but the progress record left."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TORCH, *_argv("merge", inputs, out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") for p in out.glob(".*")):  # writing has begun; the blocks wait for torch
+        assert time.monotonic() < deadline and proc.poll() is None, "the merge never started writing"
+        time.sleep(0.02)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130 and err.splitlines() == [MESSAGE["merge"]], (proc.returncode, err)
+    assert took < 10, f"exited {took:.1f} s after the signal: it waited for the import"
+    assert [p.name for p in out.iterdir()] == [".streammerge-progress.json"]
