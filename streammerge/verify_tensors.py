@@ -48,7 +48,7 @@ def check_tensors(out: Path, plan: Plan, opts: ExecOptions, sample: int | None, 
                 progress(2 * shard.data_size)
                 continue
             view = memoryview(mm)
-            stack.callback(view.release)  # before the map closes (callbacks run last in, first out)
+            stack.callback(_release, view)  # before the map closes (callbacks run last in, first out)
             hashed += len(mm)
             if shas.get(shard.filename) is not None:
                 _check_digest(path, mm, shard, shas[shard.filename], found, progress)
@@ -96,6 +96,12 @@ def _open_shard(path: Path, shard: ShardPlan, found: Findings, stack: ExitStack)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     stack.callback(_close, mm)
     return mm
+
+
+def _release(view: memoryview) -> None:
+    """Release a shard map's view; one still exported to an interrupted frame (BufferError) goes with the GC."""
+    with contextlib.suppress(BufferError):
+        view.release()
 
 
 def _close(mm: mmap.mmap) -> None:
