@@ -165,7 +165,9 @@ def test_sigint_while_torch_still_loads_exits_without_waiting_for_it(inputs, tmp
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_TORCH, *_argv("merge", inputs, out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") for p in out.glob(".*")):  # writing has begun; the blocks wait for torch
+    # a shard's temporary file: writing has begun (the progress record is written before, through its own
+    # temporary file); the copies run, the blocks wait for torch
+    while not any(".safetensors." in p.name and p.name.endswith(".tmp") for p in out.glob(".*")):
         assert time.monotonic() < deadline and proc.poll() is None, "the merge never started writing"
         time.sleep(0.02)
     sent = time.monotonic()
