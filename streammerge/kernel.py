@@ -200,7 +200,7 @@ def _apply_step(cur: torch.Tensor, out_dtype: torch.dtype, step: tuple, r0: int,
         delta = delta.reshape(cur.shape)
     if rounding == "once":
         # fp32 add of W and ΔW, rounded once by the caller's store (W, cast to the stored dtype as PEFT's
-        # weight is, is widened inside the add: no fp32 copy of it is made)
+        # weight is, is widened inside the add, or comes widened already: the change tally's fp32 copy of it)
         return delta.add_(cur.to(out_dtype) if widened is None else widened.view(delta.shape))
     if rounding == "delta_first":
         return cur.to(out_dtype) + delta.to(out_dtype)
