@@ -63,7 +63,7 @@ TARGETS = [
     ("streammerge.writer", "ShardFile.copy_in"),
     ("streammerge.writer", "ShardFile.commit"),
     ("streammerge.digest", "piece_digest"),
-    ("streammerge.digest", "range_digests"),
+    ("streammerge.digest", "map_digests"),  # copies hashed from the base map
     ("streammerge.scatter", "wait"),  # the main thread waiting for workers
     ("streammerge.changes", "ChangeTally.add"),  # the per-tensor change report (main after f7df494)
     ("streammerge.changes", "BlockTally.chunk"),  # the same, per kernel chunk (a separate pass)

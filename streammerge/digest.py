@@ -29,12 +29,14 @@ one it holds (a record has exactly one of the keys below):
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import xxhash
 
+from streammerge.formats import mapped
 from streammerge.plan import ROW_ALIGN, ShardPlan, TensorTask, row_blocks
 
 #: ``--checksum`` values.
@@ -154,10 +156,26 @@ def _pread_pieces(fd: int, ranges: Sequence[tuple[int, int]], path: Path) -> Ite
             yield h.digest()
 
 
-def range_digests(view: memoryview, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-    """Piece digests of byte ranges of ``view`` (a map of a base file: raw-copied bytes are hashed
-    from the page cache without a copy; measured 0.2 CPU-s per 2 GB against 0.35 for ``pread``)."""
-    return [piece_digest(view[a:b]) for a, b in ranges]
+def map_digests(mm: mmap.mmap, ranges: Sequence[tuple[int, int]],
+                progress: Callable[[int], None] | None = None) -> list[bytes]:
+    """Piece digests of byte ranges of a read-only map, in order, hashed from the page cache without a copy
+    (measured 0.2 CPU-s per 2 GB against 0.35 for ``pread``). The pages read are dropped from this process
+    every ``mapped.DROP_EVERY`` bytes and at the end (the page cache keeps them), so hashing a file through a
+    map does not grow the resident set by the file. ``progress(n)`` after each range."""
+    digests: list[bytes] = []
+    with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
+        start = ranges[0][0] if ranges else 0
+        for a, b in ranges:
+            with view[a:b] as piece:
+                digests.append(piece_digest(piece))
+            if progress is not None:
+                progress(b - a)
+            if b - start >= mapped.DROP_EVERY:
+                mapped.drop(mm, start, b)
+                start = b
+        if ranges:
+            mapped.drop(mm, start, ranges[-1][1])
+    return digests
 
 
 def shard_digest(path: Path, shard: ShardPlan | None = None) -> str:

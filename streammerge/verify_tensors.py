@@ -113,26 +113,17 @@ def _close(mm: mmap.mmap) -> None:
 def _check_digest(path: Path, mm: mmap.mmap, shard: ShardPlan, recorded: tuple[str, str], found: Findings,
                   progress: Callable[[int], None]) -> None:
     key, value = recorded
-    with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
-        if key == digest.SHARD_KEYS["xxh3"]:
-            digests = []
-            read = 0
-            for a, b in digest.shard_pieces(shard):
-                with view[a:b] as piece:
-                    digests.append(digest.piece_digest(piece))
-                progress(b - a)
-                if b - read >= mapped.DROP_EVERY:
-                    mapped.drop(mm, read, b)
-                    read = b
-            got = digest.combine(digests)
-        else:
-            h = digest.stream_hasher(key)
+    if key == digest.SHARD_KEYS["xxh3"]:
+        got = digest.combine(digest.map_digests(mm, digest.shard_pieces(shard), progress))
+    else:
+        h = digest.stream_hasher(key)
+        with memoryview(mm) as view:  # released however this ends (an interrupt), so the map can be closed
             for i in range(0, len(mm), _CHUNK):
                 with view[i : i + _CHUNK] as piece:
                     h.update(piece)
                 progress(min(_CHUNK, len(mm) - i))
                 mapped.drop(mm, i, i + _CHUNK)
-            got = h.hexdigest()
+        got = h.hexdigest()
     mapped.drop(mm, 0, len(mm))
     if got != value:
         found.add(f"{path}: {key} differs from the manifest (modified after the merge, or a disk error)")
