@@ -156,21 +156,19 @@ def merge_checked(
         return out, check_finite and not _finite_sum(out)
     rows = r1 - r0
     suspect = False
-    fused = tally is not None and len(steps) == 1 and steps[0][0] == "once" and w.dtype == out_dtype
+    fused = tally if len(steps) == 1 and steps[0][0] == "once" and w.dtype == out_dtype else None
     for c0, c1 in _chunks(rows, chunk_rows):
         cur = w[c0:c1]
-        if fused:
-            assert tally is not None
-            cur = _apply_step(cur, out_dtype, steps[0], r0 + c0, r0 + c1, widened=tally.widen(cur))
-        for i, step in enumerate(() if fused else steps):
+        if fused is not None:
+            cur = _apply_step(cur, out_dtype, steps[0], r0 + c0, r0 + c1, widened=fused.widen(cur))
+        for i, step in enumerate(() if fused is not None else steps):
             cur = _apply_step(cur, out_dtype, step, r0 + c0, r0 + c1)
             if i + 1 < len(steps) and step[0] in ("once", "delta_first"):
                 cur = cur.to(out_dtype)  # each step rounds to the stored dtype before the next (the others did)
         chunk = out[c0:c1]
         chunk.copy_(cur)  # the cast to out_dtype: round to nearest even
-        if fused:
-            assert tally is not None
-            finite = tally.compare(chunk)  # ‖M − W‖² from the widened W, while both are in cache
+        if fused is not None:
+            finite = fused.compare(chunk)  # ‖M − W‖² from the widened W, while both are in cache
             suspect = suspect or (check_finite and not finite)
             continue
         if check_finite and not suspect:
