@@ -159,18 +159,21 @@ class ShardFile:
             except OSError as e:
                 raise output_error(self.path, e) from e
             if got < len(view):
-                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+                raise self._source_ended()
             if feed is not None:
                 feed(view)
             self.pwrite(offset, view)
             src_offset, offset = src_offset + len(view), offset + len(view)
         return True
 
+    def _source_ended(self) -> OutputError:
+        return OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+
     def _copy_range(self, src_fd: int, src_offset: int, offset: int, count: int) -> None:
         while count > 0:
             n = diskio.copy_at(src_fd, self.fd, src_offset, offset, min(count, diskio.COPY_CHUNK))
             if n <= 0:
-                raise OutputError(f"{self.path}: source ended early while copying; is the base file truncated?")
+                raise self._source_ended()
             src_offset += n
             offset += n
             count -= n
