@@ -55,9 +55,10 @@ def _is_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
-def owned_names(out: Path) -> set[str]:
-    """The entries of ``out`` that streammerge wrote. Directories are never streammerge's."""
-    names = set(entries(out))
+def owned_names(out: Path, listing: Iterable[str] | None = None) -> set[str]:
+    """The entries of ``out`` (or of ``listing``, one listing of it) that streammerge wrote. Directories are never
+    streammerge's."""
+    names = set(entries(out) if listing is None else listing)
     owned = {n for n in names if n == MANIFEST_NAME or n.startswith(RECORD_PREFIX) or is_temporary(n)}
     for record in sorted(n for n in owned if n.endswith(".json")):
         owned |= _listed(out / record)
@@ -65,9 +66,13 @@ def owned_names(out: Path) -> set[str]:
 
 
 def foreign_names(out: Path) -> list[str]:
-    """Entries of ``out`` streammerge did not write (sorted; a directory ends with ``/``)."""
-    owned = owned_names(out)
-    return [n + ("/" if _is_dir(out / n) else "") for n in entries(out) if n not in owned]
+    """Entries of ``out`` streammerge did not write (sorted; a directory ends with ``/``).
+
+    One listing is judged: another process writing parts into ``out`` creates temporaries at any moment, and a
+    second listing would show it one the first (the owned set) never saw."""
+    names = entries(out)
+    owned = owned_names(out, names)
+    return [n + ("/" if _is_dir(out / n) else "") for n in names if n not in owned]
 
 
 def remove_owned(out: Path, keep: Iterable[str] = ()) -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from zygote import cli_env
 
 import streammerge
-from streammerge import cli, finalize, manifest, parts, testing
+from streammerge import cli, finalize, manifest, ownership, parts, testing
 from streammerge.parts import Part
 from streammerge.units import format_size
 
@@ -305,3 +306,30 @@ def test_conflicting_split_flags_are_refused(inputs, tmp_path, capsys):
     assert cli.main(_argv(inputs, tmp_path / "out", "--part", "x")) == 2
     assert capsys.readouterr().err == "error: --part 'x': expected I/N with 0 <= I < N, e.g. --part 0/8\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_temporaries_another_part_creates_meanwhile_are_never_called_foreign(tmp_path):
+    """Parts share `--out`: while one checks the directory, the others create and rename temporaries. A check
+    that listed the directory twice saw a temporary in its second listing that its owned set had not, and
+    refused with "holds files streammerge did not write" (seen in CI)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ownership.PROGRESS_NAME).write_text("{}")
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            tmp = out / f".model-0000{i % 3}-of-00003.safetensors.x{i}.tmp"
+            tmp.write_bytes(b"")
+            tmp.unlink()
+            i += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        seen = [ownership.foreign_names(out) for _ in range(3000)]
+    finally:
+        stop.set()
+        worker.join()
+    assert [f for f in seen if f] == []
