@@ -1,5 +1,6 @@
 """A copy run (``units.Unit.is_copy``): consecutive untouched tensors whose bytes are contiguous in one base
-file, moved into their place in an output shard by a copier thread, with the digests of their pieces.
+file, moved into their place in an output shard by a copier thread (or, while torch loads, by the copier
+process it hands the run to: ``copier_process``), with the digests of their pieces.
 
 Where the shard takes direct I/O, the bytes pass through the copier's aligned buffer (``writer.ShardFile.copy_in``)
 and are hashed there (``digest.PieceFeed``); where it does not, they move with ``copy_file_range`` and are
@@ -41,8 +42,14 @@ def copy_run(unit: Unit, file: ShardFile, digests: list[bytes | None] | None, so
     started = time.perf_counter()
     buf = sources.copy_buffer(file.align) if file.align else None
     src = units.src_offset(first[0], first[1])
-    fed = file.copy_in(sources.fd(path), src, unit.offset, unit.nbytes, buf, None if defer else feed)
-    LOG.debug("copy %d bytes (%s): %.3f s", unit.nbytes,
+    fd = sources.fd(path)  # opened here in any case: the deferred hashes read through it
+    child = sources.copy_process if later is not None and not later[0].done() else None
+    elsewhere = child is not None and child.copy(file, path, src, unit.offset, unit.nbytes)
+    if elsewhere:
+        fed, defer = False, feed is not None  # copied while torch loads: hashed after it
+    else:
+        fed = file.copy_in(fd, src, unit.offset, unit.nbytes, buf, None if defer else feed)
+    LOG.debug("copy %d bytes%s (%s): %.3f s", unit.nbytes, " in the copier process" if elsewhere else "",
               "hashed after torch loads" if defer else "hashed on the way" if fed else "hashed by range",
               time.perf_counter() - started)
     if feed is None:

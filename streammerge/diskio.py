@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import sys
 
@@ -85,6 +86,15 @@ def copy_at(src: int, dst: int, src_offset: int, offset: int, count: int) -> int
 def address(view: memoryview) -> int:
     """The address of a writable buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def aligned_buffer(size: int, align: int) -> tuple[mmap.mmap, memoryview]:
+    """``size`` bytes of fresh memory whose first byte is ``align``-aligned (for direct writes), and the map
+    that holds them (keep it while the view is in use)."""
+    mm = mmap.mmap(-1, size + align)
+    view = memoryview(mm)
+    start = -address(view) % align
+    return mm, view[start : start + size]
 
 
 def open_direct(path: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ copies while it loads.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,8 +34,9 @@ from pathlib import Path
 
 from streammerge import copies, digest, units
 from streammerge.budget import ExecOptions
+from streammerge.copier_process import CopyProcess
 from streammerge.plan import ShardPlan
-from streammerge.sources import Sources
+from streammerge.sources import COPY_BUFFER, Sources
 from streammerge.units import Unit, shard_units
 from streammerge.writer import ShardFile
 
@@ -176,6 +178,8 @@ class _Run:
         self.later = None
         if any(not u.is_copy for u in self.units):
             self.later = (self.loader.submit(self.sources.engine), self.hasher)
+            if "torch" not in sys.modules and any(u.is_copy for u in self.units):  # copies beside its import
+                self.sources.copy_process = CopyProcess.start(COPY_BUFFER)
 
     def loop(self) -> None:
         while True:
@@ -251,6 +255,8 @@ class _Run:
     def close(self) -> None:
         # Stop every writer before a file is closed (a descriptor number reused mid-write would be corrupted).
         self.sources.stop()  # units still waiting for torch give up; a unit already running finishes
+        if self.sources.copy_process is not None:
+            self.sources.copy_process.close()  # copiers waiting on it give up too
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.copier.shutdown(wait=True, cancel_futures=True)
         self.io.shutdown(wait=True)  # after the workers, which queue writes; before any file closes

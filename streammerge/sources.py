@@ -45,6 +45,8 @@ class Sources:
         self.reader = None
         self._local = threading.local()
         self._threads_before: int | None = None
+        #: Runs copies while torch loads (``copier_process.CopyProcess``), where ``scatter`` starts one.
+        self.copy_process = None
 
     def fd(self, path: str) -> int:
         with self._lock:
@@ -134,10 +136,8 @@ class Sources:
         """This thread's ``COPY_BUFFER`` bytes, ``align``-aligned, for copies written direct."""
         held = getattr(self._local, "copy", None)
         if held is None or held[1] != align:
-            mm = mmap.mmap(-1, COPY_BUFFER + align)
-            view = memoryview(mm)
-            start = -diskio.address(view) % align
-            self._local.copy = held = (mm, align, view[start : start + COPY_BUFFER])
+            mm, view = diskio.aligned_buffer(COPY_BUFFER, align)
+            self._local.copy = held = (mm, align, view)
         return held[2]
 
     def close(self) -> None:

@@ -74,6 +74,30 @@ class ShardFile:
             raise output_error(self.path, e) from e
         return self
 
+    @classmethod
+    def attach(cls, path: Path, tmp: str, size: int, direct: bool) -> ShardFile:
+        """Another process's view of a temporary file ``ShardFile(path, ...)`` made (``tmp``: its
+        ``temporary``): it writes ranges with ``pwrite``/``copy_in``; closing it neither commits nor deletes."""
+        f = cls(path, size, direct)
+        try:
+            f.fd = os.open(tmp, os.O_WRONLY)
+            if direct:
+                f.dfd, f.align = diskio.open_direct(tmp)
+        except OSError as e:
+            f.close()
+            raise output_error(path, e) from e
+        f.committed = True  # not this process's to delete
+        return f
+
+    @property
+    def temporary(self) -> str:
+        """The temporary file's path while it is being written."""
+        return self._tmp
+
+    def count(self, n: int) -> None:
+        """Count ``n`` bytes another process wrote into this file (``attach``)."""
+        self._count(n)
+
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
