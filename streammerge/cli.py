@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import NoReturn
 
-from streammerge import interrupts
+from streammerge import interrupts, process_policy
 from streammerge.cli_args import build_parser, flag_for
 from streammerge.errors import StreamMergeError
 from streammerge.sizes import format_size
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     previous = {sig: signal.getsignal(sig) for sig in interrupts.EXIT}
     interrupts.running()
+    process_policy.own()
     command: str | None = None
     dry_run = verbose = False
     try:

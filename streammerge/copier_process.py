@@ -9,9 +9,11 @@ for its answer (one line on its stdout). The child writes the bytes into the par
 ``writer.ShardFile.copy_in``, the code a copier thread runs, so the bytes are the same; the parent counts
 them and hashes them after the load (``copies.hash_copied``), as it does for runs a thread copied then.
 
-The child starts in a session of its own (Ctrl-C in a terminal is the parent's to handle: it kills the child
-when the run ends) and ends when its stdin closes, so also when the parent dies. If the child cannot start or
-dies, the copier threads copy themselves: the run is only slower.
+Only the CLI's runs start one (``process_policy``): a library caller's process is not streammerge's to start
+interpreters from, and has usually imported torch already. The child starts in a session of its own (Ctrl-C
+in a terminal is the parent's to handle: it kills the child when the run ends) and ends when its stdin closes,
+so also when the parent dies. If the child cannot start or dies, the copier threads copy themselves: the run
+is only slower.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
-from streammerge import copies, digest, units
+from streammerge import copies, digest, process_policy, units
 from streammerge.budget import ExecOptions
 from streammerge.copier_process import CopyProcess
 from streammerge.plan import ShardPlan
@@ -178,7 +178,8 @@ class _Run:
         self.later = None
         if any(not u.is_copy for u in self.units):
             self.later = (self.loader.submit(self.sources.engine), self.hasher)
-            if "torch" not in sys.modules and any(u.is_copy for u in self.units):  # copies beside its import
+            # copies beside its import, where it is still to come and the process is streammerge's own
+            if "torch" not in sys.modules and process_policy.owned() and any(u.is_copy for u in self.units):
                 self.sources.copy_process = CopyProcess.start(COPY_BUFFER)
 
     def loop(self) -> None:

@@ -92,6 +92,19 @@ def test_without_a_child_the_threads_copy(inputs, tmp_path, executable):
     _verify(tmp_path / "out")
 
 
+def test_a_library_callers_process_gets_no_child(inputs, tmp_path):
+    """Only the CLI owns its process (``process_policy``): a library merge, torch not yet imported, copies on
+    threads while torch loads."""
+    code = ("import logging, sys, streammerge; logging.basicConfig(level=logging.DEBUG); "
+            "streammerge.merge(base=sys.argv[1], adapter=sys.argv[2], out=sys.argv[3], device='cpu'); "
+            "assert 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code, str(inputs / "base"), str(inputs / "adapter"),
+                           str(tmp_path / "out")], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "hashed after torch loads" in done.stderr and FROM_CHILD not in done.stderr, done.stderr
+    _same_checkpoint(tmp_path / "out", inputs / "threads")
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
