@@ -97,9 +97,13 @@ class CopyProcess:
         """Answer each waiting copy: "" when done, the error's message, None when the child ended first."""
         assert self._proc.stdout is not None
         for raw in self._proc.stdout:
-            key, _, error = raw.decode().rstrip("\n").partition(" ")
+            key, _, error = raw.decode(errors="replace").rstrip("\n").partition(" ")
             with self._lock:
-                fut = self._waiting.pop(int(key))
+                fut = self._waiting.pop(int(key), None) if key.isdigit() else None
+            if fut is None:  # not an answer of ours (something else printed): end it, copy on threads
+                LOG.debug("the copier process wrote %r; ending it", raw[:80])
+                self._proc.kill()
+                continue
             fut.set_result(error)
         with self._lock:
             waiting, self._waiting = self._waiting, {}

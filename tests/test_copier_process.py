@@ -210,7 +210,11 @@ def test_a_missing_source_is_named(tmp_path):
         child.close()
 
 
-@pytest.mark.parametrize("script", ["pass", "import sys; sys.stdin.readline()"], ids=["gone", "dies-mid-copy"])
+@pytest.mark.parametrize("script", [
+    "pass",
+    "import sys; sys.stdin.readline()",
+    "import sys; sys.stdin.readline(); print('something else', flush=True); sys.stdin.read()",
+], ids=["gone", "dies-mid-copy", "answers-nonsense"])
 def test_a_dead_child_copies_nothing_and_says_so(tmp_path, script):
     src, data = _source(tmp_path, 100)
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
