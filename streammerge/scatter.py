@@ -178,11 +178,13 @@ class _Run:
         self.later = None
         if any(not u.is_copy for u in self.units):
             self.later = (self.loader.submit(self.sources.engine), self.hasher)
-            # copies beside its import, where it is still to come and the process is streammerge's own
-            if "torch" not in sys.modules and process_policy.owned() and any(u.is_copy for u in self.units):
-                self.sources.copy_process = CopyProcess.start(COPY_BUFFER)
 
     def loop(self) -> None:
+        # Copies beside torch's import, where it is still to come and the process is streammerge's own. Started
+        # here, inside ``write_shards``' try, so that ``close`` ends it whatever happens next.
+        if self.later is not None and "torch" not in sys.modules and process_policy.owned() and \
+                any(u.is_copy for u in self.units):
+            self.sources.copy_process = CopyProcess.start(COPY_BUFFER)
         while True:
             self._submit()
             self._hand_over()
