@@ -120,38 +120,22 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child through /proc (Linux)")
-def test_an_interrupt_ends_the_child_with_the_run(inputs, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["interrupt", "kill"])
+def test_the_child_ends_with_the_run(inputs, tmp_path, sig):
+    """SIGINT: ``close`` kills and reaps it (should the signal land between its start and its handing over to the
+    run, it ends on its own when its stdin closes with the parent). SIGKILL leaves no handler: it ends that way."""
     proc = _slow_merge(inputs, tmp_path / "out", 30)
     deadline = time.monotonic() + 60
     while not (children := _children(proc.pid)):
         assert time.monotonic() < deadline and proc.poll() is None, "no copier process started"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    # ``close`` kills and reaps it; should the signal land between its start and its handing over to the run, it
-    # ends on its own when its stdin closes with the parent
-    _gone_soon(children)
-
-
-def _gone_soon(pids: list[int]) -> None:
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids):
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in children):  # a zombie is gone
         assert time.monotonic() < deadline, "the copier process outlived the run"
         time.sleep(0.05)
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child through /proc (Linux)")
-def test_the_child_ends_when_the_run_is_killed(inputs, tmp_path):
-    """SIGKILL leaves no handler to end it: the child ends when its stdin closes with the parent."""
-    proc = _slow_merge(inputs, tmp_path / "out", 30)
-    deadline = time.monotonic() + 60
-    while not (children := _children(proc.pid)):
-        assert time.monotonic() < deadline and proc.poll() is None, "no copier process started"
-        time.sleep(0.02)
-    proc.kill()
-    proc.communicate(timeout=60)
-    _gone_soon(children)
 
 
 def _state(pid: int) -> str:
