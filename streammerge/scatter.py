@@ -19,7 +19,8 @@ way bytes reach the disk, and so are the digests (``digest``: per-piece digests 
 
 torch is imported on a thread of its own when the writing starts, not before: nothing before it
 (planning, checks) needs torch, so errors found there return at once, and the copiers start the raw
-copies while it loads.
+copies while it loads (in the CLI, through a child process the import's hold on the GIL cannot stall:
+``copier_process``).
 """
 
 from __future__ import annotations
