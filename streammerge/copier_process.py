@@ -33,6 +33,8 @@ from streammerge.errors import OutputError
 from streammerge.writer import ShardFile
 
 LOG = logging.getLogger(__name__)
+#: The child's copy buffer is aligned to this: direct writes to any filesystem block up to it (larger: buffered).
+_ALIGN = 1 << 16
 
 
 class CopyProcess:
@@ -65,7 +67,7 @@ class CopyProcess:
         """Copy ``count`` bytes at ``src_offset`` of base file ``src`` to ``offset`` of ``file`` in the child.
         False: the child is gone, nothing was counted (copy them here). Raises ``OutputError`` for a write
         the child could not make, ``sources.Stopped`` once ``close`` has been called."""
-        from streammerge.sources import Stopped
+        from streammerge.sources import Stopped  # here: the child imports this module, and needs no sources
 
         fut: Future = Future()
         line = json.dumps({"path": str(file.path), "tmp": file.temporary, "size": file.size, "direct": file.align > 0,
@@ -128,7 +130,7 @@ class CopyProcess:
 
 def main(argv: list[str]) -> None:
     """The child: copy each run its stdin asks for, in turn; answer each on stdout ("KEY" or "KEY error")."""
-    mm, buffer = diskio.aligned_buffer(int(argv[0]), 1 << 16)  # any filesystem block up to 64 KiB
+    mm, buffer = diskio.aligned_buffer(int(argv[0]), _ALIGN)
     files: dict[str, ShardFile] = {}
     sources: dict[str, int] = {}
     for raw in sys.stdin.buffer:
@@ -142,7 +144,7 @@ def main(argv: list[str]) -> None:
                 files[req["tmp"]] = ShardFile.attach(Path(req["path"]), req["tmp"], req["size"], req["direct"])
             f = files[req["tmp"]]
             f.copy_in(sources[req["src"]], req["src_offset"], req["offset"], req["count"],
-                      buffer if f.align and f.align <= 1 << 16 else None)
+                      buffer if 0 < f.align <= _ALIGN else None)
         except OutputError as e:
             error = str(e)
         except OSError as e:

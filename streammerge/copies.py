@@ -38,17 +38,16 @@ def copy_run(unit: Unit, file: ShardFile, digests: list[bytes | None] | None, so
             ranges += [(units.src_offset(task, p0), units.src_offset(task, p1))
                        for p0, p1 in digest.task_pieces(task)[j0:j1]]
     feed = digest.PieceFeed([b - a for a, b in ranges]) if ranges else None
-    defer = feed is not None and later is not None and not later[0].done()
+    loading = later is not None and not later[0].done()  # once: torch may finish loading meanwhile
+    defer = feed is not None and loading  # hashed after the load
     started = time.perf_counter()
-    buf = sources.copy_buffer(file.align) if file.align else None
     src = units.src_offset(first[0], first[1])
     fd = sources.fd(path)  # opened here in any case: the deferred hashes read through it
-    child = sources.copy_process if later is not None and not later[0].done() else None
+    child = sources.copy_process if loading else None
     elsewhere = child is not None and child.copy(file, path, src, unit.offset, unit.nbytes)
-    if elsewhere:
-        fed, defer = False, feed is not None  # copied while torch loads: hashed after it
-    else:
-        fed = file.copy_in(fd, src, unit.offset, unit.nbytes, buf, None if defer else feed)
+    fed = not elsewhere and file.copy_in(fd, src, unit.offset, unit.nbytes,
+                                         sources.copy_buffer(file.align) if file.align else None,
+                                         None if defer else feed)
     LOG.debug("copy %d bytes%s (%s): %.3f s", unit.nbytes, " in the copier process" if elsewhere else "",
               "hashed after torch loads" if defer else "hashed on the way" if fed else "hashed by range",
               time.perf_counter() - started)
